@@ -1,0 +1,146 @@
+"""The run record: run_id, file names, completeness, and a per-run lock.
+
+A run lives in `<logging.folder>/<run_id>/` (see DESIGN.md, "The run record"). This module
+is shared by the trainer (which writes records), the sweep launcher (which decides what
+is left to run) and analysis (which only reads): it imports neither torch nor ffcv.
+"""
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# File names of the record. summary.json is written last: its presence means "complete".
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "weights.pt"
+VAL_LOGITS_FILE = "val_logits.npy"
+VAL_LABELS_FILE = "val_labels.npy"
+SUMMARY_FILE = "summary.json"
+ERROR_FILE = "error.txt"
+LOCK_FILE = ".lock"
+
+# Config values that do not change what a run computes, so they stay out of its run_id:
+# where things are written, how many loader threads, how the processes talk, and
+# bookkeeping added by the trainer.
+NON_RESULT_SECTIONS = {"logging", "dist", "meta"}
+NON_RESULT_KEYS = {
+    ("data", "num_workers"),
+    ("data", "in_memory"),
+}
+# Config values that name files: the run_id uses the file's name for datasets (moving a
+# data directory must not orphan finished runs) and the content for small input files
+# (two different per-class crop files must give two runs).
+DATASET_KEYS = {("data", "train_dataset"), ("data", "val_dataset")}
+CONTENT_KEYS = {("augment", "class_min_scale"), ("data", "keep_indices")}
+
+
+def _file_identity(path_value, by_content):
+    if not path_value:
+        return path_value
+    path = Path(path_value)
+    if by_content and path.is_file():
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return path.name
+
+
+def result_config(config):
+    """The part of a nested config that determines the result, with paths made portable."""
+    portable = {}
+    for section, values in sorted(config.items()):
+        if section in NON_RESULT_SECTIONS or not isinstance(values, dict):
+            continue
+        kept = {}
+        for key, value in sorted(values.items()):
+            path = (section, key)
+            if path in NON_RESULT_KEYS:
+                continue
+            if path in DATASET_KEYS:
+                value = _file_identity(value, by_content=False)
+            elif path in CONTENT_KEYS:
+                value = _file_identity(value, by_content=True)
+            kept[key] = value
+        portable[section] = kept
+    return portable
+
+
+def run_id(config):
+    """A deterministic, readable id: `<arch>_s<seed>_<hash of the result config>`.
+
+    The hash covers every result-changing value, so a changed hyper-parameter gives a
+    new run and a relaunched sweep finds its finished runs.
+    """
+    portable = result_config(config)
+    digest = hashlib.sha256(json.dumps(portable, sort_keys=True, default=str).encode())
+    arch = config.get("model", {}).get("arch", "model")
+    seed = config.get("training", {}).get("seed", 0)
+    return f"{arch}_s{seed}_{digest.hexdigest()[:12]}"
+
+
+def is_complete(run_dir):
+    return (Path(run_dir) / SUMMARY_FILE).is_file()
+
+
+def read_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def run_state(run_dir):
+    """'complete', 'failed' (error.txt and no summary), 'started' (checkpoint or config) or 'missing'."""
+    run_dir = Path(run_dir)
+    if is_complete(run_dir):
+        return "complete"
+    if (run_dir / ERROR_FILE).is_file():
+        return "failed"
+    if (run_dir / CHECKPOINT_FILE).is_file() or (run_dir / CONFIG_FILE).is_file():
+        return "started"
+    return "missing"
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold an exclusive lock on a run directory while training it.
+
+    flock() locks belong to the open file: the kernel drops them when the holder dies,
+    however it dies (SIGKILL included), so a crashed holder never blocks a relaunch.
+    A second process asking for a held lock gets RunLockedError at once.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunLockedError(f"run {run_dir} is being trained by another process") from None
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def is_locked(run_dir):
+    """True while some process holds the run's lock (i.e. the run is training now)."""
+    lock_path = Path(run_dir) / LOCK_FILE
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
