@@ -1,0 +1,45 @@
+# make setup : Debian packages (if apt is there), .venv with torch==2.13.0 first, the rest, the package
+# make demo  : set-up, then the main job on the embedded default (Fashion-MNIST)
+# make test  : set-up, then the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEBIAN_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test debian clean-venv
+
+setup: debian $(STAMP)
+
+# Installs only the Debian packages that are missing, and only where apt exists.
+debian:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; for p in $(DEBIAN_PACKAGES); do \
+	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  fi; \
+	else echo "no apt-get: make sure pkg-config, OpenCV and libturbojpeg are installed"; fi
+
+# torch goes in first, pinned by constraints.txt: ffcv's dependencies ask for plain `torch`,
+# which on an empty environment would pull a CUDA build and several GB of packages.
+$(STAMP): setup.py constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt numpy numba opencv-python pillow pyyaml
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m ffcv_bias.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,237 @@
+"""Seeded, numba-JIT random-resized-crop + flip decoder for FFCV RGB images.
+
+Why not ffcv's RandomResizedCropRGBImageDecoder: it draws crops from numba's global RNG,
+which nothing seeds, so two runs with the same seed see different crops and a run is not
+reproducible. Here the crop and the flip of sample `i` in epoch `e` of a run with seed `s`
+are a pure function of (s, e, i): a counter-based hash (splitmix64), not a stream. The
+result is the same whatever the worker count, batch size, batch order or resume point.
+
+How the epoch reaches the compiled code: numba freezes what a closure captures, so
+a Python int or array captured by `decode` could not change after compilation. The decoder
+owns a small int64 "live state" array [seed, epoch] and the compiled code captures only its
+*address*, reading the current values through a pointer on every call (`_int64_at`).
+`SeededRandomResizedCropDecoder.set_epoch(e)` writes the epoch; the next batch sees it.
+Cost: two memory loads per sample. The per-sample crop lower bounds (class-conditional
+crop) are read the same way, so a 1.28M-entry array is not baked into the LLVM module.
+
+Crop sampling follows torchvision's RandomResizedCrop: up to 10 tries of an area fraction
+uniform in [min_scale, max_scale] and a log-uniform aspect ratio, accepted when the crop
+fits. Where torchvision then falls back to the whole image (area 1.0, outside the requested
+range when max_scale < 1), we fall back to the last area fraction drawn with the aspect
+ratio clamped so the crop fits: the area fraction always stays within [min_scale, max_scale].
+"""
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.compiler import Compiler
+
+# Number of 64-bit draws per sample: 2 per crop try (area, aspect) x 10 tries,
+# 2 for the position, 1 for the flip. Each has its own counter, so changing one
+# never shifts another.
+_MAX_CROP_TRIES = 10
+_DRAW_POSITION = 2 * _MAX_CROP_TRIES
+_DRAW_FLIP = _DRAW_POSITION + 2
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_MIX1 = _U64(0xBF58476D1CE4E5B9)
+_MIX2 = _U64(0x94D049BB133111EB)
+_STREAM_SALT = _U64(0x5EED5EED5EED5EED)
+
+
+@njit(cache=False)
+def splitmix64(value):
+    """The splitmix64 finalizer: a bijective, well-mixed 64-bit hash."""
+    z = value + _GOLDEN
+    z = (z ^ (z >> _U64(30))) * _MIX1
+    z = (z ^ (z >> _U64(27))) * _MIX2
+    return z ^ (z >> _U64(31))
+
+
+@njit(cache=False)
+def sample_key(seed, epoch, index):
+    """The per-(seed, epoch, sample) key all of a sample's draws derive from."""
+    key = splitmix64(_U64(seed) ^ _STREAM_SALT)
+    key = splitmix64(key ^ _U64(epoch))
+    return splitmix64(key ^ _U64(index))
+
+
+@njit(cache=False)
+def uniform(key, draw):
+    """The `draw`-th uniform float in [0, 1) of a sample (53 random bits)."""
+    bits = splitmix64(key ^ (_U64(draw + 1) * _GOLDEN))
+    return np.float64(bits >> _U64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=False)
+def sample_crop(seed, epoch, index, height, width, min_scale, max_scale,
+                log_ratio_low, log_ratio_high):
+    """(top, left, crop_height, crop_width, flip) of one sample: pure function of its inputs."""
+    key = sample_key(seed, epoch, index)
+    area = np.float64(height) * np.float64(width)
+    scale = min_scale
+    aspect = 1.0
+    found = False
+    for attempt in range(_MAX_CROP_TRIES):
+        scale = min_scale + (max_scale - min_scale) * uniform(key, 2 * attempt)
+        aspect = np.exp(log_ratio_low + (log_ratio_high - log_ratio_low)
+                        * uniform(key, 2 * attempt + 1))
+        crop_w = int(round(np.sqrt(area * scale * aspect)))
+        crop_h = int(round(np.sqrt(area * scale / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            found = True
+            break
+    if not found:
+        # Keep the drawn area; clamp the aspect ratio into the range where the crop fits.
+        target = area * scale
+        aspect = min(max(aspect, target / (np.float64(height) ** 2)),
+                     (np.float64(width) ** 2) / target)
+        crop_w = min(width, max(1, int(round(np.sqrt(target * aspect)))))
+        crop_h = min(height, max(1, int(round(np.sqrt(target / aspect)))))
+    top = int(uniform(key, _DRAW_POSITION) * (height - crop_h + 1))
+    left = int(uniform(key, _DRAW_POSITION + 1) * (width - crop_w + 1))
+    flip = uniform(key, _DRAW_FLIP) < 0.5
+    return top, left, crop_h, crop_w, flip
+
+
+@intrinsic
+def _int64_at(typingctx, address):
+    """A raw int64* from an integer address (the live-state array's data pointer)."""
+    signature = types.CPointer(types.int64)(types.intp)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+
+    return signature, codegen
+
+
+@intrinsic
+def _float64_at(typingctx, address):
+    """A raw float64* from an integer address (the per-sample lower-bound array)."""
+    signature = types.CPointer(types.float64)(types.intp)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float64)))
+
+    return signature, codegen
+
+
+@njit(cache=False)
+def flip_columns(image):
+    """Mirror an HxWxC image left-right, in place."""
+    width = image.shape[1]
+    for row in range(image.shape[0]):
+        for col in range(width // 2):
+            for channel in range(image.shape[2]):
+                swap = image[row, col, channel]
+                image[row, col, channel] = image[row, width - 1 - col, channel]
+                image[row, width - 1 - col, channel] = swap
+
+
+def per_sample_min_scale(labels, class_min_scale):
+    """Look up each sample's crop lower bound through its label."""
+    class_min_scale = np.asarray(class_min_scale, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(class_min_scale)):
+        raise ValueError(f"class_min_scale has {len(class_min_scale)} entries but labels "
+                         f"go up to {labels.max()}")
+    return np.ascontiguousarray(class_min_scale[labels])
+
+
+def validate_scale(min_scale, max_scale):
+    if not 0.0 < min_scale <= max_scale <= 1.0:
+        raise ValueError(f"crop scale must satisfy 0 < min_scale <= max_scale <= 1, "
+                         f"got min_scale={min_scale}, max_scale={max_scale}")
+
+
+class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
+    """Random-resized-crop + horizontal flip, seeded per (seed, epoch, sample index).
+
+    Parameters
+    ----------
+    output_size : (int, int)     resolution of the output; may change between epochs
+                                  (progressive resizing) without recompiling.
+    seed : int                   the run seed.
+    min_scale, max_scale : float area fraction of the crop, tau = min_scale.
+    ratio : (float, float)       aspect-ratio range (log-uniform).
+    flip : bool                  random horizontal flip with probability 1/2.
+    sample_min_scale : array or None
+        Lower bound per *sample* (use `per_sample_min_scale(labels, class_bounds)` for the
+        class-conditional crop). A sample with bound 1.0 is never cropped. When given,
+        each sample's range is [sample_min_scale[i], max(max_scale, sample_min_scale[i])].
+    """
+
+    def __init__(self, output_size, seed, min_scale=0.08, max_scale=1.0,
+                 ratio=(3 / 4, 4 / 3), flip=True, sample_min_scale=None):
+        super().__init__(output_size)
+        validate_scale(min_scale, max_scale)
+        self.scale = (float(min_scale), float(max_scale))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.flip = bool(flip)
+        # [seed, epoch]: read by the compiled code through its address, so it stays live.
+        self.live_state = np.array([int(seed), 0], dtype=np.int64)
+        if sample_min_scale is None:
+            self.sample_min_scale = np.full(1, -1.0)  # -1: use min_scale for every sample
+        else:
+            bounds = np.ascontiguousarray(sample_min_scale, dtype=np.float64)
+            if bounds.size and not (np.all(bounds > 0) and np.all(bounds <= 1)):
+                raise ValueError("per-sample crop lower bounds must lie in (0, 1]")
+            self.sample_min_scale = bounds
+
+    def set_epoch(self, epoch):
+        self.live_state[1] = int(epoch)
+
+    @property
+    def get_crop_generator(self):  # required by the abstract base; crops come from sample_crop
+        return sample_crop
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        state_address = self.live_state.ctypes.data
+        bounds_address = self.sample_min_scale.ctypes.data
+        per_sample = self.sample_min_scale[0] >= 0
+        min_scale, max_scale = self.scale
+        log_ratio_low, log_ratio_high = np.log(self.ratio[0]), np.log(self.ratio[1])
+        do_flip = self.flip
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            state = _int64_at(state_address)
+            seed, epoch = state[0], state[1]
+            bounds = _float64_at(bounds_address)
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field['data_ptr'], storage_state)
+                height = np.uint32(field['height'])
+                width = np.uint32(field['width'])
+                if field['mode'] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width,
+                               0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width]
+                    temp_buffer = temp_buffer.reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                low, high = min_scale, max_scale
+                if per_sample:
+                    low = bounds[source_ix]
+                    high = max(max_scale, low)
+                top, left, crop_h, crop_w, flip = sample_crop(
+                    seed, epoch, source_ix, height, width, low, high,
+                    log_ratio_low, log_ratio_high)
+                resize_crop_c(temp_buffer, top, top + crop_h, left, left + crop_w,
+                              destination[dst_ix])
+                if do_flip and flip:
+                    flip_columns(destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny real-format betons made from the embedded Fashion-MNIST."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _read_idx(path):
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _stratified_subset(labels, per_class, seed=0):
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+             for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks))
+
+
+def write_tiny_beton(path, images, labels, split, write_mode="raw"):
+    """Write grey 28x28 images as RGB to an ffcv beton with its classes.json sidecar."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Pairs:
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, index):
+            rgb = np.repeat(images[index][:, :, None], 3, axis=2)
+            return rgb, int(labels[index])
+
+    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode=write_mode),
+                                       "label": IntField()}, num_workers=1)
+    writer.from_indexed_dataset(Pairs())
+    sidecar = {"dataset": "fashion-mnist", "split": split, "num_samples": int(len(labels)),
+               "num_classes": 10, "classes": FASHION_CLASSES}
+    Path(str(path) + ".classes.json").write_text(json.dumps(sidecar))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_fashion_betons(tmp_path_factory):
+    """(train.beton, val.beton): 60 / 20 images per class of the real Fashion-MNIST."""
+    if not FASHION_DIR.is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed (run `make setup`)")
+    out = tmp_path_factory.mktemp("tiny_fashion")
+    paths = []
+    for split, prefix, per_class in (("train", "train", 60), ("val", "t10k", 20)):
+        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+        keep = _stratified_subset(labels, per_class)
+        paths.append(write_tiny_beton(out / f"fashion-mnist_{split}.beton",
+                                      images[keep], labels[keep], split))
+    return tuple(paths)

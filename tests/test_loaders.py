@@ -1,0 +1,195 @@
+"""Seeded crop/flip decoder and loaders: determinism, crop statistics, class-conditional crop."""
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ffcv_bias import ffcv_patches
+from ffcv_bias.augment import sample_crop
+from ffcv_bias.loaders import (BetonError, create_train_loader, create_val_loader,
+                               load_class_min_scale, normalize, read_labels)
+
+LOG_RATIO = (np.log(3 / 4), np.log(4 / 3))
+
+
+def epoch_batches(path, *, epoch=0, seed=0, num_workers=1, batch_size=50, **options):
+    """All (order, images, labels) of one epoch, copied out of the loader's buffers."""
+    options.setdefault("min_scale", 0.25)
+    loader = create_train_loader(path, batch_size=batch_size, resolution=32, seed=seed,
+                                 num_workers=num_workers, **options)
+    loader.set_epoch(epoch)
+    images, labels = [], []
+    for batch_images, batch_labels in loader:
+        images.append(batch_images.clone())
+        labels.append(batch_labels)
+    return loader.sample_order(), torch.cat(images), torch.cat(labels)
+
+
+def by_index(order, images):
+    return {int(index): image for index, image in zip(order, images)}
+
+
+def test_same_seed_same_batches_whatever_the_worker_count(tiny_fashion_betons):
+    train, _ = tiny_fashion_betons
+    order_a, images_a, labels_a = epoch_batches(train, num_workers=1)
+    order_b, images_b, labels_b = epoch_batches(train, num_workers=2)
+    assert np.array_equal(order_a, order_b)
+    assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    # Labels come out right (and are not clobbered by the loader's buffer reuse).
+    assert np.array_equal(read_labels(train)[order_a], labels_a.numpy())
+
+
+def test_augmentation_depends_on_sample_not_on_batch_or_order(tiny_fashion_betons):
+    train, _ = tiny_fashion_betons
+    order_a, images_a, _ = epoch_batches(train, batch_size=50)
+    order_b, images_b, _ = epoch_batches(train, batch_size=64, seed=0)
+    per_sample_a, per_sample_b = by_index(order_a, images_a), by_index(order_b, images_b)
+    common = set(per_sample_a) & set(per_sample_b)
+    assert len(common) > 500
+    assert all(torch.equal(per_sample_a[i], per_sample_b[i]) for i in common)
+
+
+def test_other_seed_or_epoch_gives_other_crops(tiny_fashion_betons):
+    train, _ = tiny_fashion_betons
+    order, images, _ = epoch_batches(train)
+    for changed in ({"seed": 1}, {"epoch": 1}):
+        other_order, other_images, _ = epoch_batches(train, **changed)
+        assert not np.array_equal(order, other_order)
+        same_sample = by_index(other_order, other_images)
+        differing = sum(not torch.equal(image, same_sample[int(i)])
+                        for i, image in zip(order, images) if int(i) in same_sample)
+        assert differing > 0.8 * len(order)
+
+
+def test_jpeg_and_raw_betons_decode(tiny_fashion_betons, tmp_path):
+    from conftest import write_tiny_beton
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(40, 28, 28), dtype=np.uint8)
+    labels = np.arange(40) % 10
+    jpg = write_tiny_beton(tmp_path / "jpg.beton", images, labels, "train", write_mode="jpg")
+    _, decoded, decoded_labels = epoch_batches(jpg, batch_size=16)
+    assert decoded.shape == (32, 3, 32, 32) and decoded.dtype == torch.uint8
+    assert decoded.is_contiguous(memory_format=torch.channels_last)
+    assert set(decoded_labels.tolist()) <= set(range(10))
+
+
+def test_crop_area_stays_within_bounds_and_covers_them():
+    height, width = 350, 400
+    for min_scale, max_scale in ((0.08, 1.0), (0.5, 1.0), (0.3, 0.6), (1.0, 1.0)):
+        crops = np.array([sample_crop(7, 3, index, height, width, min_scale, max_scale,
+                                      *LOG_RATIO)[:4] for index in range(4000)])
+        fraction = crops[:, 2] * crops[:, 3] / (height * width)
+        tolerance = 0.01  # rounding of the crop side lengths to whole pixels
+        assert fraction.min() >= min_scale - tolerance
+        assert fraction.max() <= max_scale + tolerance
+        assert fraction.min() <= min_scale + 0.03 and fraction.max() >= max_scale - 0.05
+        top, left, crop_h, crop_w = crops.T
+        assert (top >= 0).all() and (left >= 0).all()
+        assert (top + crop_h <= height).all() and (left + crop_w <= width).all()
+
+
+def test_flip_is_a_fair_coin_and_crop_is_a_pure_function():
+    flips = [sample_crop(0, 0, index, 28, 28, 0.08, 1.0, *LOG_RATIO)[4] for index in range(4000)]
+    assert 0.45 < np.mean(flips) < 0.55
+    assert sample_crop(3, 2, 17, 28, 28, 0.2, 1.0, *LOG_RATIO) == \
+        sample_crop(3, 2, 17, 28, 28, 0.2, 1.0, *LOG_RATIO)
+
+
+def test_class_conditional_crop_leaves_chosen_classes_uncropped(tiny_fashion_betons):
+    train, _ = tiny_fashion_betons
+    bounds = np.array([1.0] * 5 + [0.08] * 5)  # classes 0-4 never cropped
+    order, images, labels = epoch_batches(train, class_min_scale=bounds, flip=False)
+    whole = create_val_loader(train, batch_size=100, resolution=32, crop_ratio=1.0)
+    whole_images = torch.cat([batch.clone() for batch, _ in whole])
+    uncropped = labels < 5
+    assert torch.equal(images[uncropped], whole_images[order[uncropped.numpy()]])
+    cropped_same = [torch.equal(image, whole_images[index])
+                    for image, index in zip(images[~uncropped], order[~uncropped.numpy()])]
+    assert np.mean(cropped_same) < 0.1
+
+
+def test_per_class_bounds_are_honoured_by_the_sampler():
+    bounds = {0: 0.9, 1: 0.2}
+    for label, low in bounds.items():
+        fractions = [np.prod(sample_crop(0, 0, i, 300, 300, low, 1.0, *LOG_RATIO)[2:4]) / 300 ** 2
+                     for i in range(2000)]
+        assert min(fractions) >= low - 0.01
+
+
+def test_class_min_scale_file_formats(tmp_path):
+    (tmp_path / "b.txt").write_text("1.0\n0.5\n0.08\n")
+    (tmp_path / "b.json").write_text("[1.0, 0.5, 0.08]")
+    np.save(tmp_path / "b.npy", np.array([1.0, 0.5, 0.08]))
+    for name in ("b.txt", "b.json", "b.npy"):
+        assert np.allclose(load_class_min_scale(tmp_path / name, 3), [1.0, 0.5, 0.08])
+    with pytest.raises(ValueError, match="3 entries"):
+        load_class_min_scale(tmp_path / "b.txt", 10)
+    (tmp_path / "bad.txt").write_text("1.5\n0.5\n0.2\n")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        load_class_min_scale(tmp_path / "bad.txt", 3)
+
+
+def test_bad_crop_bounds_are_rejected(tiny_fashion_betons):
+    train, _ = tiny_fashion_betons
+    for low, high in ((0.0, 1.0), (0.5, 0.4), (0.2, 1.2)):
+        with pytest.raises(ValueError, match="min_scale"):
+            create_train_loader(train, batch_size=8, resolution=32, seed=0,
+                                min_scale=low, max_scale=high)
+
+
+def test_missing_and_truncated_betons_give_clear_errors(tiny_fashion_betons, tmp_path):
+    with pytest.raises(BetonError, match="not found"):
+        create_val_loader(tmp_path / "nope.beton", batch_size=8, resolution=28)
+    truncated = tmp_path / "truncated.beton"
+    truncated.write_bytes(open(tiny_fashion_betons[1], "rb").read()[:300])
+    with pytest.raises(BetonError, match="truncated or corrupt"):
+        create_val_loader(truncated, batch_size=8, resolution=28)
+
+
+def test_validation_loader_is_sequential_and_complete(tiny_fashion_betons):
+    _, val = tiny_fashion_betons
+    loader = create_val_loader(val, batch_size=64, resolution=28, crop_ratio=1.0)
+    labels = torch.cat([batch_labels for _, batch_labels in loader])
+    assert np.array_equal(labels.numpy(), read_labels(val))  # 200 = 3 full batches + 8
+    assert np.array_equal(loader.sample_order(), np.arange(200))
+
+
+def test_normalize_gives_float_channels_last():
+    images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = normalize(images, "cpu")
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([(1 - .485) / .229, (1 - .456) / .224,
+                                                         (1 - .406) / .225]), atol=1e-5)
+
+
+def test_loader_does_not_change_torch_thread_count(tmp_path):
+    # In a fresh process: importing ffcv and iterating a loader with 1 worker must leave
+    # torch's thread count as the user set it.
+    script = """
+import torch
+torch.set_num_threads(2)
+import ffcv_bias.loaders as L
+from ffcv.pipeline.compiler import Compiler
+Compiler.set_num_threads(1)
+print(torch.get_num_threads())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip().splitlines()[-1] == "2"
+
+
+def test_stage_grouping_terminates_on_jit_torch_jit():
+    # ffcv issue 396: a JIT -> torch -> JIT chain looped forever in group_operations.
+    class Node:
+        def __init__(self, is_jitted):
+            self.is_jitted = is_jitted
+
+    nodes = [Node(True), Node(False), Node(True)]  # decode -> ToTorchImage -> normalize
+    graph = SimpleNamespace(root_nodes={nodes[0]: "image"},
+                            adjacency_list={nodes[0]: [nodes[1]], nodes[1]: [nodes[2]],
+                                            nodes[2]: []},
+                            node_to_id={node: i for i, node in enumerate(nodes)})
+    assert ffcv_patches._group_operations(graph) == [[0], [1], [2]]
