@@ -26,6 +26,7 @@ def atomic_path(final_path):
     os.close(handle)
     try:
         yield Path(tmp_name)
+        os.chmod(tmp_name, _default_file_mode())  # mkstemp's 0600 would hide results from the group
         _fsync_file(tmp_name)
         os.replace(tmp_name, final_path)
         _fsync_dir(final_path.parent)
@@ -33,6 +34,13 @@ def atomic_path(final_path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _default_file_mode():
+    """The permissions open() gives a new file: 0666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_file(path):

@@ -1,0 +1,51 @@
+"""python -m ffcv_bias.analysis RUNS_DIR [RUNS_DIR ...] --vary KEY [--vary KEY2] --out OUT_DIR"""
+import argparse
+import sys
+from pathlib import Path
+
+from ffcv_bias.analysis.analyze import run_analysis
+from ffcv_bias.analysis.records import AnalysisError
+from ffcv_bias.analysis.report import summary_text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m ffcv_bias.analysis",
+        description="Per-class analysis of training runs: which classes a regularizer hurts. "
+                    "Runs that differ only in training.seed are replicates.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUNS_DIR",
+                        help="folder(s) searched recursively for run directories (config.json)")
+    parser.add_argument("--vary", action="append", required=True, metavar="KEY",
+                        help="dotted config key whose values are compared, e.g. "
+                             "augment.min_scale; give a second --vary to split the analysis "
+                             "by that key (one report per value, in subfolders)")
+    parser.add_argument("--reference", default=None, metavar="VALUE",
+                        help="value of the first key the others are tested against (default: "
+                             "1.0 for min_scale, 0 for weight_decay/dropout/sparsity when "
+                             "present, else the smallest value)")
+    parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR",
+                        help="where to write CSV tables, figures and index.html")
+    parser.add_argument("--ignore-key", action="append", default=[], metavar="KEY",
+                        help="config key allowed to differ between pooled runs (use only when "
+                             "it does not change results)")
+    parser.add_argument("--top-k", type=int, default=5,
+                        help="classes that lose / gain most drawn in the curves figure")
+    parser.add_argument("--no-figures", action="store_true", help="tables and HTML only")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
+                              out_dir=args.out, ignore_keys=args.ignore_key, top_k=args.top_k,
+                              make_plots=not args.no_figures)
+    except AnalysisError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary_text(frames, args.vary, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

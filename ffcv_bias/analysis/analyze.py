@@ -1,0 +1,189 @@
+"""run_analysis: run records -> per-class tables, statistics, figures and an HTML report.
+
+Output layout (every file written atomically):
+  one varied key:   OUT_DIR/{runs,settings,per_class,welch,table1,oracle,oracle_per_class,
+                    selection,skipped}.csv, the three figures, index.html
+  two varied keys:  one complete report per value of the second key in a subfolder
+                    OUT_DIR/<key2>=<value>/ (same files, runs grouped by that value), plus
+                    OUT_DIR/*.csv combining the groups with a leading <key2> column, and
+                    OUT_DIR/index.html linking the groups. The first key is the one whose
+                    settings are compared (Welch, Table 1, oracle, selection); the second
+                    only splits the runs.
+"""
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from ffcv_bias.analysis import report, stats, tables
+from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
+                                        dotted_get, load_runs)
+from ffcv_bias.atomic import atomic_path
+
+FRAME_NAMES = ("runs", "settings", "per_class", "welch", "table1", "oracle",
+               "oracle_per_class", "selection")
+
+
+def analyse_settings(data):
+    """All tables for one SettingData: {name: DataFrame}, plus the class-mean arrays."""
+    class_means, class_stds, _ = tables.class_means(data)
+    welch = stats.welch_table(data)
+    oracle_summary, oracle_per_class = stats.oracle(data, class_means)
+    frames = {
+        "runs": tables.runs_table(data),
+        "settings": tables.settings_table(data),
+        "per_class": tables.per_class_table(data),
+        "welch": welch,
+        "table1": stats.table1(welch),
+        "oracle": oracle_summary,
+        "oracle_per_class": oracle_per_class,
+        "selection": stats.selection(data, class_means),
+    }
+    return frames, class_means, class_stds
+
+
+def write_csv(frame, path):
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def _check_vary_keys(run_set, vary_keys):
+    if not 1 <= len(vary_keys) <= 2 or len(set(vary_keys)) != len(vary_keys):
+        raise AnalysisError(f"give one or two distinct --vary keys (got {vary_keys})")
+    for key in vary_keys:
+        if key == REPLICATE_KEY:
+            raise AnalysisError(f"{REPLICATE_KEY} marks replicates and cannot be varied")
+        missing = [r.run_dir for r in run_set.runs if _absent(r.config, key)]
+        if missing:
+            section = dotted_get(run_set.runs[0].config, key.rsplit(".", 1)[0], {})
+            known = ", ".join(sorted(section)) if isinstance(section, dict) else ""
+            raise AnalysisError(f"config key {key} is absent from {len(missing)} run(s), e.g. "
+                                f"{missing[0]}" + (f" (keys there: {known})" if known else ""))
+
+
+def _absent(config, key):
+    marker = object()
+    return dotted_get(config, key, marker) is marker
+
+
+def _groups(run_set, vary_keys):
+    """[(value of the second key or None, row indices)] in sorted value order."""
+    rows = list(range(len(run_set.runs)))
+    if len(vary_keys) == 1:
+        return [(None, rows)]
+    values = [tables.hashable(dotted_get(run_set.runs[i].config, vary_keys[1])) for i in rows]
+    return [(value, [i for i, v in zip(rows, values) if v == value])
+            for value in tables.sort_settings(values)]
+
+
+def group_folder(key, value):
+    """Subfolder name for one value of the second key, safe on any file system."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{key}={tables.format_setting(value)}")
+
+
+def _skipped_table(skipped, vary_keys):
+    rows = []
+    for run in skipped:
+        row = {"run_dir": str(run.run_dir), "run_id": run.run_id, "state": run.state,
+               "reason": run.reason}
+        for key in vary_keys:
+            row[key] = dotted_get(run.config or {}, key, None)
+        row["seed"] = dotted_get(run.config or {}, REPLICATE_KEY, None)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["run_dir", "run_id", "state", "reason",
+                                       *vary_keys, "seed"])
+
+
+def _write_group(frames, data, out_dir, make_plots, top_k, context):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in FRAME_NAMES:
+        write_csv(frames[name], out_dir / f"{name}.csv")
+    figure_files = {}
+    if make_plots:
+        from ffcv_bias.analysis.figures import make_figures  # matplotlib only when drawing
+        suffix = f" ({context['group_label']})" if context.get("group_label") else ""
+        figure_files = make_figures(data, frames["class_means"], frames["class_stds"],
+                                    frames["welch"], out_dir, k=top_k, title_suffix=suffix)
+    report.write_group_index(out_dir, data, frames, figure_files, context)
+
+
+def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), top_k=5,
+                 make_plots=True):
+    """Analyse every run record under `run_dirs`; returns {name: DataFrame}.
+
+    run_dirs: a folder or a list of folders, searched recursively for run directories.
+    vary: the dotted config key whose values are compared (e.g. 'augment.min_scale'), or
+        a list of two: the second splits the runs into separate analyses.
+    reference: the value the others are tested against (text or number); default: no
+        regularization (tau 1.0, weight decay / dropout / sparsity 0) when run, else the
+        smallest value.
+    out_dir: where to write CSVs, figures and index.html (nothing written when None).
+    ignore_keys: config keys allowed to differ between pooled runs.
+    Returned frames: runs, settings, per_class, welch, table1, oracle, oracle_per_class,
+    selection, skipped; with two keys, each has a leading column named after the second.
+    Raises AnalysisError on bad input (no complete run, mixed datasets, unpoolable runs).
+    """
+    roots = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    vary_keys = [vary] if isinstance(vary, str) else list(vary)
+    run_set = load_runs(roots)
+    _check_vary_keys(run_set, vary_keys)
+    check_poolable(run_set.runs, vary_keys, ignore_keys)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    skipped = _skipped_table(run_set.skipped, vary_keys)
+    context = {"roots": [str(r) for r in roots], "vary_keys": vary_keys,
+               "n_complete": len(run_set.runs), "skipped": skipped,
+               "class_weighting": "val counts" if run_set.class_counts is not None
+                                  else "uniform"}
+
+    per_group, links = [], []
+    for group_value, rows in _groups(run_set, vary_keys):
+        try:
+            data = tables.split_by_setting(run_set, rows, vary_keys[0], reference)
+        except AnalysisError as error:
+            if len(vary_keys) == 1:
+                raise
+            raise AnalysisError(f"{error} (in the runs with {vary_keys[1]} = "
+                                f"{tables.format_setting(group_value)})") from None
+        frames, class_means, class_stds = analyse_settings(data)
+        per_group.append((group_value, frames))
+        if out_dir is None:
+            continue
+        group_dir, group_context = out_dir, dict(context, group_label=None)
+        if len(vary_keys) > 1:
+            folder = group_folder(vary_keys[1], group_value)
+            group_dir = out_dir / folder
+            label = f"{vary_keys[1]} = {tables.format_setting(group_value)}"
+            group_context = dict(context, group_label=label,
+                                 skipped=_skipped_in_group(skipped, vary_keys[1], group_value),
+                                 n_complete=len(rows))
+            links.append((label, folder))
+        frames_with_arrays = dict(frames, class_means=class_means, class_stds=class_stds)
+        _write_group(frames_with_arrays, data, group_dir, make_plots, top_k, group_context)
+
+    combined = _combine(per_group, vary_keys)
+    combined["skipped"] = skipped
+    if out_dir is not None:
+        write_csv(skipped, out_dir / "skipped.csv")
+        if len(vary_keys) > 1:
+            for name in FRAME_NAMES:
+                write_csv(combined[name], out_dir / f"{name}.csv")
+            report.write_top_index(out_dir, combined, links, context)
+    return combined
+
+
+def _skipped_in_group(skipped, key, value):
+    return tables.rows_where(skipped, key, value)
+
+
+def _combine(per_group, vary_keys):
+    if len(vary_keys) == 1:
+        return dict(per_group[0][1])
+    combined = {}
+    for name in FRAME_NAMES:
+        parts = []
+        for group_value, frames in per_group:
+            part = frames[name].copy()
+            part.insert(0, vary_keys[1], [group_value] * len(part))
+            parts.append(part)
+        combined[name] = pd.concat(parts, ignore_index=True)
+    return combined

@@ -1,0 +1,366 @@
+"""Find and read run records: config.json, summary.json, and (when needed) the val logits.
+
+Reads files only: no torch, no ffcv. A run directory is any directory holding config.json;
+it is complete when summary.json is there (the trainer writes it last, atomically).
+Incomplete runs are not dropped silently: they come back as `SkippedRun`s with a reason,
+and the report counts them.
+
+Per-class accuracy comes from summary.json's `per_class_acc`. When a summary lacks it, it
+is recomputed from val_logits.npy / val_labels.npy, streamed one run at a time through a
+memory map in row chunks, so memory stays bounded whatever the number of runs.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ffcv_bias import runs as run_record
+
+
+class AnalysisError(Exception):
+    """Bad input for the analysis; the message is one line that names the problem."""
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    run_id: str
+    config: dict
+    summary: dict
+
+
+@dataclass
+class SkippedRun:
+    run_dir: Path
+    run_id: str
+    state: str   # failed, running, started, unreadable, duplicate, no per-class data
+    reason: str
+    config: dict = None
+
+
+@dataclass
+class RunSet:
+    """The complete runs of one analysis, with their accuracies as arrays (row = run)."""
+    runs: list
+    per_class_acc: np.ndarray   # float64 [runs, classes]
+    top1: np.ndarray            # float64 [runs]
+    top5: np.ndarray            # float64 [runs]
+    class_names: list
+    class_counts: np.ndarray    # int64 [classes] val images per class, or None if unknown
+    n_val: int
+    skipped: list = field(default_factory=list)
+
+    @property
+    def num_classes(self):
+        return self.per_class_acc.shape[1]
+
+
+# ----------------------------------------------------------------------------------------
+# Finding run directories
+# ----------------------------------------------------------------------------------------
+
+def find_run_dirs(roots):
+    """Every directory under `roots` (recursively) that holds config.json, sorted, unique.
+
+    A run directory's own subdirectories are not searched: runs do not nest.
+    """
+    found = set()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise AnalysisError(f"runs directory not found: {root}")
+        for directory, subdirs, files in os.walk(root):
+            if run_record.CONFIG_FILE in files:
+                found.add(Path(directory).resolve())
+                subdirs[:] = []
+            else:
+                subdirs.sort()
+    return sorted(found)
+
+
+def _read_json_or_none(path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _first_line(path):
+    try:
+        with open(path) as handle:
+            return handle.readline().strip()[:200]
+    except OSError:
+        return ""
+
+
+def _skip_reason(run_dir):
+    state = run_record.run_state(run_dir)
+    if state == "failed":
+        return state, "failed: " + _first_line(run_dir / run_record.ERROR_FILE)
+    if run_record.is_locked(run_dir):
+        return "running", "training now (its lock is held)"
+    return state, "no summary.json (killed or not finished; a relaunch resumes it)"
+
+
+def read_records(roots):
+    """(complete Runs, SkippedRuns) under `roots`; duplicates of a run_id are skipped."""
+    run_dirs = find_run_dirs(roots)
+    if not run_dirs:
+        raise AnalysisError("no run records (directories with config.json) under "
+                            + ", ".join(str(r) for r in roots))
+    complete, skipped, seen = [], [], {}
+    for run_dir in tqdm(run_dirs, desc="reading run records", unit="run", disable=None):
+        config = _read_json_or_none(run_dir / run_record.CONFIG_FILE)
+        if not isinstance(config, dict):
+            skipped.append(SkippedRun(run_dir, run_dir.name, "unreadable",
+                                      "config.json is not a JSON object"))
+            continue
+        if not run_record.is_complete(run_dir):
+            state, reason = _skip_reason(run_dir)
+            skipped.append(SkippedRun(run_dir, run_dir.name, state, reason, config))
+            continue
+        summary = _read_json_or_none(run_dir / run_record.SUMMARY_FILE)
+        if not isinstance(summary, dict) or "top1" not in summary:
+            skipped.append(SkippedRun(run_dir, run_dir.name, "unreadable",
+                                      "summary.json is not a run summary", config))
+            continue
+        identifier = str(summary.get("run_id", run_dir.name))
+        first = seen.get(identifier)
+        if first is not None and first.summary == summary:
+            # The same run copied into two folders must not count as two replicates. (The
+            # same run_id with another result is a re-run: ffcv's augmentation RNG is not
+            # seeded, so it is a genuine replicate and stays.)
+            skipped.append(SkippedRun(run_dir, identifier, "duplicate",
+                                      f"copy of {first.run_dir}", config))
+            continue
+        run = Run(run_dir, identifier, config, summary)
+        seen.setdefault(identifier, run)
+        complete.append(run)
+    return complete, skipped
+
+
+# ----------------------------------------------------------------------------------------
+# Per-class accuracy from the logits (streamed)
+# ----------------------------------------------------------------------------------------
+
+def _row_argmax(chunk):
+    """argmax of each row; for float16, ~3x faster through an order-preserving int16 key.
+
+    An IEEE half's bit pattern, read as int16, orders non-negative values correctly and
+    negative ones backwards; flipping the 15 magnitude bits of the negatives (x ^ 0x7FFF
+    where the sign bit is set) gives a key that sorts exactly like the floats (equal
+    floats have equal keys, so ties still go to the first column; only -0 < +0 differs).
+    """
+    if chunk.dtype != np.float16:
+        return chunk.argmax(axis=1)
+    bits = chunk.view(np.int16)
+    key = bits >> 15          # -1 where negative, 0 elsewhere (arithmetic shift)
+    key &= 0x7FFF
+    key ^= bits
+    return key.argmax(axis=1)
+
+
+def accuracy_from_logits(run_dir, need_top5=False, max_chunk_elements=2 ** 23):
+    """(per-class accuracy [C], top1, top5 or None, labels) from one run's val logits.
+
+    The logits (float16 [N, C], ~100 MB at ImageNet-val size) are memory-mapped and read
+    in row chunks of at most `max_chunk_elements` values, so only one chunk is in memory.
+    The top-5 (argpartition, several times slower than argmax) is computed only on request.
+    """
+    logits = np.load(run_dir / run_record.VAL_LOGITS_FILE, mmap_mode="r")
+    labels = np.load(run_dir / run_record.VAL_LABELS_FILE).astype(np.int64)
+    n_val, num_classes = logits.shape
+    if len(labels) != n_val:
+        raise AnalysisError(f"{run_dir}: val_logits.npy has {n_val} rows but "
+                            f"val_labels.npy has {len(labels)}")
+    rows_per_chunk = max(1, max_chunk_elements // num_classes)
+    correct = np.empty(n_val, dtype=bool)
+    in_top5 = np.empty(n_val, dtype=bool) if need_top5 else None
+    for start in range(0, n_val, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_val)
+        chunk = np.asarray(logits[start:stop])
+        chunk_labels = labels[start:stop]
+        correct[start:stop] = _row_argmax(chunk) == chunk_labels
+        if need_top5:
+            scores = chunk.astype(np.float32)
+            top = np.argpartition(-scores, min(5, num_classes) - 1, axis=1)[:, :5]
+            in_top5[start:stop] = (top == chunk_labels[:, None]).any(axis=1)
+    del logits  # closes the memory map
+    counts = np.bincount(labels, minlength=num_classes)
+    hits = np.bincount(labels, weights=correct, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = hits / counts
+    top5 = float(in_top5.mean()) if need_top5 else None
+    return per_class, float(correct.mean()), top5, labels
+
+
+def _fill_from_logits(runs, skipped):
+    """Give every run without per_class_acc in its summary the one from its logits."""
+    kept = []
+    needing = [r for r in runs if "per_class_acc" not in r.summary]
+    if needing:
+        print(f"{len(needing)} run(s) lack per_class_acc in summary.json: "
+              f"recomputing from val_logits.npy (one run at a time)")
+    for run in tqdm(runs, desc="per-class accuracy from logits", unit="run",
+                    disable=None if needing else True):
+        if "per_class_acc" in run.summary:
+            kept.append(run)
+            continue
+        if not (run.run_dir / run_record.VAL_LOGITS_FILE).is_file():
+            skipped.append(SkippedRun(run.run_dir, run.run_id, "no per-class data",
+                                      "summary.json has no per_class_acc and there is "
+                                      "no val_logits.npy", run.config))
+            continue
+        per_class, top1, top5, _ = accuracy_from_logits(
+            run.run_dir, need_top5="top5" not in run.summary)
+        run.summary = dict(run.summary, per_class_acc=per_class.tolist())
+        run.summary.setdefault("top1", top1)
+        if top5 is not None:
+            run.summary["top5"] = top5
+        kept.append(run)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------
+# Dataset identity: class names, class counts, one dataset only
+# ----------------------------------------------------------------------------------------
+
+def _val_dataset_paths(run):
+    paths = [run.config.get("data", {}).get("val_dataset"), run.summary.get("val_dataset")]
+    return [p for p in paths if p]
+
+
+def _read_class_list(runs):
+    """{val_dataset path: class list} for each distinct path whose classes.json exists."""
+    class_lists = {}
+    for run in runs:
+        for path in _val_dataset_paths(run):
+            if path in class_lists:
+                continue
+            sidecar = _read_json_or_none(str(path) + ".classes.json")
+            class_lists[path] = sidecar.get("classes") if isinstance(sidecar, dict) else None
+    return {path: names for path, names in class_lists.items() if names}
+
+
+def check_one_dataset(runs):
+    """Raise AnalysisError unless every run was evaluated on the same val set."""
+    shapes = {}
+    for run in runs:
+        shape = (len(run.summary["per_class_acc"]), run.summary.get("n_val"))
+        shapes.setdefault(shape, run.run_dir)
+    if len(shapes) > 1:
+        (shape_a, dir_a), (shape_b, dir_b) = list(shapes.items())[:2]
+        raise AnalysisError(
+            f"mixed datasets: {dir_a} has {shape_a[0]} classes / n_val {shape_a[1]} but "
+            f"{dir_b} has {shape_b[0]} classes / n_val {shape_b[1]}; analyse them separately")
+    num_classes = next(iter(shapes))[0]
+    distinct = {}
+    for path, names in _read_class_list(runs).items():
+        distinct.setdefault(tuple(names), path)
+    if len(distinct) > 1:
+        (_, path_a), (_, path_b) = list(distinct.items())[:2]
+        raise AnalysisError(f"mixed datasets: class lists of {path_a} and {path_b} differ")
+    if distinct:
+        names, path = next(iter(distinct.items()))
+        if len(names) != num_classes:
+            raise AnalysisError(f"{path}.classes.json lists {len(names)} classes but the runs "
+                                f"report {num_classes}")
+        return list(names)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _class_counts(runs, num_classes, n_val):
+    """Val images per class from the first run that kept val_labels.npy; None if none did."""
+    for run in runs:
+        labels_path = run.run_dir / run_record.VAL_LABELS_FILE
+        if labels_path.is_file():
+            counts = np.bincount(np.load(labels_path).astype(np.int64), minlength=num_classes)
+            if len(counts) == num_classes and (n_val is None or counts.sum() == n_val):
+                return counts
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Everything together
+# ----------------------------------------------------------------------------------------
+
+def load_runs(roots):
+    """Read every run record under `roots` into a RunSet (raises AnalysisError on bad input)."""
+    runs, skipped = read_records(roots)
+    runs = _fill_from_logits(runs, skipped)
+    if not runs:
+        raise AnalysisError(f"no complete run (summary.json) under {', '.join(map(str, roots))}"
+                            f" ({len(skipped)} incomplete)")
+    class_names = check_one_dataset(runs)
+    per_class_acc = np.array([r.summary["per_class_acc"] for r in runs], dtype=np.float64)
+    top1 = np.array([r.summary["top1"] for r in runs], dtype=np.float64)
+    top5 = np.array([r.summary.get("top5", np.nan) for r in runs], dtype=np.float64)
+    n_val = runs[0].summary.get("n_val")
+    counts = _class_counts(runs, len(class_names), n_val)
+    return RunSet(runs, per_class_acc, top1, top5, class_names, counts, n_val, skipped)
+
+
+_MISSING = object()
+
+
+def dotted_get(config, dotted_key, default=_MISSING):
+    """config['a']['b'] for 'a.b'; `default` (or KeyError) when absent."""
+    node = config
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _MISSING:
+                raise KeyError(dotted_key)
+            return default
+        node = node[part]
+    return node
+
+
+# Runs that differ only in this key are replicates of one setting.
+REPLICATE_KEY = "training.seed"
+# Keys that follow from a varied key and so may differ with it: each data-diet sparsity
+# level trains on its own keep_indices file (the pruning method stays checked: data.score).
+DEPENDENT_KEYS = {"data.sparsity": ("data.keep_indices",)}
+
+
+def _flat_result_config(config):
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, prefix + key + ".")
+            else:
+                flat[prefix + key] = json.dumps(value, sort_keys=True)
+    walk(run_record.result_config(config), "")
+    return flat
+
+
+def check_poolable(runs, vary_keys, ignore_keys=()):
+    """Raise AnalysisError if runs differ in a result-changing key other than the varied
+    keys and training.seed: pooling them as replicates would mix two experiments.
+
+    result_config already leaves out what cannot change a result (logging.*, dist.*, meta,
+    data.num_workers, data.in_memory) and compares dataset paths by file name.
+    """
+    exempt = set(vary_keys) | {REPLICATE_KEY} | set(ignore_keys)
+    for key in vary_keys:
+        exempt.update(DEPENDENT_KEYS.get(key, ()))
+    values_by_key = {}   # key -> {value: first run dir with it}
+    flats = [_flat_result_config(run.config) for run in runs]
+    all_keys = set().union(*flats)
+    for key in sorted(all_keys - exempt):
+        if any(key.startswith(prefix + ".") for prefix in exempt):
+            continue
+        for run, flat in zip(runs, flats):
+            values_by_key.setdefault(key, {}).setdefault(flat.get(key, "<absent>"), run.run_dir)
+        if len(values_by_key[key]) > 1:
+            (value_a, dir_a), (value_b, dir_b) = list(values_by_key[key].items())[:2]
+            raise AnalysisError(
+                f"runs differ in {key} besides the varied key(s) and {REPLICATE_KEY} "
+                f"({value_a} in {dir_a.name}, {value_b} in {dir_b.name}): pass "
+                f"--vary {key} to analyse each value separately, --ignore-key {key} if it "
+                f"does not change results, or analyse the folders separately")

@@ -1,0 +1,261 @@
+"""index.html (one page per analysis) and the short text summary printed on stdout.
+
+Tables show accuracies in percent; the CSV files beside the page keep fractions.
+"""
+import html
+import time
+
+import numpy as np
+
+from ffcv_bias.analysis.stats import setting_blocks
+from ffcv_bias.analysis.tables import compared_index, format_setting, rows_where
+from ffcv_bias.atomic import write_text
+
+# Columns holding accuracies (fractions in the CSVs), shown as percentages in the page.
+PERCENT_COLUMNS = {"top1", "top5", "mean_ref", "mean", "diff", "mean_acc", "std_acc",
+                   "best_top1", "reference_top1", "oracle_top1", "oracle_gain",
+                   "best_top1_class_weighted", "score", "worst_class_acc", "cost_top1",
+                   "oracle_acc", "best_setting_acc", "reference_acc"} | {
+    f"{name}_{stat}" for name in ("top1", "top5", "class_std", "worst_class", "worst10pct")
+    for stat in ("mean", "sd")}
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f0f0; }
+td:first-child, th:first-child { text-align: left; }
+.note { color: #555; max-width: 60em; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+.warn { color: #a40; }
+"""
+
+TABLE1_NOTE = (
+    "Percentage of classes whose accuracy is significantly <b>lower</b> at the setting than at "
+    "the reference: the one-sided Welch test (H0: accuracy at the setting &ge; accuracy at the "
+    "reference) rejects at that confidence (p_less &lt; 1 &minus; confidence). This is the "
+    "paper's Table 1 (ResNet-50 random crop: 5.9 / 4.5 / 2.6%). With no effect at all, about "
+    "1 &minus; confidence of the classes would reject by chance (<i>expected_if_null</i>); "
+    "<i>percent_classes_bh</i> controls the false discovery rate instead (Benjamini&ndash;"
+    "Hochberg within the setting). Classes with both arms constant count as not lower when "
+    "equal (p = 1); arms with fewer than 2 runs are not tested.")
+ORACLE_NOTE = (
+    "Oracle: every class takes the setting where its mean accuracy (over seeds) is highest; "
+    "its top-1 weights classes by their val images. It is <b>optimistically biased</b>: the "
+    "setting is chosen on the same val set it is scored on, so part of the gain is selection "
+    "on noise. It bounds what class-dependent regularization could reach (paper: 77.14% at "
+    "tau = 8%, 77.29% at tau = 10%, oracle 79.37%).")
+SELECTION_NOTE = (
+    "The setting each criterion picks, on per-class accuracy averaged over seeds. "
+    "<i>cost_top1</i> is the mean top-1 given up relative to the mean-accuracy pick: the "
+    "price of choosing for the worst classes. Ties go to the setting nearest the reference.")
+WELCH_NOTE = (
+    "Welch one-sided test per class (scipy.stats.ttest_ind(setting, reference, "
+    "equal_var=False, alternative='less')); <i>diff</i> = mean &minus; mean_ref; "
+    "<i>hedges_g</i> = Cohen's d with pooled SD, small-sample corrected; <i>q_less</i> = "
+    "Benjamini&ndash;Hochberg within the setting. Full table: welch.csv.")
+
+
+def _display(frame, max_rows=None):
+    shown = frame.head(max_rows).copy() if max_rows else frame.copy()
+    for column in shown.columns:
+        if column in PERCENT_COLUMNS:
+            shown[column] = 100 * shown[column].astype(float)
+        if column == "setting" or column == "best_setting" or column.endswith("_setting"):
+            shown[column] = [format_setting(v) for v in shown[column]]
+    shown = shown.rename(columns={c: f"{c} (%)" for c in shown.columns if c in PERCENT_COLUMNS})
+    return shown.to_html(index=False, escape=True, na_rep="",
+                         float_format=lambda v: f"{v:.4g}" if abs(v) < 1e-3 else f"{v:.2f}")
+
+
+def _class_extremes(frames, n=15):
+    """Welch rows at the compared setting: most significant losers, and the top gainers."""
+    settings = frames["settings"]
+    values = settings["setting"].tolist()
+    reference = values[int(np.flatnonzero(settings["is_reference"].to_numpy())[0])]
+    setting = values[compared_index(values, reference, settings["top1_mean"].to_numpy())]
+    welch = frames["welch"]
+    rows = rows_where(welch, "setting", setting)
+    columns = ["class", "class_name", "mean_ref", "mean", "diff", "hedges_g", "p_less", "q_less"]
+    # Untested classes (fewer than 2 runs) have NaN p: then the largest drops come first.
+    order = ["diff"] if rows["p_less"].isna().all() else ["p_less", "diff"]
+    losers = rows.sort_values(order, kind="stable")[columns].head(n)
+    gainers = rows.sort_values("diff", ascending=False, kind="stable")[columns].head(n)
+    return setting, losers, gainers
+
+
+def _table1_wide(table1):
+    if table1.empty:
+        return table1
+    wide = table1.pivot_table(index="setting", columns="confidence", values="percent_classes",
+                              sort=False)
+    wide.columns = [f"{c}% confidence" for c in wide.columns]
+    return wide.reset_index()
+
+
+def _warnings(settings):
+    lines = []
+    if len(settings) == 1:
+        lines.append("only one value of the varied key: nothing to compare with the reference")
+    for _, row in settings.iterrows():
+        if row["missing_seeds"]:
+            lines.append(f"setting {format_setting(row['setting'])} lacks seed(s) "
+                         f"{row['missing_seeds']} that other settings have")
+        if row["n_runs"] < 2:
+            lines.append(f"setting {format_setting(row['setting'])} has {row['n_runs']} run: "
+                         f"no Welch test against it (needs at least 2 seeds)")
+    return lines
+
+
+def _header(title, context, data=None):
+    parts = [f"<h1>{html.escape(title)}</h1><p>"]
+    parts.append(f"Runs read from {html.escape(', '.join(context['roots']))}. "
+                 f"<b>{context['n_complete']}</b> complete run(s) analysed, "
+                 f"<b>{len(context['skipped'])}</b> skipped (incomplete, failed, duplicate; "
+                 f"see below and skipped.csv). ")
+    if data is not None:
+        parts.append(f"Varied key <b>{html.escape(data.key)}</b>, {len(data.settings)} settings, "
+                     f"reference <b>{html.escape(format_setting(data.reference))}</b>, "
+                     f"{data.num_classes} classes (class weights: {context['class_weighting']}). ")
+    parts.append(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>")
+    return "".join(parts)
+
+
+def _page(title, body):
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def write_group_index(out_dir, data, frames, figure_files, context):
+    """index.html for one analysis (one value of the second key, or the only one)."""
+    title = f"Per-class effect of {data.key}"
+    if context.get("group_label"):
+        title += f" ({context['group_label']})"
+    setting, losers, gainers = _class_extremes(frames)
+    body = [_header(title, context, data)]
+    warnings = _warnings(frames["settings"])
+    if warnings:
+        body.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+                    + "</ul>")
+    body.append("<h2>Settings</h2>" + _display(frames["settings"]))
+    captions = (("accuracy_curves", "Mean accuracy and the classes that lose / gain most"),
+                ("class_spread", "Spread of per-class accuracy and the worst classes"),
+                ("change_histogram", "Per-class change, reference to compared setting"))
+    for name, caption in captions:
+        if name in figure_files:
+            body.append(f"<h2>{caption}</h2><img src='{figure_files[name]}' alt='{name}'>")
+    body.append("<h2>Table 1: classes significantly hurt</h2>"
+                f"<p class='note'>{TABLE1_NOTE}</p>" + _display(_table1_wide(frames["table1"]))
+                + "<details><summary>with counts and BH</summary>" + _display(frames["table1"])
+                + "</details>")
+    body.append(f"<h2>Oracle</h2><p class='note'>{ORACLE_NOTE}</p>" + _display(frames["oracle"]))
+    body.append("<h2>Model selection: the price of fairness</h2>"
+                f"<p class='note'>{SELECTION_NOTE}</p>" + _display(frames["selection"]))
+    compared = html.escape(format_setting(setting))
+    body.append(f"<h2>Classes hurt most at {compared} (smallest p_less)</h2>"
+                f"<p class='note'>{WELCH_NOTE}</p>" + _display(losers))
+    body.append(f"<h2>Classes helped most at {compared}</h2>" + _display(gainers))
+    if len(context["skipped"]):
+        body.append("<h2>Skipped runs</h2>" + _display(context["skipped"], max_rows=200))
+    body.append("<h2>Files</h2><p>" + " &middot; ".join(
+        f"<a href='{n}.csv'>{n}.csv</a>" for n in ("runs", "settings", "per_class", "welch",
+                                                   "table1", "oracle", "oracle_per_class",
+                                                   "selection")) + "</p>")
+    write_text(out_dir / "index.html", _page(title, "\n".join(body)))
+
+
+def write_top_index(out_dir, combined, links, context):
+    """index.html above the per-group reports (two varied keys)."""
+    first, second = context["vary_keys"]
+    title = f"Per-class effect of {first}, for each {second}"
+    body = [_header(title, context)]
+    body.append("<p class='note'>One complete report per value of "
+                f"{html.escape(second)}; the tables below combine them (column "
+                f"{html.escape(second)}).</p><ul>")
+    body += [f"<li><a href='{folder}/index.html'>{html.escape(label)}</a></li>"
+             for label, folder in links]
+    body.append("</ul>")
+    for label, folder in links:
+        body.append(f"<h3>{html.escape(label)}</h3>"
+                    f"<img src='{folder}/accuracy_curves.png' alt='{html.escape(label)}'>")
+    body.append(f"<h2>Table 1</h2><p class='note'>{TABLE1_NOTE}</p>" + _display(combined["table1"]))
+    body.append(f"<h2>Oracle</h2><p class='note'>{ORACLE_NOTE}</p>" + _display(combined["oracle"]))
+    body.append(f"<h2>Selection</h2><p class='note'>{SELECTION_NOTE}</p>"
+                + _display(combined["selection"]))
+    if len(context["skipped"]):
+        body.append("<h2>Skipped runs</h2>" + _display(context["skipped"], max_rows=200))
+    write_text(out_dir / "index.html", _page(title, "\n".join(body)))
+
+
+# ----------------------------------------------------------------------------------------
+# stdout
+# ----------------------------------------------------------------------------------------
+
+def _group_frames(frames, vary_keys):
+    if len(vary_keys) == 1:
+        return [(None, frames)]
+    key = vary_keys[1]
+    groups = []
+    for value in dict.fromkeys(frames["settings"][key].tolist()):
+        groups.append((f"{key} = {format_setting(value)}",
+                       {name: rows_where(frame, key, value).drop(columns=key)
+                        for name, frame in frames.items() if name != "skipped"}))
+    return groups
+
+
+def _summary_of_group(frames, n_losers=5):
+    lines = []
+    settings = frames["settings"]
+    lines.append(f"  {'setting':>12} {'runs':>5} {'top-1 % (± sd)':>16} {'worst class %':>14}"
+                 f" {'class std pts':>14}")
+    for _, row in settings.iterrows():
+        label = format_setting(row["setting"]) + (" (ref)" if row["is_reference"] else "")
+        top1_sd = 100 * np.nan_to_num(row["top1_sd"])
+        lines.append(f"  {label:>12} {row['n_runs']:>5} {100 * row['top1_mean']:>8.2f} ± "
+                     f"{top1_sd:<5.2f} {100 * row['worst_class_mean']:>14.2f} "
+                     f"{100 * row['class_std_mean']:>14.2f}")
+    if not frames["welch"].empty:
+        setting, losers, _ = _class_extremes(frames, n=n_losers)
+        lines.append(f"  classes losing most at {format_setting(setting)} "
+                     "(one-sided Welch vs reference):")
+        for _, row in losers.iterrows():
+            lines.append(f"    {row['class_name'][:30]:<30} {100 * row['diff']:+7.2f} pts  "
+                         f"p={row['p_less']:.2g}  q={row['q_less']:.2g}")
+        lines.append("  Table 1, % of classes significantly lower than the reference "
+                     "(90 / 95 / 99% confidence; no effect would give ~10 / 5 / 1):")
+        for setting, block in setting_blocks(frames["table1"]):
+            percents = " / ".join(f"{p:.1f}" for p in block["percent_classes"])
+            lines.append(f"    {format_setting(setting):>12}: {percents}")
+    oracle = frames["oracle"].iloc[0]
+    lines.append(f"  best setting {format_setting(oracle['best_setting'])}: top-1 "
+                 f"{100 * oracle['best_top1']:.2f}%; per-class oracle "
+                 f"{100 * oracle['oracle_top1']:.2f}% ({100 * oracle['oracle_gain']:+.2f} pts, "
+                 "optimistic: chosen on the val set)")
+    picks = ", ".join(f"{row['criterion']} -> {format_setting(row['setting'])} "
+                      f"({100 * row['cost_top1']:+.2f} pts)"
+                      for _, row in frames["selection"].iterrows())
+    lines.append(f"  selection: {picks}")
+    lines += [f"  warning: {w}" for w in _warnings(settings)]
+    return lines
+
+
+def summary_text(frames, vary_keys, out_dir=None):
+    """The short text summary the CLI prints."""
+    skipped = frames["skipped"]
+    n_runs = len(frames["runs"])
+    lines = [f"{n_runs} complete run(s) analysed over {', '.join(vary_keys)}; "
+             f"{len(skipped)} skipped" + (" (" + ", ".join(
+                 f"{count} {state}" for state, count in skipped["state"].value_counts().items())
+                 + ")" if len(skipped) else "")]
+    for _, row in skipped.head(10).iterrows():
+        lines.append(f"  skipped {row['run_dir']}: {row['state']}, {row['reason']}")
+    if len(skipped) > 10:
+        lines.append(f"  ... {len(skipped) - 10} more in skipped.csv")
+    for label, group in _group_frames(frames, vary_keys):
+        if label:
+            lines.append(f"[{label}]")
+        lines += _summary_of_group(group)
+    if out_dir is not None:
+        lines.append(f"report: {out_dir / 'index.html'}")
+    return "\n".join(lines)
+
