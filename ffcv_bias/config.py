@@ -153,8 +153,9 @@ def parse_config(argv=None, description=None, config_files=()):
     parser.add_argument("--config-file", "-C", action="append", default=[],
                         help="YAML config file (can be repeated; later files win)")
     if "-h" in argv or "--help" in argv:
-        config.augment_argparse(parser)
-        parser.parse_args(["--help"])
+        help_parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+        config.augment_argparse(help_parser)  # lists every parameter; adds --config-file itself
+        help_parser.parse_args(["--help"])
     known, extra = parser.parse_known_args(argv)
 
     for path in list(config_files) + known.config_file:

@@ -1,0 +1,143 @@
+"""Write image datasets to FFCV .beton files (fields `image`, `label`) + classes.json.
+
+    python write_datasets.py
+        both splits of the embedded default (Fashion-MNIST from Debian's
+        dataset-fashion-mnist) -> data/fashion-mnist_train.beton, data/fashion-mnist_val.beton
+
+    python write_datasets.py --cfg.dataset=imagefolder --cfg.split=train \\
+        --cfg.data_dir=/datasets/imagenet/train --cfg.write_path=/betons/imagenet_train.beton \\
+        --cfg.max_resolution=256 --cfg.write_mode=proportion --cfg.compress_probability=0.5 \\
+        --cfg.jpeg_quality=90 --cfg.num_workers=16
+
+The flags are ffcv-imagenet's (`--cfg.*`, or a YAML file with `-C`); unknown keys are an
+error. A failed write leaves nothing at write_path. The work is in ffcv_bias/datasets.py.
+"""
+import contextlib
+import sys
+
+from fastargs import Param, Section
+from fastargs.config import Config
+from fastargs.state import get_current_config, set_current_config
+
+from ffcv_bias.config import ConfigError, OneOf, FloatInRange, StrictBool, config_to_dict, \
+    parse_config
+from ffcv_bias.datasets import (DEFAULT_SMART_THRESHOLD, FASHION_MNIST_DIR, SOURCES,
+                                WRITE_MODES, DatasetError, convert)
+
+
+def declare_config():
+    Section("cfg", "what to write, from where, and how").params(
+        dataset=Param(OneOf(*SOURCES), "source format: " + ", ".join(SOURCES),
+                      default="fashion-mnist"),
+        split=Param(OneOf("train", "val", "both"),
+                    "split to write; 'both' writes train and val (not for imagefolder, whose "
+                    "data_dir is one split's folder)", default="both"),
+        data_dir=Param(str, "where the source lies (default: Debian's Fashion-MNIST for "
+                            "fashion-mnist; required for the others)", default=""),
+        write_path=Param(str, "the .beton to write (default: data/<dataset>_<split>.beton)",
+                         default=""),
+        max_resolution=Param(int, "longest image side stored; larger images are shrunk "
+                                  "(-1: keep every image's size)", default=-1),
+        write_mode=Param(OneOf(*WRITE_MODES), "raw pixels, jpg, smart (jpg above "
+                         "smart_threshold bytes) or proportion (jpg with "
+                         "compress_probability)", default="raw"),
+        compress_probability=Param(FloatInRange(0, 1, low_inclusive=True),
+                                   "fraction of images stored as JPEG in 'proportion' mode",
+                                   default=0.5),
+        smart_threshold=Param(int, "'smart' mode stores an image as JPEG when its raw pixels "
+                                   "take more bytes than this", default=DEFAULT_SMART_THRESHOLD),
+        jpeg_quality=Param(int, "JPEG quality (1-100) for jpg/smart/proportion", default=90),
+        num_workers=Param(int, "processes that decode and write; 1 gives byte-identical "
+                               "files run to run", default=1),
+        chunk_size=Param(int, "images handed to a writer process at a time", default=100),
+        subset=Param(int, "write a deterministic class-stratified subset of this many images "
+                          "(-1: all)", default=-1),
+        skip_corrupt=Param(StrictBool(), "1: skip unreadable images, listing them in "
+                                         "<write_path>.skipped.txt; 0: stop at the first",
+                           default=False),
+    )
+
+
+@contextlib.contextmanager
+def private_config():
+    """Declare the cfg section in a config of its own: fastargs sections are process-wide,
+    and the trainer's config (and its run_id) must never see these keys."""
+    previous = get_current_config()
+    set_current_config(Config())
+    try:
+        declare_config()
+        yield
+    finally:
+        set_current_config(previous)
+
+
+def read_options(argv):
+    with private_config():
+        return config_to_dict(parse_config(argv, description=__doc__.splitlines()[0]))["cfg"]
+
+
+def check_ranges(cfg):
+    """Range checks fastargs cannot express; ConfigError names the key."""
+    rules = [
+        ("num_workers", cfg["num_workers"] >= 1, "at least 1"),
+        ("chunk_size", cfg["chunk_size"] >= 1, "at least 1"),
+        ("jpeg_quality", 1 <= cfg["jpeg_quality"] <= 100, "between 1 and 100"),
+        ("subset", cfg["subset"] == -1 or cfg["subset"] >= 1, "-1 (all) or at least 1"),
+        ("max_resolution", cfg["max_resolution"] == -1 or cfg["max_resolution"] >= 1,
+         "-1 (keep sizes) or at least 1"),
+        ("smart_threshold", cfg["smart_threshold"] >= 0, "at least 0"),
+    ]
+    for key, is_valid, expected in rules:
+        if not is_valid:
+            raise ConfigError(f"bad value for 'cfg.{key}': {cfg[key]!r} is not {expected}")
+
+
+def plan_jobs(cfg):
+    """[(split, data_dir, write_path)] for the splits to write."""
+    dataset = cfg["dataset"]
+    splits = ["train", "val"] if cfg["split"] == "both" else [cfg["split"]]
+    if len(splits) == 2 and cfg["write_path"]:
+        raise ConfigError("--cfg.write_path names one file: give --cfg.split=train or val too")
+    if len(splits) == 2 and dataset == "imagefolder":
+        raise ConfigError("imagefolder reads one split's folder (data_dir/<class>/<image>): "
+                          "give --cfg.split=train or val")
+    data_dir = cfg["data_dir"]
+    if not data_dir:
+        if dataset != "fashion-mnist":
+            raise ConfigError(f"--cfg.data_dir is required for {dataset}")
+        if not FASHION_MNIST_DIR.is_dir():
+            raise DatasetError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (install "
+                               f"Debian's dataset-fashion-mnist or give --cfg.data_dir)")
+        data_dir = str(FASHION_MNIST_DIR)
+    return [(split, data_dir, cfg["write_path"] or f"data/{dataset}_{split}.beton")
+            for split in splits]
+
+
+def main(argv=None):
+    try:
+        cfg = read_options(argv)
+        check_ranges(cfg)
+        for split, data_dir, write_path in plan_jobs(cfg):
+            convert(cfg["dataset"], split, data_dir, write_path,
+                    subset=cfg["subset"], skip_corrupt=cfg["skip_corrupt"],
+                    num_workers=cfg["num_workers"], chunk_size=cfg["chunk_size"],
+                    write_mode=cfg["write_mode"], max_resolution=cfg["max_resolution"],
+                    jpeg_quality=cfg["jpeg_quality"],
+                    compress_probability=cfg["compress_probability"],
+                    smart_threshold=cfg["smart_threshold"])
+    except (DatasetError, ConfigError) as error:
+        print(f"write_datasets.py: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # cannot create data/, disk full, permission denied
+        print(f"write_datasets.py: error: {error.strerror or error}: {error.filename}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("write_datasets.py: interrupted; nothing left at the write path",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
