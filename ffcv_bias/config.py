@@ -22,6 +22,10 @@ from fastargs import get_current_config
 from fastargs.validation import Checker
 
 
+# libyaml's loader when present: a sweep resolves its base config once per run.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class ConfigError(ValueError):
     """A bad configuration: the message is one line that names the offending key."""
 
@@ -106,7 +110,7 @@ def _check_known(paths, config, source):
 def _read_config_file(path):
     try:
         with open(path) as handle:
-            content = yaml.safe_load(handle)
+            content = yaml.load(handle, Loader=_YAML_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:

@@ -1,0 +1,729 @@
+"""Train one classifier on FFCV betons and write its run record (DESIGN.md, "The run record").
+
+    python train_imagenet.py --config-file rn50_configs/fashion_mnist_cpu.yaml \
+        --training.seed=3 --augment.min_scale=0.25
+
+The shape is ffcv-imagenet's trainer (one class, one method per job, fastargs `@param`
+on the methods that read the config), with its gaps closed: weight decay is kept off
+every normalization layer whatever its name, each run's data order and crops are seeded,
+the train loss is logged, per-class validation accuracy is logged every epoch, and a
+run can be stopped at any moment and resumed bit for bit.
+
+Life of a run, in `<logging.folder>/<run_id>/`:
+- summary.json exists: nothing to do ("run <id> is already complete"), exit 0;
+- checkpoint.pt exists: resume after the epoch it holds (log.jsonl is cut back to it);
+- every epoch: train, validate (all epochs with logging.log_level=1, else the last),
+  append to log.jsonl, write checkpoint.pt (every training.checkpoint_every epochs);
+- at the end: weights.pt, val_logits.npy, val_labels.npy, then summary.json (last).
+
+Stopping:
+- SIGTERM (SLURM preemption, `scancel`, the sweep launcher): the run stops after the
+  current step and exits with EXIT_PREEMPTED (75). Nothing is written mid-epoch: the
+  resume point is the last checkpoint (the last epoch boundary with the default
+  checkpoint_every=1), because only an epoch boundary can be resumed bit for bit (the
+  loader cannot start an epoch half-way). A SIGTERM that arrives during validation or
+  checkpointing stops the run at that epoch's end, after writing a checkpoint.
+- A NaN or infinite training loss stops the run: "non-finite loss at epoch E step S"
+  (0-based), exit 1; the last good checkpoint stays.
+- Any failure writes error.txt (the message, then the traceback) into the run directory;
+  a new start removes a stale one.
+
+Reproducibility: the data order and the crops are functions of (seed, epoch, sample);
+model init and dropout of the seed (and the rank). On CPU, runs are deterministic: the
+same config gives bit-identical val_logits.npy, even when killed and resumed (with the
+same torch thread count). On CUDA set training.deterministic=1 for the same property.
+"""
+import json
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from contextlib import ExitStack, nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastargs import get_current_config
+from fastargs.decorators import param
+from tqdm import tqdm
+
+from ffcv_bias import atomic, distributed, runs
+from ffcv_bias.config import ConfigError, flatten, validate_all
+from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize,
+                               read_labels)
+from ffcv_bias.models import create_model, weight_decay_groups
+from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
+from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
+                                    bn_weight_decay, declare_sections, is_distributed,
+                                    read_class_min_scale, read_keep_indices, read_sidecar,
+                                    resolve_config, validate_semantics)
+
+CHECKPOINT_FORMAT = 1
+# How often (in steps) the GPU is asked whether the loss is finite and whether a rank was
+# told to stop. Each check waits for the GPU to catch up; on CPU it costs nothing.
+CUDA_CHECK_EVERY_STEPS = 25
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on; the message is one line for the user."""
+
+
+class NonFiniteLossError(RunError):
+    pass
+
+
+class RunDirRefused(RunError):
+    """The run directory is locked by another process or holds another run: not ours to
+    write into (no error.txt)."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: stop, keep the last checkpoint, exit EXIT_PREEMPTED."""
+
+
+# ---------------------------------------------------------------------------------------
+# Signals, seeds, threads
+# ---------------------------------------------------------------------------------------
+
+class StopRequest:
+    """Set by SIGTERM; read by the training loop between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        # Python lets only the main thread install handlers; elsewhere SIGTERM keeps its
+        # default meaning (the process dies; the last checkpoint is still the resume point).
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def rank_seed(seed, rank):
+    """A torch seed per (run seed, rank): ranks draw different dropout masks."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def set_determinism(device, deterministic):
+    if device.type == "cuda" and deterministic:
+        # cuBLAS reads this when it starts (the model's first matmul comes later).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if device.type == "cpu" or deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = bool(deterministic)
+
+
+def restore_torch_settings(threads, deterministic):
+    """Undo setup_process, for callers that train in their own process (tests, notebooks)."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def choose_torch_threads(local_world_size):
+    """OMP_NUM_THREADS when the launcher set it, else this process's share of the cores."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // local_world_size)
+
+
+def rng_state(device):
+    """Every random stream the run draws from, in a form torch.load(weights_only) accepts."""
+    numpy_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [str(numpy_state[0]), torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics (from the saved float16 logits, so the record and the summary agree)
+# ---------------------------------------------------------------------------------------
+
+def accuracy_metrics(logits, labels, num_classes):
+    """top1, top5, per-class top-1 (None for a class with no sample) and cross-entropy."""
+    logits = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    k = min(5, num_classes)
+    top_k = logits.topk(k, dim=1).indices
+    correct_top1 = top_k[:, 0] == labels
+    correct_top5 = (top_k == labels[:, None]).any(dim=1)
+    hits = torch.bincount(labels[correct_top1], minlength=num_classes)
+    counts = torch.bincount(labels, minlength=num_classes)
+    per_class = [float(h) / float(c) if c > 0 else None for h, c in zip(hits, counts)]
+    return {"top1": float(correct_top1.float().mean()),
+            "top5": float(correct_top5.float().mean()),
+            "per_class_acc": per_class,
+            "loss": float(F.cross_entropy(logits, labels))}
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------
+
+class Trainer:
+    """One run on one process (one rank). Rank 0 writes the record; every rank trains."""
+
+    def __init__(self, nested, run_dir, info, stop):
+        self.nested, self.run_dir, self.info, self.stop = nested, Path(run_dir), info, stop
+        self.device = info.device
+        self.run_id = runs.run_id(nested)
+        self.sidecar = read_sidecar(nested["data"]["train_dataset"], "data.train_dataset")
+        self.num_classes = int(self.sidecar["num_classes"])
+        self.setup_process()
+        self.train_loader = self.create_train_loader()
+        self.val_loader = self.create_val_loader()
+        self.val_labels = read_labels(nested["data"]["val_dataset"])
+        self.model, self.scaler = self.create_model_and_scaler()
+        self.optimizer, self.train_loss_fn = self.create_optimizer()
+        self.lr_schedule = self.create_lr_schedule()
+        self.start_epoch, self.train_seconds = self.resume_from_checkpoint()
+        self.ddp_model = self.wrap_distributed()
+
+    # -- setup -----------------------------------------------------------------------
+
+    @param("training.seed")
+    @param("training.deterministic")
+    def setup_process(self, seed, deterministic):
+        torch.set_num_threads(choose_torch_threads(self.info.local_world_size))
+        set_determinism(self.device, deterministic)
+        np.random.seed(seed)
+        random.seed(seed)
+        torch.manual_seed(seed)  # the model's initialization: the same on every rank
+
+    @param("data.train_dataset")
+    @param("data.num_workers")
+    @param("data.in_memory")
+    @param("data.keep_indices")
+    @param("training.batch_size")
+    @param("training.seed")
+    @param("augment.min_scale")
+    @param("augment.max_scale")
+    @param("augment.flip")
+    @param("augment.class_min_scale")
+    def create_train_loader(self, train_dataset, num_workers, in_memory, keep_indices,
+                            batch_size, seed, min_scale, max_scale, flip, class_min_scale):
+        indices = None
+        if keep_indices:
+            indices = read_keep_indices(keep_indices, int(self.sidecar["num_samples"]))
+        class_bounds = None
+        if class_min_scale:
+            class_bounds = read_class_min_scale(class_min_scale, self.num_classes)
+        return create_train_loader(
+            train_dataset, batch_size=batch_size, resolution=self.resolution(0), seed=seed,
+            min_scale=min_scale, max_scale=max_scale, flip=flip,
+            class_min_scale=class_bounds, num_workers=num_workers,
+            distributed=self.info.group_running, indices=indices, in_memory=in_memory)
+
+    @param("data.val_dataset")
+    @param("data.num_workers")
+    @param("data.in_memory")
+    @param("validation.batch_size")
+    @param("validation.resolution")
+    @param("validation.crop_ratio")
+    def create_val_loader(self, val_dataset, num_workers, in_memory, batch_size, resolution,
+                          crop_ratio):
+        return create_val_loader(val_dataset, batch_size=batch_size, resolution=resolution,
+                                 crop_ratio=crop_ratio, num_workers=num_workers,
+                                 distributed=self.info.group_running, in_memory=in_memory)
+
+    @param("model.arch")
+    @param("model.dropout")
+    @param("training.use_blurpool")
+    @param("training.amp_dtype")
+    def create_model_and_scaler(self, arch, dropout, use_blurpool, amp_dtype):
+        try:
+            model = create_model(arch, self.num_classes, dropout=dropout,
+                                 use_blurpool=use_blurpool)
+        except ValueError as error:
+            raise ConfigError(f"model.arch={arch}: {error}") from None
+        model = model.to(self.device, memory_format=torch.channels_last)
+        self.amp_dtype = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+        scaler = None
+        if self.amp_dtype == torch.float16:
+            scaler = torch.amp.GradScaler("cuda")
+        return model, scaler
+
+    @param("training.optimizer")
+    @param("training.momentum")
+    @param("training.nesterov")
+    @param("training.weight_decay")
+    @param("training.label_smoothing")
+    def create_optimizer(self, optimizer, momentum, nesterov, weight_decay, label_smoothing):
+        assert optimizer == "sgd"  # the only choice the config accepts
+        groups = weight_decay_groups(self.model, weight_decay,
+                                     bn_weight_decay=bn_weight_decay(self.nested))
+        # lr is set at every step from the precomputed schedule.
+        sgd = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov)
+        return sgd, torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    @param("lr.lr")
+    @param("lr.lr_schedule_type")
+    @param("lr.lr_peak_epoch")
+    @param("lr.step_ratio")
+    @param("lr.step_length")
+    @param("training.epochs")
+    def create_lr_schedule(self, lr, lr_schedule_type, lr_peak_epoch, step_ratio, step_length,
+                           epochs):
+        return lr_per_iteration(lr_schedule_type, lr=lr, epochs=epochs,
+                                iters_per_epoch=len(self.train_loader),
+                                lr_peak_epoch=lr_peak_epoch, step_ratio=step_ratio,
+                                step_length=step_length)
+
+    @param("resolution.min_res")
+    @param("resolution.max_res")
+    @param("resolution.start_ramp")
+    @param("resolution.end_ramp")
+    def resolution(self, epoch, min_res, max_res, start_ramp, end_ramp):
+        return resolution_at_epoch(epoch, min_res=min_res, max_res=max_res,
+                                   start_ramp=start_ramp, end_ramp=end_ramp)
+
+    def wrap_distributed(self):
+        if not self.info.group_running:
+            return self.model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
+                                                         gradient_as_bucket_view=True)
+
+    # -- training --------------------------------------------------------------------
+
+    @param("training.epochs")
+    @param("training.checkpoint_every")
+    @param("logging.log_level")
+    def fit(self, epochs, checkpoint_every, log_level):
+        """Train the remaining epochs, then write the record. Returns the summary."""
+        final_logits, validated_last_epoch = None, False
+        for epoch in range(self.start_epoch, epochs):
+            train_stats = self.train_epoch(epoch)
+            last_epoch = epoch == epochs - 1
+            logits = self.validate() if (log_level > 0 or last_epoch) else None
+            self.log(epoch, train_stats, logits)
+            stop_now = self.stop_requested()
+            if last_epoch or stop_now or (epoch + 1) % checkpoint_every == 0:
+                self.save_checkpoint(epoch + 1)
+            if stop_now:
+                raise Preempted()
+            if last_epoch:
+                final_logits, validated_last_epoch = logits, True
+        if not validated_last_epoch:  # resumed after the last epoch, before the record
+            final_logits = self.validate()
+        return self.write_record(final_logits)
+
+    def train_step(self, images, labels, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)  # a numpy float would not load with weights_only=True
+        inputs = normalize(images, self.device, channels_last=True,
+                           dtype=self.amp_dtype or torch.float32)
+        targets = labels.to(self.device, non_blocking=True)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype else nullcontext())
+        with autocast:
+            loss = self.train_loss_fn(self.ddp_model(inputs), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    @param("training.epochs")
+    @param("logging.progress")
+    def train_epoch(self, epoch, epochs, progress):
+        self.ddp_model.train()
+        loader = self.train_loader
+        loader.set_epoch(epoch)
+        loader.set_resolution(self.resolution(epoch))
+        steps = len(loader)
+        first_iteration = epoch * steps
+        check_every = CUDA_CHECK_EVERY_STEPS if self.device.type == "cuda" else 1
+        step_losses = torch.zeros(steps, device=self.device)
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not (progress and self.info.is_main), dynamic_ncols=True)
+        started = time.perf_counter()
+        checked = 0
+        for step, (images, labels) in enumerate(bar):
+            step_losses[step] = self.train_step(images, labels,
+                                                self.lr_schedule[first_iteration + step])
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                self.check_steps(step_losses, checked, step + 1, epoch)
+                checked = step + 1
+                bar.set_postfix(loss=f"{float(step_losses[step]):.3f}", refresh=False)
+        bar.close()
+        mean_loss = distributed.all_reduce(step_losses.sum(), self.info) / (
+            steps * self.info.world_size)
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        images = steps * self.nested["training"]["batch_size"] * self.info.world_size
+        return {"lr": float(self.lr_schedule[first_iteration + steps - 1]),
+                "train_loss": float(mean_loss), "epoch_seconds": seconds,
+                "images_per_second": images / seconds, "resolution": loader.resolution}
+
+    def check_steps(self, step_losses, start, end, epoch):
+        """Stop every rank together on a non-finite loss or a SIGTERM (one collective)."""
+        finite = torch.isfinite(step_losses[start:end])
+        first_bad = start + int(torch.argmin(finite.int())) if not finite.all() else end
+        # [first bad step (steps if none), -1 if this rank was asked to stop]: one MIN
+        flags = torch.tensor([first_bad if first_bad < end else 2 ** 31,
+                              -1 if self.stop.requested else 0], device=self.device)
+        distributed.all_reduce(flags, self.info, op=torch.distributed.ReduceOp.MIN)
+        if int(flags[0]) < 2 ** 31:
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {int(flags[0])}")
+        if int(flags[1]) < 0:
+            raise Preempted()
+
+    def stop_requested(self):
+        flag = torch.tensor([1 if self.stop.requested else 0], device=self.device)
+        return bool(distributed.all_reduce(flag, self.info, op=torch.distributed.ReduceOp.MAX))
+
+    # -- validation ------------------------------------------------------------------
+
+    @param("validation.lr_tta")
+    def validate(self, lr_tta):
+        """Logits of every validation image, in the beton's order (float32 numpy on rank 0,
+        None elsewhere). Each rank evaluates its share; rank 0 puts the rows in order."""
+        # Each rank updated its BatchNorm statistics on its own last batch: evaluate every
+        # share of the validation set with rank 0's, the ones weights.pt will hold.
+        distributed.broadcast_buffers(self.model, self.info)
+        self.model.eval()
+        order = self.val_loader.sample_order()
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype else nullcontext())
+        rows = []
+        with torch.no_grad(), autocast:
+            for images, _ in self.val_loader:
+                inputs = normalize(images, self.device, channels_last=True,
+                                   dtype=self.amp_dtype or torch.float32)
+                logits = self.model(inputs).float()
+                if lr_tta:
+                    logits = (logits + self.model(torch.flip(inputs, dims=[3])).float()) / 2
+                rows.append(logits)  # a new tensor: the loader's image buffer is not kept
+        local = torch.cat(rows)
+        return distributed.gather_rows_by_index(local, order, len(self.val_labels), self.info)
+
+    # -- the record ------------------------------------------------------------------
+
+    def log(self, epoch, train_stats, logits):
+        if not self.info.is_main:
+            return
+        entry = {"epoch": epoch, **train_stats, "val_top1": None, "val_top5": None,
+                 "val_loss": None, "per_class_acc": None}
+        if logits is not None:
+            metrics = accuracy_metrics(logits.astype(np.float16), self.val_labels,
+                                       self.num_classes)
+            entry.update(val_top1=metrics["top1"], val_top5=metrics["top5"],
+                         val_loss=metrics["loss"], per_class_acc=metrics["per_class_acc"])
+        with open(self.run_dir / runs.LOG_FILE, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        top1 = "-" if entry["val_top1"] is None else f"{entry['val_top1']:.4f}"
+        print(f"epoch {epoch + 1}/{self.nested['training']['epochs']}  lr {entry['lr']:.4g}  "
+              f"train_loss {entry['train_loss']:.4f}  val_top1 {top1}  "
+              f"{entry['epoch_seconds']:.1f} s  {entry['images_per_second']:.0f} img/s",
+              flush=True)
+
+    def save_checkpoint(self, epochs_done):
+        """Everything needed to continue bit for bit after `epochs_done` epochs."""
+        rng_states = distributed.all_gather_objects(rng_state(self.device), self.info)
+        if not self.info.is_main:
+            return
+        atomic.torch_save(self.run_dir / runs.CHECKPOINT_FILE, {
+            "format": CHECKPOINT_FORMAT, "run_id": self.run_id, "epoch": epochs_done,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_states, "train_seconds": self.train_seconds,
+        })
+
+    @param("training.seed")
+    def resume_from_checkpoint(self, seed):
+        """(first epoch to train, training seconds so far), loading checkpoint.pt if any."""
+        path = self.run_dir / runs.CHECKPOINT_FILE
+        if not path.is_file():
+            torch.manual_seed(rank_seed(seed, self.info.rank))  # dropout streams per rank
+            return 0, 0.0
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state.get("run_id") != self.run_id:
+            raise RunError(f"{path} belongs to run {state.get('run_id')}, not {self.run_id}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) != self.info.world_size:
+            raise RunError(f"{path} was written by {len(state['rng'])} processes, "
+                           f"this run has {self.info.world_size}")
+        set_rng_state(state["rng"][self.info.rank], self.device)
+        if self.info.is_main:
+            truncate_log(self.run_dir / runs.LOG_FILE, state["epoch"])
+            print(f"resuming {self.run_id} after epoch {state['epoch']}", flush=True)
+        return state["epoch"], float(state["train_seconds"])
+
+    @param("training.epochs")
+    @param("data.val_dataset")
+    def write_record(self, logits, epochs, val_dataset):
+        """weights, logits and labels, then summary.json last (its presence = complete)."""
+        if not self.info.is_main:
+            return None
+        weights = {name: tensor.detach().cpu().contiguous()
+                   for name, tensor in self.model.state_dict().items()}
+        atomic.torch_save(self.run_dir / runs.WEIGHTS_FILE, weights)
+        atomic.save_npy(self.run_dir / runs.VAL_LOGITS_FILE, logits.astype(np.float16))
+        atomic.save_npy(self.run_dir / runs.VAL_LABELS_FILE, self.val_labels)
+        # Read back what analysis will read, so the summary agrees with the files exactly.
+        saved_logits = np.load(self.run_dir / runs.VAL_LOGITS_FILE)
+        metrics = accuracy_metrics(saved_logits, np.load(self.run_dir / runs.VAL_LABELS_FILE),
+                                   self.num_classes)
+        summary = {"run_id": self.run_id, "top1": metrics["top1"], "top5": metrics["top5"],
+                   "per_class_acc": metrics["per_class_acc"], "n_val": int(len(saved_logits)),
+                   "epochs": epochs, "train_seconds": round(self.train_seconds, 3),
+                   "num_classes": self.num_classes, "val_dataset": val_dataset,
+                   "val_loss": metrics["loss"], "classes": self.sidecar.get("classes")}
+        atomic.write_json(self.run_dir / runs.SUMMARY_FILE, summary)
+        return summary
+
+
+def truncate_log(log_path, epochs_done):
+    """Keep the log lines of the epochs a checkpoint holds; later ones are redone."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] < epochs_done:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    atomic.write_text(log_path, "".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------
+# Run directory: config.json, error.txt, provenance
+# ---------------------------------------------------------------------------------------
+
+def git_commit():
+    """(commit, dirty) of the repository this package is in, or (None, None)."""
+    source_dir = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source_dir), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        dirty = subprocess.run(["git", "-C", str(source_dir), "diff", "--quiet", "HEAD"],
+                               capture_output=True, timeout=30).returncode != 0
+        return commit.stdout.strip(), dirty
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+
+
+def package_versions():
+    import ffcv
+    import numba
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "ffcv": getattr(ffcv, "__version__", None), "numpy": np.__version__,
+            "numba": numba.__version__}
+
+
+def check_run_dir(run_dir, run_id):
+    """Refuse a directory that holds another run's config; remove a stale error.txt."""
+    config_path = run_dir / runs.CONFIG_FILE
+    if config_path.is_file():
+        stored = runs.read_json(config_path)
+        stored_id = stored.get("meta", {}).get("run_id") or runs.run_id(stored)
+        if stored_id != run_id:
+            raise RunDirRefused(f"run directory {run_dir} holds the config of run {stored_id}")
+    (run_dir / runs.ERROR_FILE).unlink(missing_ok=True)
+
+
+def write_config(run_dir, nested, info, command):
+    """config.json at the first start (a resumed run keeps the original one)."""
+    path = run_dir / runs.CONFIG_FILE
+    commit, dirty = git_commit()
+    meta = {"run_id": runs.run_id(nested), "git": commit, "git_dirty": dirty,
+            "versions": package_versions(), "host": socket.gethostname(),
+            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "world_size": info.world_size, "device": str(info.device),
+            "torch_threads": torch.get_num_threads()}
+    if not path.is_file():
+        atomic.write_json(path, {**nested, "meta": meta})
+    print(f"run {meta['run_id']}: {run_dir}\ngit {commit}{' (dirty)' if dirty else ''}\n"
+          + "\n".join(f"  {'.'.join(key)}: {value}"
+                      for key, value in sorted(flatten(nested).items())), flush=True)
+
+
+def write_error(run_dir, error, details):
+    atomic.write_text(run_dir / runs.ERROR_FILE, f"{error}\n\n{details}")
+
+
+def one_line(error):
+    if isinstance(error, (RunError, ConfigError, runs.RunLockedError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Processes: single, spawned (--dist.world_size=N) or torchrun
+# ---------------------------------------------------------------------------------------
+
+def load_into_fastargs(nested):
+    """Make `nested` the current fastargs config (spawned workers start with none)."""
+    declare_sections()
+    config = get_current_config()
+    config.content = {path: value for path, value in flatten(nested).items()
+                      if path in config.entries}
+    validate_all(config)
+
+
+def train_worker(rank, nested, run_dir, command, owns_run_dir):
+    """One process of a run. `owns_run_dir`: this process locks the run directory and
+    writes error.txt (single process, or rank 0 under torchrun; spawned workers leave both
+    to their parent)."""
+    load_into_fastargs(nested)
+    run_dir = Path(run_dir)
+    if distributed.launched_by_torchrun():
+        rank, world_size, local_rank, local_world_size = distributed.torchrun_ranks()
+    else:
+        world_size = local_world_size = nested["dist"]["world_size"]
+        local_rank = rank
+    with ExitStack() as stack, StopRequest() as stop:
+        stack.callback(restore_torch_settings, torch.get_num_threads(),
+                       torch.are_deterministic_algorithms_enabled())
+        info = distributed.setup(rank, world_size, local_rank, local_world_size,
+                                 start_group=is_distributed(nested),
+                                 address=nested["dist"]["address"], port=nested["dist"]["port"])
+        stack.callback(distributed.cleanup, info)
+        try:
+            take_run_dir(stack, run_dir, nested, info, owns_run_dir)
+            if info.is_main:
+                write_config(run_dir, nested, info, command)
+            summary = Trainer(nested, run_dir, info, stop).fit()
+        except Preempted:
+            print(f"stopped by SIGTERM; resume from {run_dir / runs.CHECKPOINT_FILE}",
+                  file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        except RunDirRefused:
+            raise
+        except Exception as error:
+            if owns_run_dir and info.is_main and run_dir.is_dir():
+                write_error(run_dir, one_line(error), traceback.format_exc())
+            raise
+    if summary is not None:
+        print(f"done: top1 {summary['top1']:.4f}  top5 {summary['top5']:.4f}  "
+              f"({summary['train_seconds']:.0f} s of training)  {run_dir}", flush=True)
+    return EXIT_OK
+
+
+def take_run_dir(stack, run_dir, nested, info, owns_run_dir):
+    """The owner locks the run directory and checks it; under torchrun every rank learns
+    whether rank 0 succeeded, so none is left waiting in a collective."""
+    failure = None
+    if owns_run_dir and info.is_main:
+        try:
+            stack.enter_context(runs.run_lock(run_dir))
+            check_run_dir(run_dir, runs.run_id(nested))
+        except (runs.RunLockedError, RunDirRefused) as error:
+            failure = str(error)
+    failure = distributed.broadcast_object(failure, info)
+    if failure is not None:
+        raise RunDirRefused(failure) if info.is_main else SystemExit(EXIT_FAILURE)
+
+
+def spawned_worker(rank, nested, run_dir, command):
+    """Entry point of a process started by distributed.spawn (exit code = its status)."""
+    code = train_worker(rank, nested, run_dir, command, owns_run_dir=False)
+    if code != EXIT_OK:
+        sys.exit(code)
+
+
+def launch_spawned(nested, run_dir, command):
+    """--dist.world_size=N without torchrun: this process locks the run and spawns N."""
+    import torch.multiprocessing as torch_mp
+    world_size = nested["dist"]["world_size"]
+    with runs.run_lock(run_dir):
+        check_run_dir(run_dir, runs.run_id(nested))
+        try:
+            distributed.spawn(spawned_worker, world_size, (nested, str(run_dir), command))
+        except torch_mp.ProcessExitedException as error:
+            if error.exit_code == EXIT_PREEMPTED:
+                return EXIT_PREEMPTED
+            message = f"worker {error.error_index} exited with code {error.exit_code}"
+            write_error(run_dir, message, str(error))
+            raise RunError(message) from None
+        except torch_mp.ProcessRaisedException as error:
+            # The worker's traceback ends in "module.ErrorType: message": show the message.
+            last_line = [line for line in str(error).splitlines() if line.strip()][-1]
+            message = last_line.split(": ", 1)[-1] if ": " in last_line else last_line
+            write_error(run_dir, message, str(error))
+            raise RunError(message) from None
+    return EXIT_OK
+
+
+def run(argv=None):
+    """Resolve the config, then train (or do nothing if the run is complete). Exit code."""
+    command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
+    nested = resolve_config(argv)
+    validate_semantics(nested)
+    run_id = runs.run_id(nested)
+    run_dir = Path(nested["logging"]["folder"]) / run_id
+    if runs.is_complete(run_dir):
+        print(f"run {run_id} is already complete: {run_dir}", flush=True)
+        return EXIT_OK
+    if distributed.launched_by_torchrun():
+        return train_worker(int(os.environ["RANK"]), nested, run_dir, command,
+                            owns_run_dir=True)
+    if nested["dist"]["world_size"] > 1:
+        return launch_spawned(nested, run_dir, command)
+    return train_worker(0, nested, run_dir, command, owns_run_dir=True)
+
+
+def main(argv=None):
+    """CLI: one line on stderr for a known error; exit 0 / 1 (run failed) / 2 (config) / 75."""
+    try:
+        return run(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (RunError, runs.RunLockedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as error:
+        traceback.print_exc()
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_FAILURE

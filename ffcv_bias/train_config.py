@@ -1,0 +1,371 @@
+"""The trainer's configuration: fastargs sections, cross-field checks, small input files.
+
+This module imports neither torch nor ffcv, so the sweep launcher can resolve hundreds of
+configs (and their run_ids) in a fraction of a second without starting a run:
+
+    nested = resolve_config(["--config-file", "rn50_configs/rn50_88_epochs.yaml",
+                             "--training.seed=3"])
+    run_dir = Path(nested["logging"]["folder"]) / runs.run_id(nested)
+
+Keys shared with ffcv-imagenet's `train_imagenet.py` keep their names and meaning, so its
+`rn50_configs/*.yaml` load unchanged:
+
+- `lr.lr` is the absolute peak learning rate (ffcv-imagenet does NOT rescale it by batch
+  size: its 8-GPU ResNet-50 recipes use lr 1.7 with 512 images per GPU).
+- `training.batch_size` is per process (per GPU): the global batch is batch_size x world_size.
+- `lr.lr_schedule_type` 'cyclic' / 'step' are their schedules; 'cosine' is new
+  (see ffcv_bias/schedules.py for the exact formulas).
+- Their 0/1 integer flags (`use_blurpool`, `distributed`, `lr_tta`, `in_memory`) accept
+  0/1 and true/false here, and `--x=0` means off (fastargs' own bool would read it as on).
+- `training.bn_wd` appears in their YAML files but their trainer never read it (it always
+  excluded parameters named '*bn*' from weight decay). Here it is honoured: it is a second
+  spelling of `training.bn_weight_decay`; either one set to 1 turns decay on for norm layers.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from fastargs import Param, Section, get_current_config
+from fastargs.validation import Checker
+
+from ffcv_bias.config import (ConfigError, FloatInRange, OneOf, StrictBool, config_to_dict,
+                              parse_config)
+
+DESCRIPTION = "Train one classifier on FFCV betons and write its run record."
+
+# Exit codes of train_imagenet.py (the sweep launcher reads them).
+EXIT_OK = 0
+EXIT_FAILURE = 1           # the run failed: error.txt in the run directory says why
+EXIT_CONFIG = 2            # bad configuration: nothing was started
+EXIT_PREEMPTED = 75        # SIGTERM (e.g. SLURM preemption): stopped cleanly, relaunch resumes
+                           # from checkpoint.pt (75 is EX_TEMPFAIL: "try again later")
+
+
+class Integer(Checker):
+    """An int that refuses to round: fastargs' `int` turns 1.7 from a YAML file into 1."""
+
+    def check(self, value):
+        if isinstance(value, bool):
+            raise ValueError(f"not an integer: {value!r}")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"not an integer: {value!r}")
+            return int(value)
+        return int(str(value).strip())
+
+    def help(self):
+        return "an integer"
+
+
+class Text(Checker):
+    """A string; YAML may hand over a number (a port, a score name): take its text."""
+
+    def check(self, value):
+        if value is None or isinstance(value, (dict, list)):
+            raise ValueError(f"not a string: {value!r}")
+        return str(value)
+
+    def help(self):
+        return "a string"
+
+
+def _flag(doc, default):
+    return Param(StrictBool(), doc + " (0/1)", default=default)
+
+
+def declare_sections():
+    """Declare the trainer's fastargs sections (idempotent: a second call does nothing)."""
+    config = get_current_config()
+    if ("training", "seed") in config.entries:
+        return
+
+    Section("data", "the datasets (FFCV betons with a .classes.json sidecar)").params(
+        train_dataset=Param(Text(), "training beton", required=True),
+        val_dataset=Param(Text(), "validation beton", required=True),
+        num_workers=Param(Integer(), "loader threads per process", default=2),
+        in_memory=_flag("read the whole beton into RAM (1) or page it from disk (0)", 1),
+        keep_indices=Param(Text(), "file of training-set indices to train on (.npy, .json "
+                                   "list or .txt one per line; empty = the whole set); "
+                                   "a data-diet pruned set", default=""),
+        sparsity=Param(FloatInRange(0, 1, low_inclusive=True),
+                       "fraction of the training set pruned away (data-diet bookkeeping; "
+                       "checked against keep_indices)", default=0.0),
+        score=Param(Text(), "name of the pruning score that chose keep_indices (el2n, grand, "
+                            "random, ...; bookkeeping)", default=""),
+    )
+    Section("lr", "learning-rate schedule (per iteration)").params(
+        lr=Param(float, "peak learning rate, absolute (not scaled by batch size)", default=0.5),
+        lr_schedule_type=Param(OneOf("cyclic", "step", "cosine"),
+                               "cyclic: linear up to lr_peak_epoch then linear down to 0; "
+                               "step: x step_ratio every step_length epochs; cosine: linear "
+                               "warm-up to lr_peak_epoch then half-cosine to 0",
+                               default="cyclic"),
+        lr_peak_epoch=Param(FloatInRange(0, 1e9, low_inclusive=True),
+                            "epoch at which the learning rate peaks (cyclic, cosine)",
+                            default=2.0),
+        step_ratio=Param(float, "learning-rate factor at each step (step schedule)",
+                         default=0.1),
+        step_length=Param(Integer(), "epochs between steps (step schedule)", default=30),
+    )
+    Section("training", "optimisation").params(
+        seed=Param(Integer(), "seed of everything: data order, crops, init, dropout", default=0),
+        epochs=Param(Integer(), "number of epochs", default=30),
+        batch_size=Param(Integer(), "training batch size per process (per GPU)", default=512),
+        optimizer=Param(OneOf("sgd"), "the optimizer", default="sgd"),
+        momentum=Param(float, "SGD momentum", default=0.9),
+        nesterov=_flag("Nesterov momentum", 0),
+        weight_decay=Param(float, "L2 weight decay of conv/linear weights", default=4e-5),
+        bn_weight_decay=_flag("also decay norm-layer weights and all biases", 0),
+        bn_wd=_flag("ffcv-imagenet's spelling of bn_weight_decay", 0),
+        label_smoothing=Param(FloatInRange(0, 1, low_inclusive=True),
+                              "label smoothing of the training loss", default=0.1),
+        use_blurpool=_flag("anti-aliased (BlurPool) strided convolutions", 0),
+        distributed=_flag("DistributedDataParallel (implied by dist.world_size > 1 "
+                          "or a torchrun launch)", 0),
+        amp_dtype=Param(OneOf("bf16", "fp16"), "autocast dtype on CUDA (fp16 adds a "
+                                               "GradScaler); CPU trains in fp32",
+                        default="bf16"),
+        deterministic=_flag("deterministic CUDA kernels, cudnn.benchmark off (CPU runs "
+                            "are always deterministic)", 0),
+        checkpoint_every=Param(Integer(), "write checkpoint.pt every this many epochs "
+                                          "(and after the last)", default=1),
+    )
+    Section("augment", "training augmentation").params(
+        min_scale=Param(FloatInRange(0, 1), "random-resized-crop lower bound tau on the "
+                                            "crop's area fraction", default=0.08),
+        max_scale=Param(FloatInRange(0, 1), "upper bound on the crop's area fraction",
+                        default=1.0),
+        flip=_flag("random horizontal flip", 1),
+        class_min_scale=Param(Text(), "file of per-class crop lower bounds, one per class "
+                                      "(.json list, .txt one per line or .npy); replaces "
+                                      "min_scale class by class; empty = off", default=""),
+    )
+    Section("model", "the network").params(
+        arch=Param(Text(), "architecture (ffcv_bias.models: resnet18, resnet50, resnet20, "
+                           "resnet8, ...)", default="resnet50"),
+        dropout=Param(FloatInRange(0, 1, low_inclusive=True),
+                      "dropout before the classifier", default=0.0),
+    )
+    Section("resolution", "progressive resizing of training images").params(
+        min_res=Param(Integer(), "training resolution up to start_ramp", default=160),
+        max_res=Param(Integer(), "training resolution from end_ramp on", default=160),
+        start_ramp=Param(Integer(), "last epoch at min_res", default=0),
+        end_ramp=Param(Integer(), "first epoch at max_res", default=0),
+    )
+    Section("validation", "evaluation after each epoch").params(
+        batch_size=Param(Integer(), "validation batch size per process", default=512),
+        resolution=Param(Integer(), "validation image side", default=224),
+        crop_ratio=Param(FloatInRange(0, 1), "side of the centre crop / shorter image side",
+                         default=224 / 256),
+        lr_tta=_flag("average the logits of each image and its mirror image", 1),
+    )
+    Section("logging", "where and how much to write (not part of the run_id)").params(
+        folder=Param(Text(), "runs go to <folder>/<run_id>/", default="runs"),
+        log_level=Param(Integer(), "1: validate every epoch; 0: only after the last",
+                        default=1),
+        progress=_flag("a tqdm progress bar per epoch", 1),
+    )
+    Section("dist", "distributed launch (without torchrun)").params(
+        world_size=Param(Integer(), "processes (GPUs) to train with; > 1 spawns them",
+                         default=1),
+        address=Param(Text(), "rendezvous address", default="localhost"),
+        port=Param(Text(), "rendezvous port", default="12355"),
+    )
+
+
+def resolve_config(argv=None):
+    """Parse `--config-file` YAML + `--section.key=value` into the nested config dict.
+
+    Raises ConfigError (one line naming the key) on unknown keys or bad values. Under
+    torchrun the world size comes from the environment; it must agree with
+    dist.world_size, because the world size changes the result and so the run_id.
+    """
+    declare_sections()
+    config = parse_config(argv, description=DESCRIPTION)
+    nested = config_to_dict(config)
+    launched_world_size = os.environ.get("WORLD_SIZE")
+    if launched_world_size is not None and "RANK" in os.environ:
+        if int(launched_world_size) != nested["dist"]["world_size"]:
+            raise ConfigError(f"torchrun started {launched_world_size} processes but "
+                              f"dist.world_size={nested['dist']['world_size']}: pass "
+                              f"--dist.world_size={launched_world_size}")
+    return nested
+
+
+def is_distributed(nested):
+    return bool(nested["training"]["distributed"]) or nested["dist"]["world_size"] > 1
+
+
+def bn_weight_decay(nested):
+    training = nested["training"]
+    return bool(training["bn_weight_decay"] or training["bn_wd"])
+
+
+# ---------------------------------------------------------------------------------------
+# Small input files: per-class crop bounds and kept training indices
+# ---------------------------------------------------------------------------------------
+
+def read_number_file(path):
+    """A 1-D array from a .npy file, a .json list or a .txt file with one number per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}")
+    try:
+        if path.suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+        elif path.suffix == ".json":
+            content = json.loads(path.read_text())
+            if isinstance(content, dict):  # {"min_scale": [...], ...} as the loaders accept
+                content = content.get("min_scale", content.get("indices"))
+            values = np.asarray(content, dtype=np.float64)
+        else:
+            values = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except (ValueError, TypeError, OSError) as error:
+        raise ConfigError(f"cannot read numbers from {path}: {error}") from None
+    if values.ndim != 1:
+        raise ConfigError(f"{path} must hold a flat list of numbers, got shape {values.shape}")
+    return values
+
+
+def read_keep_indices(path, num_train):
+    """The training indices of a pruned set: unique integers in [0, num_train)."""
+    values = read_number_file(path)
+    indices = values.astype(np.int64)
+    if not np.array_equal(indices, values):
+        raise ConfigError(f"data.keep_indices: {path} holds non-integer values")
+    if len(indices) == 0:
+        raise ConfigError(f"data.keep_indices: {path} is empty")
+    if indices.min() < 0 or indices.max() >= num_train:
+        raise ConfigError(f"data.keep_indices: {path} has indices outside [0, {num_train})")
+    if len(np.unique(indices)) != len(indices):
+        raise ConfigError(f"data.keep_indices: {path} repeats indices")
+    return np.sort(indices)
+
+
+def read_class_min_scale(path, num_classes):
+    """Per-class crop lower bounds: num_classes floats in (0, 1]. A class whose bound is
+    above augment.max_scale is cropped in [bound, bound]; 1.0 = never cropped."""
+    bounds = read_number_file(path).astype(np.float64)
+    if len(bounds) != num_classes:
+        raise ConfigError(f"augment.class_min_scale: {path} has {len(bounds)} values for "
+                          f"{num_classes} classes")
+    if not np.all((bounds > 0) & (bounds <= 1)):
+        raise ConfigError(f"augment.class_min_scale: {path} has values outside (0, 1]")
+    return bounds
+
+
+def read_sidecar(beton_path, key):
+    """The beton's .classes.json sidecar (written by write_datasets.py)."""
+    sidecar = Path(str(beton_path) + ".classes.json")
+    if not sidecar.is_file():
+        raise ConfigError(f"{key}: {beton_path} has no class list {sidecar.name} beside it "
+                          f"(write betons with write_datasets.py)")
+    try:
+        return json.loads(sidecar.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{key}: {sidecar} is not valid JSON ({error})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-field checks
+# ---------------------------------------------------------------------------------------
+
+def _require(condition, message):
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_numbers(nested):
+    training, lr, resolution = nested["training"], nested["lr"], nested["resolution"]
+    _require(training["epochs"] >= 1, "training.epochs must be >= 1")
+    _require(training["batch_size"] >= 1, "training.batch_size must be >= 1")
+    _require(nested["validation"]["batch_size"] >= 1, "validation.batch_size must be >= 1")
+    _require(lr["lr"] > 0, "lr.lr must be > 0")
+    _require(lr["lr_peak_epoch"] < training["epochs"] or lr["lr_schedule_type"] == "step",
+             f"lr.lr_peak_epoch={lr['lr_peak_epoch']} must be < training.epochs="
+             f"{training['epochs']}")
+    _require(lr["step_length"] >= 1, "lr.step_length must be >= 1")
+    _require(0 <= training["momentum"] < 1, "training.momentum must be in [0, 1)")
+    _require(training["weight_decay"] >= 0, "training.weight_decay must be >= 0")
+    _require(training["label_smoothing"] < 1, "training.label_smoothing must be < 1")
+    _require(nested["model"]["dropout"] < 1, "model.dropout must be < 1")
+    _require(training["checkpoint_every"] >= 1, "training.checkpoint_every must be >= 1")
+    _require(0 < resolution["min_res"] <= resolution["max_res"],
+             f"resolution.min_res={resolution['min_res']} must be in "
+             f"(0, max_res={resolution['max_res']}]")
+    _require(resolution["start_ramp"] <= resolution["end_ramp"],
+             "resolution.start_ramp must be <= resolution.end_ramp")
+    _require(nested["validation"]["resolution"] > 0, "validation.resolution must be > 0")
+    _require(nested["augment"]["min_scale"] <= nested["augment"]["max_scale"],
+             f"augment.min_scale={nested['augment']['min_scale']} must be <= "
+             f"augment.max_scale={nested['augment']['max_scale']}")
+    _require(nested["dist"]["world_size"] >= 1, "dist.world_size must be >= 1")
+    _require(nested["data"]["num_workers"] >= 1, "data.num_workers must be >= 1")
+    _require(nested["logging"]["log_level"] in (0, 1), "logging.log_level must be 0 or 1")
+
+
+def _check_datasets(nested):
+    """Both betons exist, with sidecars that agree on the classes. Returns the sidecars."""
+    sidecars = {}
+    for key in ("train_dataset", "val_dataset"):
+        path = nested["data"][key]
+        _require(Path(path).is_file(), f"data.{key}: no such file {path}")
+        sidecars[key] = read_sidecar(path, f"data.{key}")
+    train_classes = sidecars["train_dataset"].get("classes")
+    val_classes = sidecars["val_dataset"].get("classes")
+    _require(train_classes == val_classes,
+             "data.train_dataset and data.val_dataset have different class lists")
+    return sidecars
+
+
+def _check_pruning(nested, num_train):
+    data = nested["data"]
+    if not data["keep_indices"]:
+        _require(data["sparsity"] == 0, "data.sparsity > 0 needs data.keep_indices")
+        return
+    kept = read_keep_indices(data["keep_indices"], num_train)
+    actual_sparsity = 1 - len(kept) / num_train
+    # Pruning code rounds the kept count; allow that much slack.
+    _require(abs(actual_sparsity - data["sparsity"]) <= 0.005 + 1 / num_train,
+             f"data.sparsity={data['sparsity']} but {data['keep_indices']} keeps "
+             f"{len(kept)} of {num_train} images (sparsity {actual_sparsity:.4f})")
+    _require(len(kept) >= nested["training"]["batch_size"] * nested["dist"]["world_size"],
+             f"data.keep_indices keeps {len(kept)} images, fewer than one global batch")
+
+
+def validate_semantics(nested):
+    """Cross-field checks the per-key checkers cannot make; raises ConfigError."""
+    _check_numbers(nested)
+    sidecars = _check_datasets(nested)
+    num_classes = int(sidecars["train_dataset"]["num_classes"])
+    num_train = int(sidecars["train_dataset"]["num_samples"])
+    if nested["augment"]["class_min_scale"]:
+        read_class_min_scale(nested["augment"]["class_min_scale"], num_classes)
+    _check_pruning(nested, num_train)
+    if not nested["data"]["keep_indices"]:
+        global_batch = nested["training"]["batch_size"] * nested["dist"]["world_size"]
+        _require(num_train >= global_batch,
+                 f"the training set has {num_train} images, fewer than one global batch "
+                 f"({global_batch}): no step would run")
+
+
+def preflight(argv=None):
+    """The checks that need no torch, for the CLI to run before importing the trainer:
+    a bad config or an already complete run costs a fraction of a second, not the
+    several seconds of importing torch and ffcv. Returns an exit code to stop with, or
+    None to go on and train."""
+    from ffcv_bias import runs
+    try:
+        nested = resolve_config(argv)
+        validate_semantics(nested)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    run_id = runs.run_id(nested)
+    run_dir = Path(nested["logging"]["folder"]) / run_id
+    if runs.is_complete(run_dir):
+        print(f"run {run_id} is already complete: {run_dir}", flush=True)
+        return EXIT_OK
+    return None

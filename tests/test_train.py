@@ -1,0 +1,362 @@
+"""The trainer end to end on 600 / 200 real Fashion-MNIST images, ResNet-8 at 28 px.
+
+Most runs happen in this process (ffcv's pipeline is compiled once per process, so a
+second run costs seconds, not tens of seconds); the SIGKILL test and the 2-process DDP
+test need their own processes. Every run uses one torch thread (OMP_NUM_THREADS=1): on
+CPU, bit-identical results need the same thread count.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ffcv_bias import runs
+from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
+                                    resolve_config)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "train_imagenet.py"
+THREADS_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def train_args(betons, folder, *extra):
+    train, val = betons
+    return [f"--data.train_dataset={train}", f"--data.val_dataset={val}",
+            f"--logging.folder={folder}", "--logging.progress=0",
+            "--model.arch=resnet8", "--training.epochs=2", "--training.batch_size=32",
+            "--training.weight_decay=5e-4", "--lr.lr=0.2", "--lr.lr_peak_epoch=0.5",
+            "--resolution.min_res=28", "--resolution.max_res=28",
+            "--validation.resolution=28", "--validation.crop_ratio=1.0",
+            "--validation.batch_size=64", "--augment.min_scale=0.35", "--data.num_workers=1",
+            *extra]
+
+
+def run_dir_of(args):
+    nested = resolve_config(args)
+    return Path(nested["logging"]["folder"]) / runs.run_id(nested)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    for name, value in THREADS_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+def train_in_process(args):
+    from ffcv_bias.train import main
+    return main(args)
+
+
+def train_subprocess(args, **popen):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **THREADS_ENV)
+    return subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_fashion_betons, tmp_path_factory):
+    """(args, run_dir) of one complete 2-epoch run, trained in this process."""
+    saved_env = {name: os.environ.get(name) for name in THREADS_ENV}
+    os.environ.update(THREADS_ENV)
+    try:
+        args = train_args(tiny_fashion_betons, tmp_path_factory.mktemp("runs"))
+        assert train_in_process(args) == EXIT_OK
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return args, run_dir_of(args)
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / runs.LOG_FILE).read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------
+
+def test_a_run_writes_a_complete_consistent_record(finished_run):
+    args, run_dir = finished_run
+    nested = resolve_config(args)
+    assert run_dir.name == runs.run_id(nested) and runs.is_complete(run_dir)
+    assert not (run_dir / runs.ERROR_FILE).exists()
+
+    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    meta = config.pop("meta")
+    assert config == json.loads(json.dumps(nested))  # exactly the resolved values
+    assert meta["run_id"] == run_dir.name and meta["versions"]["torch"] == torch.__version__
+    assert {"git", "host", "start_time", "command"} <= set(meta)
+
+    logits = np.load(run_dir / runs.VAL_LOGITS_FILE)
+    labels = np.load(run_dir / runs.VAL_LABELS_FILE)
+    assert logits.dtype == np.float16 and logits.shape == (200, 10)
+    assert labels.dtype == np.int64 and np.array_equal(np.bincount(labels), [20] * 10)
+
+    summary = runs.read_json(run_dir / runs.SUMMARY_FILE)
+    predictions = logits.astype(np.float32).argmax(1)
+    assert summary["top1"] == pytest.approx((predictions == labels).mean())
+    assert summary["top1"] > 0.25  # chance is 0.1; 36 steps of SGD give about 0.3
+    per_class = [(predictions[labels == c] == c).mean() for c in range(10)]
+    np.testing.assert_allclose(summary["per_class_acc"], per_class)
+    assert summary["n_val"] == 200 and summary["epochs"] == 2 and summary["num_classes"] == 10
+    assert summary["run_id"] == run_dir.name and summary["train_seconds"] > 0
+    assert 0 <= summary["top1"] <= summary["top5"] <= 1
+
+
+def test_log_has_one_line_per_epoch_with_train_loss_and_per_class_accuracy(finished_run):
+    _, run_dir = finished_run
+    log = read_log(run_dir)
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    for entry in log:
+        assert np.isfinite(entry["train_loss"]) and entry["lr"] > 0
+        assert len(entry["per_class_acc"]) == 10 and 0 <= entry["val_top1"] <= 1
+        assert entry["epoch_seconds"] > 0 and entry["images_per_second"] > 0
+        assert entry["resolution"] == 28
+    assert log[-1]["val_top1"] == pytest.approx(runs.read_json(run_dir / runs.SUMMARY_FILE)["top1"])
+
+
+def test_weights_load_into_a_fresh_model(finished_run):
+    from ffcv_bias.models import create_model
+    _, run_dir = finished_run
+    model = create_model("resnet8", 10)
+    model.load_state_dict(torch.load(run_dir / runs.WEIGHTS_FILE, weights_only=True))
+
+
+def test_a_complete_run_is_not_trained_again(finished_run, capsys):
+    args, run_dir = finished_run
+    summary_before = (run_dir / runs.SUMMARY_FILE).read_bytes()
+    assert train_in_process(args) == EXIT_OK
+    assert f"run {run_dir.name} is already complete: {run_dir}" in capsys.readouterr().out
+    assert (run_dir / runs.SUMMARY_FILE).read_bytes() == summary_before
+    assert len(read_log(run_dir)) == 2
+
+
+def test_same_config_gives_bit_identical_logits(finished_run, tmp_path):
+    args, run_dir = finished_run
+    again = args + [f"--logging.folder={tmp_path}"]
+    assert train_in_process(again) == EXIT_OK
+    rerun_dir = tmp_path / run_dir.name  # same config (the folder is not in the run_id)
+    assert (rerun_dir / runs.VAL_LOGITS_FILE).read_bytes() == \
+        (run_dir / runs.VAL_LOGITS_FILE).read_bytes()
+
+
+# --------------------------------------------------------------------------------------
+# Interruptions
+# --------------------------------------------------------------------------------------
+
+def wait_for(condition, process, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"trainer exited early: {process.communicate()}")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_epoch_then_restart_gives_the_same_logits(finished_run, tmp_path):
+    args, run_dir = finished_run
+    killed_args = args + [f"--logging.folder={tmp_path}"]
+    killed_dir = tmp_path / run_dir.name
+    process = train_subprocess(killed_args)
+    # checkpoint.pt appears once epoch 1 of 2 is done: the run is then in epoch 2.
+    wait_for(lambda: (killed_dir / runs.CHECKPOINT_FILE).exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not runs.is_complete(killed_dir), "the run ended before it could be killed"
+    assert torch.load(killed_dir / runs.CHECKPOINT_FILE, weights_only=True)["epoch"] == 1
+
+    assert train_in_process(killed_args) == EXIT_OK
+    assert (killed_dir / runs.VAL_LOGITS_FILE).read_bytes() == \
+        (run_dir / runs.VAL_LOGITS_FILE).read_bytes()
+    assert [entry["epoch"] for entry in read_log(killed_dir)] == [0, 1]
+    assert read_log(killed_dir)[0] == read_log(run_dir)[0] | {
+        key: read_log(killed_dir)[0][key] for key in ("epoch_seconds", "images_per_second")}
+
+
+def test_sigterm_stops_after_a_step_and_the_rerun_resumes(tiny_fashion_betons, tmp_path):
+    args = train_args(tiny_fashion_betons, tmp_path, "--training.epochs=3")
+    run_dir = run_dir_of(args)
+
+    def terminate_when_epoch_one_is_saved():
+        while not (run_dir / runs.CHECKPOINT_FILE).exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    # A SIGTERM arriving after the trainer restored the handler must not kill pytest.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        threading.Thread(target=terminate_when_epoch_one_is_saved, daemon=True).start()
+        assert train_in_process(args) == EXIT_PREEMPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not runs.is_complete(run_dir)
+    saved_epochs = torch.load(run_dir / runs.CHECKPOINT_FILE, weights_only=True)["epoch"]
+    assert saved_epochs in (1, 2)
+    assert [entry["epoch"] for entry in read_log(run_dir)][:saved_epochs] == list(range(saved_epochs))
+
+    assert train_in_process(args) == EXIT_OK
+    assert [entry["epoch"] for entry in read_log(run_dir)] == [0, 1, 2]
+    assert runs.is_complete(run_dir)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_fashion_betons, tmp_path, capsys):
+    args = train_args(tiny_fashion_betons, tmp_path, "--lr.lr=1e30")
+    assert train_in_process(args) == EXIT_FAILURE
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite loss at epoch 0 step ")
+    run_dir = run_dir_of(args)
+    error_text = (run_dir / runs.ERROR_FILE).read_text()
+    assert error_text.splitlines()[0] == message.removeprefix("error: ")
+    assert "Traceback" in error_text
+    assert not (run_dir / runs.CHECKPOINT_FILE).exists() and not runs.is_complete(run_dir)
+    assert runs.run_state(run_dir) == "failed"
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(tiny_fashion_betons, tmp_path, capsys):
+    args = train_args(tiny_fashion_betons, tmp_path)
+    run_dir = run_dir_of(args)
+    with runs.run_lock(run_dir):
+        assert train_in_process(args) == EXIT_FAILURE
+    assert "being trained by another process" in capsys.readouterr().err
+    assert not (run_dir / runs.ERROR_FILE).exists()  # not our run to mark as failed
+
+
+def test_a_directory_holding_another_runs_config_is_refused(tiny_fashion_betons, tmp_path,
+                                                            capsys):
+    args = train_args(tiny_fashion_betons, tmp_path)
+    run_dir = run_dir_of(args)
+    run_dir.mkdir(parents=True)
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"meta": {"run_id": "other_run"}}))
+    assert train_in_process(args) == EXIT_FAILURE
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: run directory {run_dir} holds the config of run other_run"
+
+
+# --------------------------------------------------------------------------------------
+# Configuration errors
+# --------------------------------------------------------------------------------------
+
+def test_unknown_keys_exit_2_with_one_line(tiny_fashion_betons, tmp_path, capsys):
+    assert train_in_process(train_args(tiny_fashion_betons, tmp_path,
+                                       "--training.wieght_decay=0")) == EXIT_CONFIG
+    assert capsys.readouterr().err.strip() == \
+        "error: unknown config key 'training.wieght_decay' (from command line)"
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("model:\n  arch: resnet8\n  dropuot: 0.1\n")
+    args = train_args(tiny_fashion_betons, tmp_path, "--config-file", str(config_file))
+    assert train_in_process(args) == EXIT_CONFIG
+    assert "model.dropuot" in capsys.readouterr().err
+    assert not any(tmp_path.glob("resnet8_*"))  # nothing was started
+
+
+def test_the_cli_reports_a_bad_value_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--data.train_dataset=x",
+                             "--data.val_dataset=y", "--augment.min_scale=2"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip().count("\n") == 0 and "augment.min_scale" in result.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Weight decay groups as the trainer builds them
+# --------------------------------------------------------------------------------------
+
+def test_optimizer_keeps_weight_decay_off_every_batchnorm(tiny_fashion_betons, tmp_path):
+    from ffcv_bias import distributed
+    from ffcv_bias.train import StopRequest, Trainer, load_into_fastargs, restore_torch_settings
+    for bn_flag, bn_decays in (("--training.bn_wd=0", False), ("--training.bn_wd=1", True)):
+        nested = resolve_config(train_args(tiny_fashion_betons, tmp_path, "--model.arch=resnet18",
+                                           "--resolution.min_res=32", "--resolution.max_res=32",
+                                           bn_flag))
+        load_into_fastargs(nested)
+        settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+        try:
+            with StopRequest() as stop:
+                trainer = Trainer(nested, tmp_path,
+                                  distributed.setup(0, 1, 0, 1, start_group=False), stop)
+        finally:
+            restore_torch_settings(*settings)
+        decay_of = {}
+        for group in trainer.optimizer.param_groups:
+            for parameter in group["params"]:
+                decay_of[id(parameter)] = group["weight_decay"]
+        named = dict(trainer.model.named_parameters())
+        # ffcv-imagenet's name filter ('bn' in name) decays this one; we do not.
+        assert decay_of[id(named["layer2.0.downsample.1.weight"])] == (5e-4 if bn_decays else 0)
+        assert decay_of[id(named["layer1.0.bn1.weight"])] == (5e-4 if bn_decays else 0)
+        assert decay_of[id(named["layer2.0.downsample.0.weight"])] == 5e-4
+        assert decay_of[id(named["fc.bias"])] == 0
+        assert decay_of[id(named["fc.weight"])] == 5e-4
+
+
+# --------------------------------------------------------------------------------------
+# Distributed
+# --------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_gloo_processes_write_a_complete_record_in_beton_order(tiny_fashion_betons,
+                                                                   tmp_path):
+    from ffcv_bias.loaders import create_val_loader, normalize
+    from ffcv_bias.models import create_model
+    args = train_args(tiny_fashion_betons, tmp_path, "--dist.world_size=2",
+                      f"--dist.port={free_port()}", "--training.epochs=1",
+                      "--training.batch_size=50", "--validation.batch_size=48")
+    process = train_subprocess(args)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == EXIT_OK, err
+    run_dir = run_dir_of(args)
+    assert runs.is_complete(run_dir)
+    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    assert config["meta"]["world_size"] == 2
+    log = read_log(run_dir)
+    assert len(log) == 1 and np.isfinite(log[0]["train_loss"])
+
+    # The gathered logits must be the single-process logits of the saved weights, row by
+    # row: 200 images over 2 ranks in batches of 48 exercises the strided split.
+    model = create_model("resnet8", 10)
+    model.load_state_dict(torch.load(run_dir / runs.WEIGHTS_FILE, weights_only=True))
+    model.eval()
+    loader = create_val_loader(tiny_fashion_betons[1], batch_size=64, resolution=28,
+                               crop_ratio=1.0, num_workers=1)
+    with torch.no_grad():
+        expected = torch.cat([(model(x) + model(torch.flip(x, dims=[3]))) / 2
+                              for x in (normalize(images, "cpu") for images, _ in loader)])
+    saved = np.load(run_dir / runs.VAL_LOGITS_FILE).astype(np.float32)
+    np.testing.assert_allclose(saved, expected.numpy(), atol=1e-2, rtol=1e-2)
+    assert (saved.argmax(1) == expected.numpy().argmax(1)).mean() >= 0.99
+
+
+def test_gather_puts_rows_in_dataset_order_and_notices_missing_samples():
+    from ffcv_bias import distributed
+    info = distributed.DistInfo()
+    rows = torch.arange(8, dtype=torch.float32).reshape(4, 2)
+    ordered = distributed.gather_rows_by_index(rows, np.array([2, 0, 3, 1]), 4, info)
+    np.testing.assert_array_equal(ordered, [[2, 3], [6, 7], [0, 1], [4, 5]])
+    with pytest.raises(RuntimeError, match="1 of 4 samples were not evaluated"):
+        distributed.gather_rows_by_index(rows, np.array([2, 0, 3, 3]), 4, info)
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
+    from ffcv_bias.train import truncate_log
+    log_path = tmp_path / runs.LOG_FILE
+    log_path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    truncate_log(log_path, 2)
+    assert log_path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
