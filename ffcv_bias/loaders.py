@@ -16,7 +16,6 @@ The loaders reuse their batch buffers: an image tensor yielded here is overwritt
 batches later. Labels are copied before they are yielded; images are not (too costly):
 `.clone()` what you keep.
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -65,27 +64,6 @@ def read_labels(path):
     reader = open_reader(path)
     field_index = list(reader.handlers).index("label")
     return np.asarray(reader.metadata[f"f{field_index}"], dtype=np.int64).reshape(-1).copy()
-
-
-def load_class_min_scale(path, num_classes):
-    """Per-class crop lower bounds from a .json list, a .npy array or a text file (one per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class_min_scale file not found: {path}")
-    if path.suffix == ".npy":
-        bounds = np.load(path)
-    elif path.suffix == ".json":
-        content = json.loads(path.read_text())
-        bounds = content["min_scale"] if isinstance(content, dict) else content
-    else:
-        bounds = [float(line) for line in path.read_text().split() if line.strip()]
-    bounds = np.asarray(bounds, dtype=np.float64).reshape(-1)
-    if len(bounds) != num_classes:
-        raise ValueError(f"class_min_scale file {path} has {len(bounds)} entries, "
-                         f"the dataset has {num_classes} classes")
-    if not np.all((bounds > 0) & (bounds <= 1)):
-        raise ValueError(f"class_min_scale file {path}: every bound must lie in (0, 1]")
-    return bounds
 
 
 class SeededLoader:

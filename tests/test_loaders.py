@@ -9,8 +9,9 @@ import torch
 
 from ffcv_bias import ffcv_patches
 from ffcv_bias.augment import sample_crop
-from ffcv_bias.loaders import (BetonError, create_train_loader, create_val_loader,
-                               load_class_min_scale, normalize, read_labels)
+from ffcv_bias.loaders import (BetonError, create_train_loader, create_val_loader, normalize,
+                               read_labels)
+from ffcv_bias.train_config import read_class_min_scale
 
 LOG_RATIO = (np.log(3 / 4), np.log(4 / 3))
 
@@ -124,12 +125,12 @@ def test_class_min_scale_file_formats(tmp_path):
     (tmp_path / "b.json").write_text("[1.0, 0.5, 0.08]")
     np.save(tmp_path / "b.npy", np.array([1.0, 0.5, 0.08]))
     for name in ("b.txt", "b.json", "b.npy"):
-        assert np.allclose(load_class_min_scale(tmp_path / name, 3), [1.0, 0.5, 0.08])
-    with pytest.raises(ValueError, match="3 entries"):
-        load_class_min_scale(tmp_path / "b.txt", 10)
+        assert np.allclose(read_class_min_scale(tmp_path / name, 3), [1.0, 0.5, 0.08])
+    with pytest.raises(ValueError, match="3 values for 10 classes"):
+        read_class_min_scale(tmp_path / "b.txt", 10)
     (tmp_path / "bad.txt").write_text("1.5\n0.5\n0.2\n")
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        load_class_min_scale(tmp_path / "bad.txt", 3)
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        read_class_min_scale(tmp_path / "bad.txt", 3)
 
 
 def test_bad_crop_bounds_are_rejected(tiny_fashion_betons):
