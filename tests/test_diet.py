@@ -3,7 +3,7 @@
 The per-sample scores are checked against direct computations (EL2N by hand, GraNd against
 one backward pass per sample); the score command runs end to end on the tiny Fashion-MNIST
 betons (ResNet-8, 1 epoch, 2 runs, 16 px to keep it fast), and its pruned sets are trained
-through the generated sweep files.
+through the generated sweep file.
 """
 import json
 import os
@@ -299,29 +299,39 @@ def test_prune_writes_the_highest_scores_per_sparsity(pruned):
     assert (out / "keep_ratio.png").stat().st_size > 0
 
 
-def test_prune_sweeps_pair_each_sparsity_with_its_index_file(pruned):
+def test_prune_sweep_points_pair_each_sparsity_with_its_index_file(pruned):
     from ffcv_bias.sweep import load_sweep, plan
     _, out = pruned
+    # One sweep for every level: no per-level sweep files, no launcher script.
+    assert not (out / "sweeps").exists() and not list(out.glob("*.sh"))
+    sweep = load_sweep(out / "sweep.yaml")
+    assert sweep.points == [
+        {"data.sparsity": 0.0, "data.score": "el2n"},
+        {"data.sparsity": 0.25, "data.score": "el2n",
+         "data.keep_indices": str((out / "keep_el2n_0.25.npy").resolve())},
+        {"data.sparsity": 0.5, "data.score": "el2n",
+         "data.keep_indices": str((out / "keep_el2n_0.5.npy").resolve())}]
+    assert sweep.seeds == [0] and sweep.name == "diet_el2n"
+    planned = plan(sweep)
+    assert len(planned) == 3
     seen = {}
-    for path in sorted((out / "sweeps").glob("*.yaml")):
-        (run,) = plan(load_sweep(path))
+    for run in planned:
         data = run.config["data"]
         seen[data["sparsity"]] = data["keep_indices"]
         assert data["score"] == "el2n" and run.config["training"]["epochs"] == 1
         assert run.run_dir.parent == (out / "runs").resolve()
     assert seen == {0.0: "", 0.25: str((out / "keep_el2n_0.25.npy").resolve()),
                     0.5: str((out / "keep_el2n_0.5.npy").resolve())}
-    script = (out / "sweeps.sh").read_text()
-    assert script.count("-m ffcv_bias.sweep") == 3
 
 
 def test_a_pruned_run_trains_on_the_kept_indices_only(pruned, monkeypatch):
-    """Train the 50% level from its sweep file; spy on the trainer's train loader."""
+    """Train the 50% level from the sweep file; spy on the trainer's train loader."""
     from ffcv_bias import train as trainer
     from ffcv_bias.sweep import load_sweep, plan
     _, out = pruned
     kept = np.load(out / "keep_el2n_0.5.npy")
-    (run,) = plan(load_sweep(out / "sweeps" / "sparsity_0.5.yaml"))
+    (run,) = [run for run in plan(load_sweep(out / "sweep.yaml"))
+              if run.values["data.sparsity"] == 0.5]
     loaders = []
 
     def spy(*args, **kwargs):

@@ -46,28 +46,26 @@ prune
         [--max-parallel N] [--name NAME]
 
   Keeps, for each sparsity s, the round((1 - s) N) highest-scoring training images (ties
-  go to the lower index) and writes the sweeps that train on them. The base config is the
+  go to the lower index) and writes the sweep that trains on them. The base config is the
   one the scores were made with (its overrides included, minus training.epochs), unless
   --base-config is given; --set adds or replaces overrides. The train beton must be the
   scored one (checked through its labels). Outputs in DIR:
-    keep_<score>_<s>.npy     the kept indices (int64, ascending), one file per sparsity
-    sweeps/sparsity_<s>.yaml one sweep per sparsity, plus sparsity_0.yaml: the dense
-                             reference (no keep_indices); each sets data.keep_indices,
-                             data.sparsity and data.score (= the score, also on the dense
-                             point, so the analysis pools each score's runs with its own
-                             reference; each score's sweeps thus train their own dense
-                             runs), `seeds` seeds, all runs in one folder (--folder,
-                             default DIR/runs)
-    base.yaml                an empty base config, only when the scores were made from
-                             command-line settings alone (they become the overrides)
-    sweeps.sh                `sh DIR/sweeps.sh launch [launch options]` launches every
-                             level (also `plan`, `status`)
-    keep_ratio.csv           class, class_name, n_total, kept_<s> and ratio_<s> per sparsity
-    keep_ratio.png           class-wise keep ratio vs sparsity (Pote et al. Fig. 6)
-  Every sweep file is planned with the sweep package and every run's config is checked
-  with the trainer's own checks before prune returns. (One sweep per level because the
-  sweep format has only cartesian grids: the keep_indices file and the sparsity of a point
-  must go together.)
+    keep_<score>_<s>.npy  the kept indices (int64, ascending), one file per sparsity
+    sweep.yaml            one sweep whose `points:` are the dense reference (sparsity 0,
+                          no keep_indices) and then each sparsity with its own index file;
+                          every point sets data.sparsity and data.score (= the score, also
+                          on the dense point, so the analysis pools each score's runs with
+                          its own reference; each score's sweep thus trains its own dense
+                          runs), each point x `seeds` seeds, all runs in one folder
+                          (--folder, default DIR/runs). Launch it as any sweep:
+                            python -m ffcv_bias.sweep launch DIR/sweep.yaml [options]
+                          (also `plan`, `status`)
+    base.yaml             an empty base config, only when the scores were made from
+                          command-line settings alone (they become the overrides)
+    keep_ratio.csv        class, class_name, n_total, kept_<s> and ratio_<s> per sparsity
+    keep_ratio.png        class-wise keep ratio vs sparsity (Pote et al. Fig. 6)
+  The sweep is planned with the sweep package and every run's config is checked with the
+  trainer's own checks before prune returns.
 
 figures
     python -m ffcv_bias.studies.diet figures --runs RUNS_DIR --out OUT \\
@@ -635,9 +633,10 @@ def sweep_points(score, sparsities, keep_files):
     """The settings of the pruned-training sweep: the dense reference, then each level.
 
     Each point pairs a sparsity with its own keep_indices file, which a cartesian grid
-    cannot express; each point becomes one sweep file (see write_level_sweeps).
+    cannot express (hence the sweep's `points:`). The dense point names no keep_indices
+    file: the trainer's default, an empty one, is the whole training set.
     """
-    points = [{"data.sparsity": 0.0, "data.keep_indices": "", "data.score": score}]
+    points = [{"data.sparsity": 0.0, "data.score": score}]
     for sparsity in sparsities:
         points.append({"data.sparsity": sparsity,
                        "data.keep_indices": str(keep_files[sparsity].resolve()),
@@ -645,52 +644,38 @@ def sweep_points(score, sparsities, keep_files):
     return points
 
 
-def write_level_sweeps(out, points, base, overrides, seeds, folder, name, max_parallel):
-    """One sweep file per point in out/sweeps/, and out/sweeps.sh that runs them all."""
-    paths = []
-    for point in points:
-        level = format_sparsity(point["data.sparsity"])
-        content = {"name": f"{name}_sparsity_{level}", "base": str(Path(base).resolve()),
-                   "folder": str(Path(folder).resolve()),
-                   "overrides": {**{k: _yaml_value(v) for k, v in overrides.items()}, **point},
-                   "seeds": seeds}
-        if max_parallel:
-            content["max_parallel"] = max_parallel
-        header = (f"# Data-diet sweep, score {point['data.score']}, sparsity {level}"
-                  f"{' (dense reference)' if point['data.sparsity'] == 0 else ''}: written "
-                  f"by `python -m ffcv_bias.studies.diet prune`.\n")
-        path = out / "sweeps" / f"sparsity_{level}.yaml"
-        atomic.write_text(path, header + yaml.safe_dump(content, sort_keys=False))
-        paths.append(path)
-    script = ["#!/bin/sh",
-              "# Every sparsity level of this pruned set, one sweep each.",
-              "#   sh sweeps.sh launch [--backend slurm --partition P ...] | plan | status",
-              'command="${1:-launch}"', "[ $# -gt 0 ] && shift", "status=0"]
-    for path in paths:
-        script.append(f'echo "== {path.name}"')
-        script.append(f'"${{PYTHON:-python}}" -m ffcv_bias.sweep "$command" '
-                      f'"{path.resolve()}" "$@" || status=1')
-    script.append("exit $status")
-    atomic.write_text(out / "sweeps.sh", "\n".join(script) + "\n")
-    return paths
+def write_sweep(out, points, base, overrides, seeds, folder, name, max_parallel):
+    """out/sweep.yaml: every point (dense reference and each level) x every seed."""
+    content = {"name": name, "base": str(Path(base).resolve()),
+               "folder": str(Path(folder).resolve()),
+               "overrides": {key: _yaml_value(value) for key, value in overrides.items()},
+               "points": points, "seeds": seeds}
+    if max_parallel:
+        content["max_parallel"] = max_parallel
+    header = (f"# Data-diet sweep, score {points[0]['data.score']}: the dense reference "
+              f"(sparsity 0) and {len(points) - 1} pruned level(s), each with its own\n"
+              f"# index file. Written by `python -m ffcv_bias.studies.diet prune`.\n")
+    path = out / "sweep.yaml"
+    atomic.write_text(path, header + yaml.safe_dump(content, sort_keys=False))
+    return path
 
 
-def check_sweeps(paths):
-    """Plan every sweep with the sweep package; check each run with the trainer's checks."""
+def check_sweep(path):
+    """Plan the sweep with the sweep package; check each run with the trainer's checks."""
     from ffcv_bias.sweep import SweepError, load_sweep, plan
     from ffcv_bias.train_config import validate_semantics
-    for path in paths:
+    try:
+        planned = plan(load_sweep(path))
+    except SweepError as error:
+        raise DietError(f"{path}: {error}") from None
+    for run in planned:
+        if run.config_error:
+            raise DietError(f"{path}: the trainer refuses a run: {run.config_error}")
         try:
-            planned = plan(load_sweep(path))
-        except SweepError as error:
+            validate_semantics(run.config)
+        except ConfigError as error:
             raise DietError(f"{path}: {error}") from None
-        for run in planned:
-            if run.config_error:
-                raise DietError(f"{path}: the trainer refuses a run: {run.config_error}")
-            try:
-                validate_semantics(run.config)
-            except ConfigError as error:
-                raise DietError(f"{path}: {error}") from None
+    return planned
 
 
 def _prune_base(options, meta):
@@ -717,7 +702,7 @@ def write_empty_base(out):
     """A sweep needs a base config file; with none, an empty one (the overrides say all)."""
     base = out / "base.yaml"
     atomic.write_text(base, "# The scores were made from command-line settings alone: they are "
-                            "the overrides\n# of every sweep in sweeps/.\n")
+                            "the overrides\n# of sweep.yaml.\n")
     return base
 
 
@@ -738,7 +723,7 @@ def check_same_training_set(config_files, overrides, arrays):
 
 
 def run_prune(options):
-    """The prune command: kept indices, keep ratio table and figure, the sweeps."""
+    """The prune command: kept indices, keep ratio table and figure, the sweep."""
     if options.score not in SCORE_NAMES:
         raise DietError(f"--score must be one of {', '.join(SCORE_NAMES)}")
     sparsities = parse_sparsities(options.sparsity)
@@ -767,12 +752,13 @@ def run_prune(options):
     points = sweep_points(options.score, sparsities, keep_files)
     folder = Path(options.folder) if options.folder else out / "runs"
     name = options.name or f"diet_{options.score}"
-    paths = write_level_sweeps(out, points, base, overrides, seeds, folder, name,
-                               options.max_parallel)
-    check_sweeps(paths)
+    sweep_path = write_sweep(out, points, base, overrides, seeds, folder, name,
+                             options.max_parallel)
+    planned = check_sweep(sweep_path)
     print(f"{len(sparsities)} pruned sets of {len(arrays['labels'])} images by "
-          f"{options.score} in {out}; {len(paths)} sweeps x {len(seeds)} seed(s), runs in "
-          f"{folder}\n  launch:   sh {out / 'sweeps.sh'} launch [--backend slurm ...]\n"
+          f"{options.score} in {out}; {sweep_path.name}: {len(points)} points x "
+          f"{len(seeds)} seed(s) = {len(planned)} runs in {folder}\n"
+          f"  launch:   python -m ffcv_bias.sweep launch {sweep_path} [--backend slurm ...]\n"
           f"  analysis: python -m ffcv_bias.analysis {folder} --vary data.sparsity "
           f"--vary data.score --out REPORT_DIR\n  figures:  python -m "
           f"ffcv_bias.studies.diet figures --runs {folder} --scores {options.scores} "
@@ -969,12 +955,12 @@ def build_parser():
     score.add_argument("--no-train", action="store_true",
                        help="only score: every score run must already be complete")
 
-    prune = commands.add_parser("prune", help="pruned index files, keep ratio, sweeps")
+    prune = commands.add_parser("prune", help="pruned index files, keep ratio, the sweep")
     prune.add_argument("--scores", required=True, help="a score directory")
     prune.add_argument("--score", required=True, choices=SCORE_NAMES)
     prune.add_argument("--sparsity", required=True,
                        help="fractions pruned away, e.g. 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
-    prune.add_argument("--out", required=True, help="where the index files and sweeps go")
+    prune.add_argument("--out", required=True, help="where the index files and the sweep go")
     prune.add_argument("--seeds", default="3", help="training seeds per sparsity (count or "
                                                     "list; default 3)")
     prune.add_argument("--base-config", default=None,
@@ -984,8 +970,8 @@ def build_parser():
                        help="an override for every pruned run (repeatable)")
     prune.add_argument("--folder", default=None, help="run folder (default: OUT/runs)")
     prune.add_argument("--max-parallel", type=int, default=None,
-                       help="max_parallel of each sweep")
-    prune.add_argument("--name", default=None, help="sweep name prefix (default diet_SCORE)")
+                       help="max_parallel of the sweep")
+    prune.add_argument("--name", default=None, help="sweep name (default diet_SCORE)")
 
     figures = commands.add_parser("figures", help="Figs. 4-6 of Pote et al. from pruned runs")
     figures.add_argument("--runs", required=True, help="folder of the pruned runs")
