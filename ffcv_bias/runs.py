@@ -31,6 +31,20 @@ NON_RESULT_KEYS = {
     ("data", "num_workers"),
     ("data", "in_memory"),
 }
+# Keys added to the trainer after runs were already being recorded, with the default that
+# reproduces the behaviour from before they existed. Such a key enters the run_id (and the
+# analysis' "do these runs differ?" check) only when it is set to something else: adding a
+# key must never rename finished runs, or a relaunched sweep would train them all again.
+# Every key added to train_config.py from now on belongs here with its default.
+LATER_KEY_DEFAULTS = {
+    ("lr", "warmup_epochs"): 0.0,
+    ("lr", "warmup_start_factor"): 0.0,
+    ("training", "adam_beta1"): 0.9,
+    ("training", "adam_beta2"): 0.999,
+    ("training", "adam_eps"): 1e-8,
+    ("training", "grad_clip_norm"): 0.0,
+    ("model", "drop_path"): 0.0,
+}
 # Config values that name files: the run_id uses the file's name for datasets (moving a
 # data directory must not orphan finished runs) and the content for small input files
 # (two different per-class crop files must give two runs).
@@ -57,6 +71,8 @@ def result_config(config):
         for key, value in sorted(values.items()):
             path = (section, key)
             if path in NON_RESULT_KEYS:
+                continue
+            if path in LATER_KEY_DEFAULTS and value == LATER_KEY_DEFAULTS[path]:
                 continue
             if path in DATASET_KEYS:
                 value = _file_identity(value, by_content=False)

@@ -5,6 +5,15 @@ boundary, linearly interpolated over the iterations of each epoch. So in the ste
 schedule the learning rate slides down to the next level during the epoch *before* a
 step, and the last epoch slides down to 0. 'cosine' is evaluated at the fractional epoch
 of every iteration.
+
+Warm-up in front (`warmup_epochs` W > 0, for 'cosine' and 'step'; torchvision's
+`--lr-warmup-epochs` with SequentialLR, and the ConvNeXt / DeiT recipes): for the first W
+epochs the rate rises linearly from `warmup_start_factor * lr` to lr (evaluated at the
+fractional epoch of every iteration); from epoch W on, the base schedule runs as if the
+run were `epochs - W` epochs long and had started at W. So the cosine decays over the
+epochs after the warm-up, and the step schedule counts its steps from the warm-up's end.
+With W = 0 the arrays are exactly those without warm-up. ('cosine' with lr_peak_epoch=W
+is the same as warmup_epochs=W, warmup_start_factor=1e-4, lr_peak_epoch=0.)
 """
 import math
 
@@ -38,11 +47,43 @@ def cosine_lr_at(epoch, *, lr, epochs, lr_peak_epoch):
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def warmup_then_lr_per_iteration(schedule_type, *, lr, epochs, iters_per_epoch,
+                                 warmup_epochs, warmup_start_factor, step_ratio, step_length):
+    """Linear warm-up over warmup_epochs, then the base schedule over the epochs after it."""
+    if schedule_type not in ("cosine", "step"):
+        raise ValueError(f"warm-up is for the cosine and step schedules, not {schedule_type!r}")
+    if not 0 < warmup_epochs < epochs:
+        raise ValueError(f"warmup_epochs must be in (0, epochs={epochs}), got {warmup_epochs}")
+    epoch_of_iter = np.arange(epochs * iters_per_epoch) / iters_per_epoch
+    warming = epoch_of_iter < warmup_epochs
+    factors = warmup_start_factor + (1 - warmup_start_factor) * (
+        epoch_of_iter[warming] / warmup_epochs)
+    if schedule_type == "step":
+        # The step schedule is defined on whole epochs (it slides to 0 over the last one).
+        if not float(warmup_epochs).is_integer():
+            raise ValueError(f"warm-up before the step schedule must last whole epochs, "
+                             f"got {warmup_epochs}")
+        after = lr_per_iteration("step", lr=lr, epochs=epochs - int(warmup_epochs),
+                                 iters_per_epoch=iters_per_epoch, step_ratio=step_ratio,
+                                 step_length=step_length)
+    else:
+        after = np.array([cosine_lr_at(epoch - warmup_epochs, lr=lr,
+                                       epochs=epochs - warmup_epochs, lr_peak_epoch=0)
+                          for epoch in epoch_of_iter[~warming]])
+    return np.concatenate([lr * factors, after])
+
+
 def lr_per_iteration(schedule_type, *, lr, epochs, iters_per_epoch, lr_peak_epoch=2.0,
-                     step_ratio=0.1, step_length=30):
+                     step_ratio=0.1, step_length=30, warmup_epochs=0.0,
+                     warmup_start_factor=0.0):
     """The learning rate of every iteration of the run: float64 [epochs * iters_per_epoch]."""
     if iters_per_epoch < 1:
         raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
+    if warmup_epochs > 0:
+        return warmup_then_lr_per_iteration(
+            schedule_type, lr=lr, epochs=epochs, iters_per_epoch=iters_per_epoch,
+            warmup_epochs=warmup_epochs, warmup_start_factor=warmup_start_factor,
+            step_ratio=step_ratio, step_length=step_length)
     within_epoch = np.arange(iters_per_epoch) / iters_per_epoch
     if schedule_type == "cosine":
         epoch_of_iter = (np.arange(epochs)[:, None] + within_epoch[None, :]).ravel()

@@ -33,8 +33,8 @@ model init and dropout of the seed (and the rank). On CPU, runs are deterministi
 same config gives bit-identical val_logits.npy, even when killed and resumed (with the
 same torch thread count). On CUDA set training.deterministic=1 for the same property.
 """
+import importlib.metadata
 import json
-import math
 import os
 import platform
 import random
@@ -184,8 +184,8 @@ def accuracy_metrics(logits, labels, num_classes):
     hits = torch.bincount(labels[correct_top1], minlength=num_classes)
     counts = torch.bincount(labels, minlength=num_classes)
     per_class = [float(h) / float(c) if c > 0 else None for h, c in zip(hits, counts)]
-    return {"top1": float(correct_top1.float().mean()),
-            "top5": float(correct_top5.float().mean()),
+    return {"top1": float(correct_top1.double().mean()),
+            "top5": float(correct_top5.double().mean()),
             "per_class_acc": per_class,
             "loss": float(F.cross_entropy(logits, labels))}
 
@@ -262,12 +262,13 @@ class Trainer:
 
     @param("model.arch")
     @param("model.dropout")
+    @param("model.drop_path")
     @param("training.use_blurpool")
     @param("training.amp_dtype")
-    def create_model_and_scaler(self, arch, dropout, use_blurpool, amp_dtype):
+    def create_model_and_scaler(self, arch, dropout, drop_path, use_blurpool, amp_dtype):
         try:
             model = create_model(arch, self.num_classes, dropout=dropout,
-                                 use_blurpool=use_blurpool)
+                                 use_blurpool=use_blurpool, drop_path=drop_path)
         except ValueError as error:
             raise ConfigError(f"model.arch={arch}: {error}") from None
         model = model.to(self.device, memory_format=torch.channels_last)
@@ -280,17 +281,13 @@ class Trainer:
         return model, scaler
 
     @param("training.optimizer")
-    @param("training.momentum")
-    @param("training.nesterov")
     @param("training.weight_decay")
     @param("training.label_smoothing")
-    def create_optimizer(self, optimizer, momentum, nesterov, weight_decay, label_smoothing):
-        assert optimizer == "sgd"  # the only choice the config accepts
+    def create_optimizer(self, optimizer, weight_decay, label_smoothing):
         groups = weight_decay_groups(self.model, weight_decay,
                                      bn_weight_decay=bn_weight_decay(self.nested))
-        # lr is set at every step from the precomputed schedule.
-        sgd = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov)
-        return sgd, torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        return (build_optimizer(optimizer, groups, self.nested["training"]),
+                torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing))
 
     @param("lr.lr")
     @param("lr.lr_schedule_type")
@@ -300,10 +297,13 @@ class Trainer:
     @param("training.epochs")
     def create_lr_schedule(self, lr, lr_schedule_type, lr_peak_epoch, step_ratio, step_length,
                            epochs):
+        lr_config = self.nested["lr"]
         return lr_per_iteration(lr_schedule_type, lr=lr, epochs=epochs,
                                 iters_per_epoch=len(self.train_loader),
                                 lr_peak_epoch=lr_peak_epoch, step_ratio=step_ratio,
-                                step_length=step_length)
+                                step_length=step_length,
+                                warmup_epochs=lr_config["warmup_epochs"],
+                                warmup_start_factor=lr_config["warmup_start_factor"])
 
     @param("resolution.min_res")
     @param("resolution.max_res")
@@ -357,12 +357,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self.clip_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            self.clip_gradients()
             self.optimizer.step()
         return loss.detach()
+
+    def clip_gradients(self):
+        """Scale the gradients down to a global L2 norm of training.grad_clip_norm.
+
+        After backward, so DDP has already averaged them over the ranks: every rank clips
+        the same gradients alike. With a GradScaler the gradients are first unscaled (the
+        limit is on the true gradient); scaler.step then does not unscale them twice, and
+        still skips the step if they hold inf/NaN."""
+        max_norm = self.nested["training"]["grad_clip_norm"]
+        if max_norm <= 0:
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     @param("training.epochs")
     @param("logging.progress")
@@ -517,6 +533,22 @@ class Trainer:
         return summary
 
 
+def build_optimizer(name, groups, training):
+    """The optimizer over weight-decay `groups`, with lr 0: the trainer sets lr at every
+    step from the precomputed schedule. `training` is the config's training section.
+
+    adamw is torch's AdamW: decoupled weight decay, each step shrinking the weights by
+    lr * weight_decay (the convention of the ConvNeXt and DeiT recipes, whose 0.05 assumes
+    it), applied only to the "decay" group."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=training["momentum"],
+                               nesterov=bool(training["nesterov"]))
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, eps=training["adam_eps"],
+                                 betas=(training["adam_beta1"], training["adam_beta2"]))
+    raise ConfigError(f"training.optimizer: unknown optimizer {name!r}")
+
+
 def truncate_log(log_path, epochs_done):
     """Keep the log lines of the epochs a checkpoint holds; later ones are redone."""
     if not log_path.is_file():
@@ -551,11 +583,14 @@ def git_commit():
 
 
 def package_versions():
-    import ffcv
-    import numba
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "ffcv": getattr(ffcv, "__version__", None), "numpy": np.__version__,
-            "numba": numba.__version__}
+    """Installed versions (ffcv's own __version__ says 0.0.3rc1 in its 1.0.2 release)."""
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "ffcv", "numpy", "numba"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def check_run_dir(run_dir, run_id):

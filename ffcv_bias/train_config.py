@@ -108,15 +108,36 @@ def declare_sections():
         step_ratio=Param(float, "learning-rate factor at each step (step schedule)",
                          default=0.1),
         step_length=Param(Integer(), "epochs between steps (step schedule)", default=30),
+        warmup_epochs=Param(FloatInRange(0, 1e9, low_inclusive=True),
+                            "linear warm-up epochs in front of the cosine or step schedule, "
+                            "which then runs over the remaining epochs (0 = none; with "
+                            "cosine set lr_peak_epoch=0; with step, whole epochs)",
+                            default=0.0),
+        warmup_start_factor=Param(FloatInRange(0, 1, low_inclusive=True),
+                                  "the warm-up starts at this fraction of lr (0: from zero, "
+                                  "as ConvNeXt and DeiT; torchvision uses 0.01)",
+                                  default=0.0),
     )
     Section("training", "optimisation").params(
         seed=Param(Integer(), "seed of everything: data order, crops, init, dropout", default=0),
         epochs=Param(Integer(), "number of epochs", default=30),
         batch_size=Param(Integer(), "training batch size per process (per GPU)", default=512),
-        optimizer=Param(OneOf("sgd"), "the optimizer", default="sgd"),
-        momentum=Param(float, "SGD momentum", default=0.9),
-        nesterov=_flag("Nesterov momentum", 0),
-        weight_decay=Param(float, "L2 weight decay of conv/linear weights", default=4e-5),
+        optimizer=Param(OneOf("sgd", "adamw"),
+                        "sgd: SGD with momentum and L2 weight decay; adamw: torch AdamW, "
+                        "decoupled weight decay (scaled by the current lr)", default="sgd"),
+        momentum=Param(float, "SGD momentum (sgd only)", default=0.9),
+        nesterov=_flag("Nesterov momentum (sgd only)", 0),
+        adam_beta1=Param(float, "AdamW beta1: decay of the gradient average (adamw only)",
+                         default=0.9),
+        adam_beta2=Param(float, "AdamW beta2: decay of the squared-gradient average "
+                                "(adamw only)", default=0.999),
+        adam_eps=Param(float, "AdamW epsilon added to the denominator (adamw only)",
+                       default=1e-8),
+        grad_clip_norm=Param(FloatInRange(0, 1e9, low_inclusive=True),
+                             "clip the global gradient L2 norm to this before each step "
+                             "(0 = off)", default=0.0),
+        weight_decay=Param(float, "weight decay of conv/linear weights (L2 for sgd, "
+                                  "decoupled for adamw)", default=4e-5),
         bn_weight_decay=_flag("also decay norm-layer weights and all biases", 0),
         bn_wd=_flag("ffcv-imagenet's spelling of bn_weight_decay", 0),
         label_smoothing=Param(FloatInRange(0, 1, low_inclusive=True),
@@ -147,6 +168,9 @@ def declare_sections():
                            "resnet8, ...)", default="resnet50"),
         dropout=Param(FloatInRange(0, 1, low_inclusive=True),
                       "dropout before the classifier", default=0.0),
+        drop_path=Param(FloatInRange(0, 1, low_inclusive=True),
+                        "stochastic depth: the drop rate of the last residual block, rising "
+                        "linearly from 0 over the blocks (not densenet121)", default=0.0),
     )
     Section("resolution", "progressive resizing of training images").params(
         min_res=Param(Integer(), "training resolution up to start_ramp", default=160),
@@ -302,8 +326,46 @@ def _check_numbers(nested):
              f"augment.min_scale={nested['augment']['min_scale']} must be <= "
              f"augment.max_scale={nested['augment']['max_scale']}")
     _require(nested["dist"]["world_size"] >= 1, "dist.world_size must be >= 1")
+    _check_optimizer(training)
+    _check_warmup(lr, training["epochs"])
+    _check_drop_path(nested["model"])
     _require(nested["data"]["num_workers"] >= 1, "data.num_workers must be >= 1")
     _require(nested["logging"]["log_level"] in (0, 1), "logging.log_level must be 0 or 1")
+
+
+def _check_optimizer(training):
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0 <= training[key] < 1, f"training.{key}={training[key]} must be in [0, 1)")
+    _require(training["adam_eps"] > 0, "training.adam_eps must be > 0")
+
+
+def _check_warmup(lr, epochs):
+    warmup_epochs = lr["warmup_epochs"]
+    if warmup_epochs == 0:
+        return
+    _require(lr["lr_schedule_type"] in ("cosine", "step"),
+             f"lr.warmup_epochs needs lr.lr_schedule_type cosine or step (cyclic warms up "
+             f"to lr.lr_peak_epoch), got {lr['lr_schedule_type']}")
+    _require(warmup_epochs < epochs,
+             f"lr.warmup_epochs={warmup_epochs} must be < training.epochs={epochs}")
+    _require(lr["lr_schedule_type"] != "step" or float(warmup_epochs).is_integer(),
+             f"lr.warmup_epochs={warmup_epochs}: before the step schedule the warm-up must "
+             f"last whole epochs")
+    _require(lr["lr_schedule_type"] != "cosine" or lr["lr_peak_epoch"] == 0,
+             "lr.warmup_epochs and lr.lr_peak_epoch would both warm up the cosine schedule: "
+             "set lr.lr_peak_epoch=0")
+
+
+# Architectures without residual branches, so without stochastic depth. Kept here because
+# this module must not import torch; tests check it against ffcv_bias.models.ARCHITECTURES.
+ARCHS_WITHOUT_DROP_PATH = frozenset({"densenet121"})
+
+
+def _check_drop_path(model):
+    _require(model["drop_path"] < 1, "model.drop_path must be < 1")
+    _require(model["drop_path"] == 0 or model["arch"] not in ARCHS_WITHOUT_DROP_PATH,
+             f"model.drop_path={model['drop_path']}: {model['arch']} has no residual "
+             f"branches to drop (set model.drop_path=0)")
 
 
 def _check_datasets(nested):

@@ -212,3 +212,15 @@ def test_preflight_answers_bad_configs_and_complete_runs_without_torch(fake_beto
     to_train = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
                               text=True, check=True)
     assert to_train.stdout.strip() == "None False"
+
+
+def test_keys_added_later_do_not_rename_runs_at_their_defaults():
+    from ffcv_bias import runs
+    before = {"model": {"arch": "resnet8"}, "training": {"seed": 1, "epochs": 3},
+              "lr": {"lr": 0.2}}
+    after = {"model": {"arch": "resnet8", "drop_path": 0.0},
+             "training": {"seed": 1, "epochs": 3, "grad_clip_norm": 0.0, "adam_beta1": 0.9},
+             "lr": {"lr": 0.2, "warmup_epochs": 0.0}}
+    assert runs.run_id(before) == runs.run_id(after)
+    after["lr"]["warmup_epochs"] = 5.0
+    assert runs.run_id(before) != runs.run_id(after)
