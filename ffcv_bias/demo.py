@@ -1,58 +1,88 @@
-"""`make demo`: the main job on the embedded default (Fashion-MNIST from Debian's package).
+"""`make demo`: the paper's experiment, small, on the embedded default (Fashion-MNIST).
 
-Stage 1 (this module today): write the default betons if they are missing, then read one
-epoch back through the seeded training pipeline and print what came out.
+    python -m ffcv_bias.demo [--sweep rn50_configs/sweeps/fashion_mnist_demo.yaml]
+                             [--report demo/report]
+
+1. betons: `python write_datasets.py` (both splits) and a 1,000-image class-stratified
+   training subset, each only if missing;
+2. the sweep over the random-crop lower bound tau (`python -m ffcv_bias.sweep launch`):
+   finished runs are reused, interrupted ones resume;
+3. the analysis (`python -m ffcv_bias.analysis ... --vary augment.min_scale`) into
+   demo/report/ (index.html, CSV tables, PNG figures);
+4. a short text summary: mean accuracy per tau, the classes that lose, Table 1.
+Each step is the same command a user would type; the demo only chains them.
 """
+import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 
 DATA_DIR = Path("data")
-TRAIN_BETON = DATA_DIR / "fashion-mnist_train.beton"
-VAL_BETON = DATA_DIR / "fashion-mnist_val.beton"
+SUBSET_BETON = DATA_DIR / "fashion-mnist-1k_train.beton"
+SUBSET_SIZE = 1000
+DEFAULT_SWEEP = Path("rn50_configs/sweeps/fashion_mnist_demo.yaml")
+DEFAULT_REPORT = Path("demo/report")
 
 
-def ensure_default_betons():
-    """Write both splits with `python write_datasets.py` unless they are already there."""
-    if TRAIN_BETON.is_file() and VAL_BETON.is_file():
-        print(f"[demo] betons present: {TRAIN_BETON}, {VAL_BETON}")
-        return
-    print("[demo] writing the Fashion-MNIST betons (python write_datasets.py)")
-    subprocess.run([sys.executable, "write_datasets.py"], check=True)
+def step(message):
+    print(f"\n[demo] {message}", flush=True)
 
 
-def read_one_epoch(path, resolution=32, batch_size=512, min_scale=0.25, seed=0):
-    """One epoch through the seeded train loader: counts per class and images/second."""
-    from tqdm import tqdm
-
-    from ffcv_bias.loaders import create_train_loader
-
-    loader = create_train_loader(path, batch_size=batch_size, resolution=resolution, seed=seed,
-                                 min_scale=min_scale, drop_last=False)
-    loader.set_epoch(0)
-    counts = None
-    start = time.perf_counter()
-    for images, labels in tqdm(loader, desc=f"reading {path.name}", unit="batch"):
-        batch_counts = np.bincount(labels.numpy(), minlength=10)
-        counts = batch_counts if counts is None else counts + batch_counts
-    seconds = time.perf_counter() - start
-    return counts, tuple(images.shape[1:]), seconds
+def run(command):
+    print("[demo] $ " + " ".join(str(part) for part in command), flush=True)
+    subprocess.run([str(part) for part in command], check=True)
 
 
-def main():
-    from ffcv_bias.datasets import read_classes
+def ensure_betons():
+    """The full betons and the 1,000-image training subset, each written once."""
+    if not (DATA_DIR / "fashion-mnist_train.beton").is_file() or \
+            not (DATA_DIR / "fashion-mnist_val.beton").is_file():
+        run([sys.executable, "write_datasets.py"])
+    if not SUBSET_BETON.is_file():
+        run([sys.executable, "write_datasets.py", "--cfg.dataset=fashion-mnist",
+             "--cfg.split=train", f"--cfg.subset={SUBSET_SIZE}",
+             f"--cfg.write_path={SUBSET_BETON}"])
 
-    ensure_default_betons()
-    for path in (TRAIN_BETON, VAL_BETON):
-        classes = read_classes(path)["classes"]
-        counts, image_shape, seconds = read_one_epoch(path)
-        print(f"[demo] {path}: {counts.sum()} images of shape {image_shape} in {seconds:.1f} s "
-              f"(first epoch includes numba compilation)")
-        for name, count in zip(classes, counts):
-            print(f"         {name:<12} {count}")
+
+def print_summary(report_dir):
+    """Mean accuracy per setting, the classes that lose most, and Table 1."""
+    settings = pd.read_csv(report_dir / "runs.csv")
+    value_column = settings.columns[1]
+    per_setting = settings.groupby(value_column)["top1"].agg(["mean", "std", "count"])
+    print("\nmean top-1 per tau (over seeds):")
+    for value, row in per_setting.sort_index(ascending=False).iterrows():
+        print(f"  tau={value:<5} top1={row['mean']:.4f} ± {row['std']:.4f}  (n={int(row['count'])})")
+    welch = pd.read_csv(report_dir / "welch.csv")
+    worst = welch.sort_values("diff").head(5)
+    print("\nlargest per-class losses against the reference (tau=1.0):")
+    for _, row in worst.iterrows():
+        print(f"  tau={row['setting']:<5} {row['class_name']:<12} "
+              f"{row['mean_ref']:.3f} -> {row['mean']:.3f}  p_less={row['p_less']:.3g}")
+    table1 = pd.read_csv(report_dir / "table1.csv")
+    print("\nTable 1: % of classes significantly LOWER than at tau=1.0 (one-sided Welch):")
+    print(table1.pivot(index="setting", columns="confidence", values="percent_classes")
+          .to_string(float_format=lambda v: f"{v:.1f}"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP)
+    parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
+    args = parser.parse_args(argv)
+
+    step("1/3 betons (reused when present)")
+    ensure_betons()
+    step(f"2/3 the sweep {args.sweep} (finished runs are reused)")
+    run([sys.executable, "-m", "ffcv_bias.sweep", "launch", args.sweep])
+    step(f"3/3 the analysis into {args.report}")
+    from ffcv_bias.sweep import load_sweep
+    runs_dir = load_sweep(args.sweep).folder
+    run([sys.executable, "-m", "ffcv_bias.analysis", runs_dir, "--vary", "augment.min_scale",
+         "--reference", "1.0", "--out", args.report])
+    print_summary(args.report)
+    print(f"\n[demo] report: {(args.report / 'index.html').resolve()}")
 
 
 if __name__ == "__main__":
