@@ -64,6 +64,10 @@ def _file_identity(path_value, by_content):
 def result_config(config):
     """The part of a nested config that determines the result, with paths made portable."""
     portable = {}
+    world_size = config.get("dist", {}).get("world_size", 1)
+    if world_size != 1:
+        # The process count sets the global batch: an 8-GPU run is not a 1-GPU run.
+        portable["dist"] = {"world_size": world_size}
     for section, values in sorted(config.items()):
         if section in NON_RESULT_SECTIONS or not isinstance(values, dict):
             continue

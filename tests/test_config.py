@@ -224,3 +224,12 @@ def test_keys_added_later_do_not_rename_runs_at_their_defaults():
     assert runs.run_id(before) == runs.run_id(after)
     after["lr"]["warmup_epochs"] = 5.0
     assert runs.run_id(before) != runs.run_id(after)
+
+
+def test_world_size_enters_the_run_id_only_when_not_one():
+    from ffcv_bias import runs
+    single = {"model": {"arch": "resnet50"}, "training": {"seed": 0}, "dist": {"port": 1}}
+    eight = {"model": {"arch": "resnet50"}, "training": {"seed": 0},
+             "dist": {"world_size": 8, "port": 2}}
+    assert runs.run_id(single) == runs.run_id({**single, "dist": {"world_size": 1}})
+    assert runs.run_id(single) != runs.run_id(eight)
