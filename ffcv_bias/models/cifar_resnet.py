@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import linear_drop_path_rates
-from .resnet import BasicBlock
+from .resnet import BasicBlock, init_resnet_weights
 
 
 class ZeroPadShortcut(nn.Module):
@@ -65,19 +65,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
-        self._init_weights(zero_init_residual)
-
-    def _init_weights(self, zero_init_residual):
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if zero_init_residual:
-            for module in self.modules():
-                if isinstance(module, BasicBlock):
-                    nn.init.zeros_(module.bn2.weight)
+        init_resnet_weights(self, zero_init_residual)
 
     def forward_features(self, x):
         """Pooled, flattened features before the classifier: [B, 64]."""

@@ -127,17 +127,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*blocks)
 
     def _init_weights(self, zero_init_residual):
-        # torchvision's init: He (fan_out) for convs, identity BN; Linear keeps its default.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if zero_init_residual:
-            for module in self.modules():
-                if isinstance(module, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_(module.last_norm().weight)
+        init_resnet_weights(self, zero_init_residual)
 
     def forward_features(self, x):
         """Pooled, flattened features before the classifier: [B, 512 * expansion]."""
@@ -163,3 +153,18 @@ def resnet18_cifar(num_classes=10, **kwargs):
 
 def resnet50_cifar(num_classes=100, **kwargs):
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, stem="cifar", **kwargs)
+
+
+def init_resnet_weights(model, zero_init_residual):
+    """torchvision's init: He (fan_out) for convs, identity BN; Linear keeps its default.
+    Shared by the ImageNet and the CIFAR ResNets."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    if zero_init_residual:
+        for module in model.modules():
+            if isinstance(module, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(module.last_norm().weight)
