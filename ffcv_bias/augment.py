@@ -97,26 +97,23 @@ def sample_crop(seed, epoch, index, height, width, min_scale, max_scale,
     return top, left, crop_h, crop_w, flip
 
 
-@intrinsic
-def _int64_at(typingctx, address):
-    """A raw int64* from an integer address (the live-state array's data pointer)."""
-    signature = types.CPointer(types.int64)(types.intp)
+def _pointer_from_address(element_type):
+    """An intrinsic turning an integer address into a raw `element_type*` (no copy)."""
+    pointer_type = types.CPointer(element_type)
 
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+    @intrinsic
+    def pointer_at(typingctx, address):
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer_type))
 
-    return signature, codegen
+        return pointer_type(types.intp), codegen
+
+    return pointer_at
 
 
-@intrinsic
-def _float64_at(typingctx, address):
-    """A raw float64* from an integer address (the per-sample lower-bound array)."""
-    signature = types.CPointer(types.float64)(types.intp)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float64)))
-
-    return signature, codegen
+# The live-state array [seed, epoch] and the per-sample lower bounds, read by address.
+_int64_at = _pointer_from_address(types.int64)
+_float64_at = _pointer_from_address(types.float64)
 
 
 @njit(cache=False)
