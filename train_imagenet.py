@@ -8,7 +8,8 @@
     python train_imagenet.py --help          # every key, its default and its meaning
 
 Exit codes: 0 done (or already complete), 1 the run failed (error.txt in its directory),
-2 bad configuration, 75 stopped by SIGTERM (rerun the same command to resume).
+2 bad configuration or input files (nothing started), 75 stopped by SIGTERM (rerun the
+same command to resume).
 """
 import sys
 

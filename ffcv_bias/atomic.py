@@ -2,9 +2,12 @@
 
 Every file of the run record, every checkpoint and every beton goes through here. The
 pattern is: write to a temporary name in the same directory, flush and fsync, then
-`os.replace` onto the final name (atomic on POSIX within one file system).
+`os.replace` onto the final name (atomic on POSIX within one file system). A full disk is
+a NoRoomError, one line naming the file. tests/test_faults.py kills writers at each step
+(the crash points of ffcv_bias/faults.py).
 """
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -12,28 +15,81 @@ from pathlib import Path
 
 import numpy as np
 
+from ffcv_bias.faults import crash_point
+
+# Temporary files are hidden and end in .tmp, so no reader takes one for a result:
+# `.checkpoint.pt.<random>.tmp`.
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(name):
+    return f".{name}."
+
+
+# Errors that mean "the bytes did not fit": the device is full, the user's quota is
+# spent, or the file outgrew the process's size limit (RLIMIT_FSIZE).
+NO_ROOM_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EFBIG: "file too large"}
+
+
+class NoRoomError(OSError):
+    """A write failed for lack of room; str() is one line naming the file."""
+
+    def __str__(self):
+        return f"{self.strerror} while writing {self.filename}"
+
+
+def no_room_error(error, final_path):
+    """A NoRoomError naming `final_path` if `error` (or what caused it) is a full disk."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_ROOM_ERRNOS:
+            return NoRoomError(error.errno, NO_ROOM_ERRNOS[error.errno], str(final_path))
+        error = error.__cause__ or error.__context__
+    return None
+
 
 @contextlib.contextmanager
 def atomic_path(final_path):
     """Yield a temporary path beside `final_path`; rename it onto `final_path` on success.
 
-    On any exception the temporary file is removed and `final_path` is left untouched.
+    On any exception the temporary file is removed and `final_path` is left untouched; a
+    full disk (or quota, or file-size limit) is raised as NoRoomError naming `final_path`.
+    A process killed meanwhile leaves a `.<name>.*.tmp` file: remove_stale_temp_files.
     """
     final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp",
-                                        dir=final_path.parent)
+    try:
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final_path.name),
+                                            suffix=TEMP_SUFFIX, dir=final_path.parent)
+    except OSError as error:
+        raise (no_room_error(error, final_path) or error) from None
     os.close(handle)
     try:
         yield Path(tmp_name)
+        crash_point(f"atomic-partial/{final_path.name}", cut_file=tmp_name)
         os.chmod(tmp_name, _default_file_mode())  # mkstemp's 0600 would hide results from the group
         _fsync_file(tmp_name)
+        crash_point(f"atomic-unrenamed/{final_path.name}")
         os.replace(tmp_name, final_path)
+        crash_point(f"atomic-renamed/{final_path.name}")
         _fsync_dir(final_path.parent)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        no_room = no_room_error(error, final_path)
+        if no_room is not None:
+            raise no_room from error
         raise
+
+
+def remove_stale_temp_files(directory, names):
+    """Remove the temporary files that writers of `names` killed mid-write left in
+    `directory`. Only for a caller that alone writes those names there (a run's lock
+    holder): another writer's temporary file in flight would be removed too."""
+    for name in names:
+        for stale in Path(directory).glob(f"{temp_prefix(name)}*{TEMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
 
 
 def _default_file_mode():
@@ -71,13 +127,25 @@ def write_json(path, obj, indent=2):
     write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+class _WriteOnly:
+    """A file seen only through write(): numpy then writes chunk by chunk through Python,
+    and a full disk raises OSError(ENOSPC). Given the file itself, numpy's C writer
+    reports only "1000000 requested and 262112 written", with no errno."""
+
+    def __init__(self, handle):
+        self.write = handle.write
+
+
 def save_npy(path, array):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array))
+            np.save(_WriteOnly(f), np.asarray(array))
 
 
 def torch_save(path, obj):
     import torch  # local import: analysis code uses this module without torch loaded
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # Through a Python file: torch's own file writer reports a full disk as
+        # "unexpected pos 576 vs 534", with no errno to recognise it by.
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)

@@ -24,6 +24,7 @@ Sources:
                    to data_dir
 """
 import contextlib
+import functools
 import gzip
 import json
 import multiprocessing
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ffcv_bias.atomic import atomic_path, write_json, write_text
+from ffcv_bias.atomic import NO_ROOM_ERRNOS, atomic_path, write_json, write_text
 
 
 class DatasetError(ValueError):
@@ -520,7 +521,8 @@ class WorkerWatchdog(threading.Thread):
 
 @contextlib.contextmanager
 def recording_writer_processes():
-    """Yield the list of worker processes ffcv's DatasetWriter starts meanwhile.
+    """Yield the list of worker processes ffcv's DatasetWriter starts meanwhile, each
+    running under writer_worker.
 
     ffcv keeps its workers in a local variable; wrapping the `Process` name its writer
     module uses is the one way to see them (their exit codes) from outside."""
@@ -528,8 +530,8 @@ def recording_writer_processes():
     started = []
     original = ffcv.writer.Process
 
-    def start_recorded(*args, **kwargs):
-        process = original(*args, **kwargs)
+    def start_recorded(*args, target=None, **kwargs):
+        process = original(*args, target=functools.partial(writer_worker, target), **kwargs)
         started.append(process)
         return process
 
@@ -578,6 +580,18 @@ def watching_workers():
             signal.signal(signal.SIGUSR1, previous_handler)
 
 
+def writer_worker(target, *args):
+    """An ffcv writer worker that, on a full disk, exits with the errno as its exit code
+    (no traceback): run_writer then names the beton and the reason in one line."""
+    try:
+        target(*args)
+    except OSError as error:
+        if error.errno not in NO_ROOM_ERRNOS:
+            raise
+        sys.stderr.flush()
+        os._exit(error.errno)
+
+
 def run_writer(writer, source, chunk_size):
     with watching_workers() as watchdog:
         try:
@@ -588,6 +602,9 @@ def run_writer(writer, source, chunk_size):
             release_shared_memory(writer)
             for progress_bar in list(getattr(tqdm, "_instances", ())):  # ffcv's bar, left open
                 progress_bar.close()
+            if isinstance(error, WriterWorkerDied) and error.args[0] in NO_ROOM_ERRNOS:
+                # atomic_path turns it into "no space left on device while writing <beton>"
+                raise OSError(error.args[0], os.strerror(error.args[0])) from None
             if isinstance(error, WriterWorkerDied):
                 raise DatasetError(f"an ffcv writer worker died (exit code {error.args[0]}; "
                                    f"its error is printed above, e.g. disk full)") from None

@@ -9,11 +9,14 @@ every normalization layer whatever its name, each run's data order and crops are
 the train loss is logged, per-class validation accuracy is logged every epoch, and a
 run can be stopped at any moment and resumed bit for bit.
 
+Before the run directory is made, the config and both betons are checked (whole files,
+labels within their .classes.json, the same classes in both): a bad one exits 2.
+
 Life of a run, in `<logging.folder>/<run_id>/`:
 - summary.json exists: nothing to do ("run <id> is already complete"), exit 0;
 - checkpoint.pt exists: resume after the epoch it holds (log.jsonl is cut back to it);
 - every epoch: train, validate (all epochs with logging.log_level=1, else the last),
-  append to log.jsonl, write checkpoint.pt (every training.checkpoint_every epochs);
+  add its line to log.jsonl, write checkpoint.pt (every training.checkpoint_every epochs);
 - at the end: weights.pt, val_logits.npy, val_labels.npy, then summary.json (last).
 
 Stopping:
@@ -27,6 +30,12 @@ Stopping:
   (0-based), exit 1; the last good checkpoint stays.
 - Any failure writes error.txt (the message, then the traceback) into the run directory;
   a new start removes a stale one.
+- A full disk: "no space left on device while writing <file>", exit 1; the file it was
+  replacing (the previous checkpoint) stays whole.
+- SIGKILL, the OOM killer, a lost node: every file of the record is written to a temporary
+  name and renamed, so each file present is whole; the rerun resumes from the last
+  checkpoint and removes the temporaries the dead process left (tests/test_faults.py
+  kills runs at each such instant, see ffcv_bias/faults.py).
 
 Reproducibility: the data order and the crops are functions of (seed, epoch, sample);
 model init and dropout of the seed (and the rank). On CPU, runs are deterministic: the
@@ -58,6 +67,8 @@ from tqdm import tqdm
 
 from ffcv_bias import atomic, distributed, runs
 from ffcv_bias.config import ConfigError, flatten, validate_all
+from ffcv_bias.datasets import DatasetError, check_beton
+from ffcv_bias.faults import crash_point
 from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize,
                                read_labels)
 from ffcv_bias.models import create_model, weight_decay_groups
@@ -68,6 +79,10 @@ from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PRE
                                     resolve_config, validate_semantics)
 
 CHECKPOINT_FORMAT = 1
+# The files this trainer writes atomically into the run directory (error.txt aside, which
+# the sweep launcher writes too).
+RECORD_FILES = (runs.CONFIG_FILE, runs.LOG_FILE, runs.CHECKPOINT_FILE, runs.WEIGHTS_FILE,
+                runs.VAL_LOGITS_FILE, runs.VAL_LABELS_FILE, runs.SUMMARY_FILE)
 # How often (in steps) the GPU is asked whether the loss is finite and whether a rank was
 # told to stop. Each check waits for the GPU to catch up; on CPU it costs nothing.
 CUDA_CHECK_EVERY_STEPS = 25
@@ -398,6 +413,7 @@ class Trainer:
         for step, (images, labels) in enumerate(bar):
             step_losses[step] = self.train_step(images, labels,
                                                 self.lr_schedule[first_iteration + step])
+            crash_point("train-step")
             if (step + 1) % check_every == 0 or step + 1 == steps:
                 self.check_steps(step_losses, checked, step + 1, epoch)
                 checked = step + 1
@@ -466,8 +482,12 @@ class Trainer:
                                        self.num_classes)
             entry.update(val_top1=metrics["top1"], val_top5=metrics["top5"],
                          val_loss=metrics["loss"], per_class_acc=metrics["per_class_acc"])
-        with open(self.run_dir / runs.LOG_FILE, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        # Rewritten whole through a temporary file rather than appended: a kill mid-write
+        # cannot leave half a line for a reader (a few kB per epoch: no cost worth saving).
+        log_path = self.run_dir / runs.LOG_FILE
+        previous = log_path.read_text() if log_path.is_file() else ""
+        atomic.write_text(log_path, previous + json.dumps(entry) + "\n")
+        crash_point("epoch-logged")
         top1 = "-" if entry["val_top1"] is None else f"{entry['val_top1']:.4f}"
         print(f"epoch {epoch + 1}/{self.nested['training']['epochs']}  lr {entry['lr']:.4g}  "
               f"train_loss {entry['train_loss']:.4f}  val_top1 {top1}  "
@@ -491,6 +511,10 @@ class Trainer:
         """(first epoch to train, training seconds so far), loading checkpoint.pt if any."""
         path = self.run_dir / runs.CHECKPOINT_FILE
         if not path.is_file():
+            if self.info.is_main:
+                # A run killed after logging its first epoch, before checkpointing it,
+                # restarts from scratch: that line is redone too.
+                truncate_log(self.run_dir / runs.LOG_FILE, 0)
             torch.manual_seed(rank_seed(seed, self.info.rank))  # dropout streams per rank
             return 0, 0.0
         state = torch.load(path, map_location=self.device, weights_only=True)
@@ -559,7 +583,7 @@ def truncate_log(log_path, epochs_done):
             if json.loads(line)["epoch"] < epochs_done:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a crash
+            continue  # a line cut short by a crash (logs were once appended to)
     atomic.write_text(log_path, "".join(line + "\n" for line in kept))
 
 
@@ -602,6 +626,8 @@ def check_run_dir(run_dir, run_id):
         if stored_id != run_id:
             raise RunDirRefused(f"run directory {run_dir} holds the config of run {stored_id}")
     (run_dir / runs.ERROR_FILE).unlink(missing_ok=True)
+    # A holder killed mid-write left its temporary files; only the lock holder writes them.
+    atomic.remove_stale_temp_files(run_dir, RECORD_FILES)
 
 
 def write_config(run_dir, nested, info, command):
@@ -621,11 +647,16 @@ def write_config(run_dir, nested, info, command):
 
 
 def write_error(run_dir, error, details):
-    atomic.write_text(run_dir / runs.ERROR_FILE, f"{error}\n\n{details}")
+    # On a full disk error.txt may not fit either: the error on stderr must still be the
+    # original one, not this write's.
+    try:
+        atomic.write_text(run_dir / runs.ERROR_FILE, f"{error}\n\n{details}")
+    except OSError as write_failure:
+        print(f"(could not write {runs.ERROR_FILE}: {write_failure})", file=sys.stderr)
 
 
 def one_line(error):
-    if isinstance(error, (RunError, ConfigError, runs.RunLockedError)):
+    if isinstance(error, (RunError, ConfigError, runs.RunLockedError, atomic.NoRoomError)):
         return str(error)
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
@@ -662,7 +693,10 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
                                  address=nested["dist"]["address"], port=nested["dist"]["port"])
         stack.callback(distributed.cleanup, info)
         try:
-            take_run_dir(stack, run_dir, nested, info, owns_run_dir)
+            if take_run_dir(stack, run_dir, nested, info, owns_run_dir):
+                if info.is_main:
+                    print(finished_meanwhile(run_dir), flush=True)
+                return EXIT_OK
             if info.is_main:
                 write_config(run_dir, nested, info, command)
             summary = Trainer(nested, run_dir, info, stop).fit()
@@ -684,17 +718,26 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
 
 def take_run_dir(stack, run_dir, nested, info, owns_run_dir):
     """The owner locks the run directory and checks it; under torchrun every rank learns
-    whether rank 0 succeeded, so none is left waiting in a collective."""
-    failure = None
+    whether rank 0 succeeded, so none is left waiting in a collective. True when the run
+    turned out complete once locked."""
+    failure, complete = None, False
     if owns_run_dir and info.is_main:
         try:
             stack.enter_context(runs.run_lock(run_dir))
             check_run_dir(run_dir, runs.run_id(nested))
+            complete = runs.is_complete(run_dir)
         except (runs.RunLockedError, RunDirRefused) as error:
             failure = str(error)
-    failure = distributed.broadcast_object(failure, info)
+    failure, complete = distributed.broadcast_object((failure, complete), info)
     if failure is not None:
         raise RunDirRefused(failure) if info.is_main else SystemExit(EXIT_FAILURE)
+    return complete
+
+
+def finished_meanwhile(run_dir):
+    # run() found the run incomplete before taking the lock; another process (a second
+    # launcher's trainer) can finish it in between. Only the lock holder's answer is final.
+    return f"run {run_dir.name} was completed by another process meanwhile: {run_dir}"
 
 
 def spawned_worker(rank, nested, run_dir, command):
@@ -710,6 +753,9 @@ def launch_spawned(nested, run_dir, command):
     world_size = nested["dist"]["world_size"]
     with runs.run_lock(run_dir):
         check_run_dir(run_dir, runs.run_id(nested))
+        if runs.is_complete(run_dir):
+            print(finished_meanwhile(run_dir), flush=True)
+            return EXIT_OK
         try:
             distributed.spawn(spawned_worker, world_size, (nested, str(run_dir), command))
         except torch_mp.ProcessExitedException as error:
@@ -727,6 +773,18 @@ def launch_spawned(nested, run_dir, command):
     return EXIT_OK
 
 
+def check_betons(nested):
+    """Both betons whole and agreeing with their .classes.json, checked before the run
+    directory exists: a truncated file or labels beyond the class list would otherwise
+    surface mid-training as a numpy or CUDA error, after a run directory was made.
+    It reads the metadata and allocation table only (no image), as the loaders do anyway."""
+    for key in ("train_dataset", "val_dataset"):
+        try:
+            check_beton(nested["data"][key])
+        except DatasetError as error:
+            raise ConfigError(f"data.{key}: {error}") from None
+
+
 def run(argv=None):
     """Resolve the config, then train (or do nothing if the run is complete). Exit code."""
     command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
@@ -737,6 +795,7 @@ def run(argv=None):
     if runs.is_complete(run_dir):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
         return EXIT_OK
+    check_betons(nested)
     if distributed.launched_by_torchrun():
         return train_worker(int(os.environ["RANK"]), nested, run_dir, command,
                             owns_run_dir=True)
@@ -752,7 +811,7 @@ def main(argv=None):
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    except (RunError, runs.RunLockedError) as error:
+    except (RunError, runs.RunLockedError, atomic.NoRoomError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -32,13 +32,15 @@ from fastargs.validation import Checker
 
 from ffcv_bias.config import (ConfigError, FloatInRange, OneOf, StrictBool, config_to_dict,
                               parse_config)
+from ffcv_bias.datasets import sidecar_problem
 
 DESCRIPTION = "Train one classifier on FFCV betons and write its run record."
 
 # Exit codes of train_imagenet.py (the sweep launcher reads them).
 EXIT_OK = 0
 EXIT_FAILURE = 1           # the run failed: error.txt in the run directory says why
-EXIT_CONFIG = 2            # bad configuration: nothing was started
+EXIT_CONFIG = 2            # bad configuration or input files (an unknown key, a corrupt
+                           # beton, ...): nothing was started, no run directory made
 EXIT_PREEMPTED = 75        # SIGTERM (e.g. SLURM preemption): stopped cleanly, relaunch resumes
                            # from checkpoint.pt (75 is EX_TEMPFAIL: "try again later")
 
@@ -203,19 +205,28 @@ def resolve_config(argv=None):
     """Parse `--config-file` YAML + `--section.key=value` into the nested config dict.
 
     Raises ConfigError (one line naming the key) on unknown keys or bad values. Under
-    torchrun the world size comes from the environment; it must agree with
-    dist.world_size, because the world size changes the result and so the run_id.
+    torchrun the world size comes from the environment and enters the config (and so the
+    run_id: the global batch changes the result); an explicit dist.world_size must agree.
     """
     declare_sections()
     config = parse_config(argv, description=DESCRIPTION)
     nested = config_to_dict(config)
-    launched_world_size = os.environ.get("WORLD_SIZE")
-    if launched_world_size is not None and "RANK" in os.environ:
-        if int(launched_world_size) != nested["dist"]["world_size"]:
-            raise ConfigError(f"torchrun started {launched_world_size} processes but "
-                              f"dist.world_size={nested['dist']['world_size']}: pass "
-                              f"--dist.world_size={launched_world_size}")
+    adopt_torchrun_world_size(nested)
     return nested
+
+
+def adopt_torchrun_world_size(nested):
+    """Under torchrun, dist.world_size = WORLD_SIZE unless the config names another size."""
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is None or "RANK" not in os.environ:
+        return
+    configured = nested["dist"]["world_size"]
+    if configured == 1:  # the default: the user let torchrun decide
+        nested["dist"]["world_size"] = int(launched)
+    elif configured != int(launched):
+        raise ConfigError(f"torchrun started {launched} processes but "
+                          f"dist.world_size={configured}: drop --dist.world_size or pass "
+                          f"--dist.world_size={launched}")
 
 
 def is_distributed(nested):
@@ -287,9 +298,15 @@ def read_sidecar(beton_path, key):
         raise ConfigError(f"{key}: {beton_path} has no class list {sidecar.name} beside it "
                           f"(write betons with write_datasets.py)")
     try:
-        return json.loads(sidecar.read_text())
-    except json.JSONDecodeError as error:
+        content = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{key}: {sidecar} is not valid JSON ({error})") from None
+    # The checks below read num_classes / num_samples: a malformed sidecar must be a
+    # one-line error here, not a KeyError later.
+    problem = sidecar_problem(content)
+    if problem:
+        raise ConfigError(f"{key}: corrupt class list {sidecar}: {problem}")
+    return content
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,11 +392,25 @@ def _check_datasets(nested):
         path = nested["data"][key]
         _require(Path(path).is_file(), f"data.{key}: no such file {path}")
         sidecars[key] = read_sidecar(path, f"data.{key}")
-    train_classes = sidecars["train_dataset"].get("classes")
-    val_classes = sidecars["val_dataset"].get("classes")
-    _require(train_classes == val_classes,
-             "data.train_dataset and data.val_dataset have different class lists")
+    _check_same_classes(nested["data"], sidecars["train_dataset"]["classes"],
+                        sidecars["val_dataset"]["classes"])
     return sidecars
+
+
+def _check_same_classes(data, train_classes, val_classes):
+    """The model's output size comes from the train sidecar: the val set must use the
+    same labels, or its accuracy would be computed against other classes."""
+    train, val = data["train_dataset"], data["val_dataset"]
+    _require(len(train_classes) == len(val_classes),
+             f"data.val_dataset {val} has {len(val_classes)} classes but data.train_dataset "
+             f"{train} has {len(train_classes)} (see their .classes.json)")
+    differing = [(index, a, b) for index, (a, b) in enumerate(zip(train_classes, val_classes))
+                 if a != b]
+    if differing:
+        index, train_name, val_name = differing[0]
+        raise ConfigError(f"data.train_dataset {train} and data.val_dataset {val} have "
+                          f"different class lists: class {index} is {train_name!r} in one, "
+                          f"{val_name!r} in the other")
 
 
 def _check_pruning(nested, num_train):

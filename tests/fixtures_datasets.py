@@ -127,6 +127,15 @@ def make_image_folder(root, seed=0):
     return class_names, expected
 
 
+def corrupt_folder(root):
+    """An ImageFolder with one file that is not an image and one truncated JPEG."""
+    make_image_folder(root)
+    (root / "moth" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    good = (root / "zebra" / "sub" / "c.jpeg").read_bytes()
+    (root / "zebra" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    return [root / "moth" / "broken.jpg", root / "zebra" / "cut.jpg"]
+
+
 def make_inaturalist_tree(root, split="val", seed=0):
     """An iNaturalist 2021 style tree: <split>.json plus images under <split>/.
     Category ids are sparse and listed out of order. Returns (class names in label order,

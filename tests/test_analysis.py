@@ -243,25 +243,7 @@ def test_float16_argmax_key_agrees_with_numpy():
     np.testing.assert_array_equal(_row_argmax(logits), logits.argmax(axis=1))
 
 
-def test_mixed_datasets_are_an_error(tmp_path):
-    _make(tmp_path, name="a", num_classes=6)
-    _make(tmp_path, name="b", num_classes=8)
-    with pytest.raises(AnalysisError, match="mixed datasets"):
-        run_analysis([tmp_path / "a", tmp_path / "b"], "augment.min_scale", make_plots=False)
-    _make(tmp_path, name="c", num_classes=6, class_names=[f"other_{i}" for i in range(6)])
-    with pytest.raises(AnalysisError, match="class lists .* differ"):
-        run_analysis([tmp_path / "a", tmp_path / "c"], "augment.min_scale", make_plots=False)
-
-
-def test_no_complete_run_is_an_error(tmp_path):
-    records = _make(tmp_path)
-    for run_dir in records["run_dirs"]:
-        (run_dir / "summary.json").unlink()
-    with pytest.raises(AnalysisError, match="no complete run"):
-        run_analysis(tmp_path / "runs", "augment.min_scale", make_plots=False)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(AnalysisError, match="no run records"):
-        run_analysis(tmp_path / "empty", "augment.min_scale", make_plots=False)
+# Mixed datasets and folders without a complete run: tests/test_bad_input.py.
 
 
 def test_runs_differing_in_another_key_are_not_pooled(tmp_path):

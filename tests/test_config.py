@@ -100,12 +100,14 @@ def test_run_id_follows_result_values_only(fake_betons):
         assert runs.run_id(resolve_config(small_args(fake_betons, change))) != runs.run_id(base)
 
 
-def test_torchrun_world_size_must_match_the_config(monkeypatch, fake_betons):
+def test_torchrun_world_size_enters_the_config_and_must_match_an_explicit_one(monkeypatch,
+                                                                              fake_betons):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match="--dist.world_size=4"):
-        resolve_config(small_args(fake_betons))
+    assert resolve_config(small_args(fake_betons))["dist"]["world_size"] == 4
     assert resolve_config(small_args(fake_betons, "--dist.world_size=4"))["dist"]["world_size"] == 4
+    with pytest.raises(ConfigError, match="torchrun started 4 processes but dist.world_size=2"):
+        resolve_config(small_args(fake_betons, "--dist.world_size=2"))
 
 
 def test_semantic_checks(fake_betons, tmp_path):

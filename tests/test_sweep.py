@@ -1,17 +1,16 @@
-"""Sweeps: expansion, local launch, resume after a crash, the submitit path, failures.
+"""Sweeps: expansion, local launch, the submitit submission, failures.
 
 Most launcher tests run a stand-in trainer (FAKE_TRAINER below): it uses the real config
 parser, run_id, run lock, exit codes and record file names, but an "epoch" is a short
 sleep, so a crash or a preemption can be staged in a second. `test_local_launch_real_
-trainer` runs the real train_imagenet.py on tiny Fashion-MNIST betons.
+trainer` runs the real train_imagenet.py on tiny Fashion-MNIST betons. Killed launchers
+and trainers, SIGTERM, requeue and two launchers at once: tests/test_faults.py.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from ffcv_bias.sweep import cli, slurm, spec
 from ffcv_bias.sweep.runner import START_MARKER, TRAIN_LOG_FILE, parse_gpus
 from ffcv_bias.sweep.spec import SweepError, load_sweep, plan
 from ffcv_bias.sweep.status import run_state
-from ffcv_bias.train_config import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -270,79 +268,6 @@ def test_parse_gpus_and_squeue_ids():
 # local launch (stand-in trainer)
 # ----------------------------------------------------------------------------------------
 
-def test_interrupted_launch_resumes_exactly_the_unfinished_runs(fake_setup, tmp_path):
-    folder = tmp_path / "runs"
-    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(folder),
-                             overrides={"training.epochs": 4},
-                             grid={"augment.min_scale": [1.0, 0.6, 0.3]}, seeds=2)
-    planned = plan(load_sweep(sweep_file))
-    # Epochs long against the 50 ms polling, so a run seen mid-way is still mid-way at the kill.
-    env = dict(os.environ, FAKE_EPOCH_S="1.0")
-    launcher = subprocess.Popen(
-        [PYTHON, "-m", "ffcv_bias.sweep", "launch", str(sweep_file), "--max-parallel", "2",
-         "--gpus", "none", "--train-script", str(fake_setup["script"])],
-        cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        states = [run_state(run) for run in planned]
-        started = [run for run in planned if (run.run_dir / runs.CHECKPOINT_FILE).is_file()
-                   and not runs.is_complete(run.run_dir)]
-        if states.count("complete") >= 2 and started:
-            break
-        time.sleep(0.05)
-    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its trainers, mid-epoch
-    launcher.wait()
-    complete_at_kill = {run.run_id for run in planned if runs.is_complete(run.run_dir)}
-    checkpointed_at_kill = {run.run_id for run in planned
-                            if (run.run_dir / runs.CHECKPOINT_FILE).is_file()} - complete_at_kill
-    assert len(complete_at_kill) >= 2 and checkpointed_at_kill
-    assert len(complete_at_kill) < len(planned)
-
-    result = sweep_cli("launch", sweep_file, "--max-parallel", "2", "--gpus", "none",
-                       "--train-script", fake_setup["script"])
-    assert result.returncode == 0, result.stderr
-    assert f"{len(planned) - len(complete_at_kill)} to launch" in result.stdout
-    for run in planned:
-        assert runs.is_complete(run.run_dir)
-        assert epochs_logged(run.run_dir) == [0, 1, 2, 3]  # every epoch once, in order
-        trainings = read_lines(run.run_dir / "trainings.txt")
-        assert trainings.count("complete") == 1
-        if run.run_id in complete_at_kill:
-            assert launch_starts(run.run_dir) == 1  # never relaunched
-        else:
-            assert launch_starts(run.run_dir) in (1, 2)
-        if run.run_id in checkpointed_at_kill:
-            assert launch_starts(run.run_dir) == 2
-            assert trainings[-2] != "start 0"  # resumed from its checkpoint
-    status = sweep_cli("status", sweep_file)
-    assert f"{len(planned)} runs: {len(planned)} complete" in status.stdout
-
-
-def test_sigterm_to_the_launcher_stops_trainers_cleanly(fake_setup, tmp_path):
-    """SIGTERM (or Ctrl-C) to the launcher: trainers save and exit, no run is marked failed."""
-    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
-                             overrides={"training.epochs": 20}, seeds=2)
-    planned = plan(load_sweep(sweep_file))
-    launcher = subprocess.Popen(
-        [PYTHON, "-m", "ffcv_bias.sweep", "launch", str(sweep_file), "--max-parallel", "2",
-         "--gpus", "none", "--train-script", str(fake_setup["script"])],
-        cwd=REPO, env=dict(os.environ, FAKE_EPOCH_S="0.2"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not all((run.run_dir / runs.CHECKPOINT_FILE).is_file() for run in planned):
-        assert time.time() < deadline and launcher.poll() is None
-        time.sleep(0.05)
-    launcher.send_signal(signal.SIGTERM)
-    stdout, stderr = launcher.communicate(timeout=60)
-    assert launcher.returncode == 130, stdout + stderr
-    assert "launch again to resume" in stderr
-    assert [run_state(run) for run in planned] == ["started", "started"]
-    for run in planned:
-        assert f"exit code {EXIT_PREEMPTED}" in (run.run_dir / TRAIN_LOG_FILE).read_text()
-        assert not (run.run_dir / runs.ERROR_FILE).exists()
-
-
 def test_failing_run_is_reported_while_others_finish(fake_setup, tmp_path):
     folder = tmp_path / "runs"
     missing = tmp_path / "no_such_train.beton"
@@ -386,28 +311,6 @@ def test_launcher_writes_error_txt_when_the_trainer_cannot(fake_setup, tmp_path)
     assert not (run.run_dir / runs.ERROR_FILE).exists()
 
 
-def test_run_locked_elsewhere_is_not_a_failure(fake_setup, tmp_path):
-    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
-                             seeds=1)
-    run = plan(load_sweep(sweep_file))[0]
-    with runs.run_lock(run.run_dir):
-        result = sweep_cli("plan", sweep_file)
-        assert f"{run.run_id}  0     running" in result.stdout
-        result = sweep_cli("launch", sweep_file, "--gpus", "none", "--train-script",
-                           fake_setup["script"])
-    assert result.returncode == 0
-    assert "1 running" in result.stdout and "0 to launch" in result.stdout
-    assert run_state(run) == "missing"
-    # The lock taken between the launcher's check and the trainer's: the trainer says so
-    # and exits non-zero; the launcher counts it as running elsewhere, not as a failure.
-    racing = tmp_path / "racing.py"
-    racing.write_text("import sys\nsys.exit('error: run r is being trained by another process')\n")
-    result = sweep_cli("launch", sweep_file, "--gpus", "none", "--train-script", racing)
-    assert result.returncode == 0, result.stderr
-    assert "running elsewhere" in result.stderr + result.stdout
-    assert run_state(run) == "missing"
-
-
 def test_local_dry_run_prints_commands(fake_setup, tmp_path):
     sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
                              grid={"model.dropout": [0.0, 0.5]}, seeds=1)
@@ -423,47 +326,6 @@ def test_local_dry_run_prints_commands(fake_setup, tmp_path):
 # ----------------------------------------------------------------------------------------
 # SLURM path: submitit's LocalExecutor, and sbatch files through a stand-in sbatch
 # ----------------------------------------------------------------------------------------
-
-def test_submitit_local_jobs_requeue_and_resume(fake_setup, tmp_path, monkeypatch):
-    """The real submitit path: array jobs, checkpoint() on the time-limit signal, requeue."""
-    folder = tmp_path / "runs"
-    sweep_file = write_sweep(
-        tmp_path / "s.yaml", base="base.yaml", folder=str(folder),
-        overrides={"training.epochs": 16}, grid={"augment.min_scale": [1.0, 0.5, 0.2]},
-        seeds=1,
-        # submitit signals (SIGUSR2) signal_delay_s before the 1-minute limit: 10 s after
-        # each (re)start; a run takes 16 s plus start-up, so the signal always lands
-        # mid-run and each restart makes progress from the checkpoint.
-        slurm={"mode": "pack", "gpus_per_node": 0, "runs_per_node": 2, "time": 1,
-               "signal_delay_s": 50})
-    monkeypatch.setenv("FAKE_EPOCH_S", "1.0")
-    monkeypatch.chdir(REPO)
-    sweep = load_sweep(sweep_file)
-    planned = plan(sweep)
-    submitted = slurm.submit(planned, sweep=sweep, settings=sweep.slurm, folder=folder,
-                             max_parallel=None, train_script=fake_setup["script"],
-                             cwd=REPO, cluster="local")
-    assert [len(job_runs) for _, job_runs in submitted] == [2, 1]
-    results = [job.result() for job, _ in submitted]  # raises if a job failed
-    assert results[0] == {planned[0].run_id: "complete", planned[1].run_id: "complete"}
-
-    resumed = 0
-    for run in planned:
-        assert runs.is_complete(run.run_dir)
-        assert epochs_logged(run.run_dir) == list(range(16))
-        starts = [line for line in read_lines(run.run_dir / "trainings.txt")
-                  if line.startswith("start")]
-        resumed += any(line != "start 0" for line in starts)
-    assert resumed >= 1  # at least one run was stopped by the signal and resumed
-    job_log = "".join(Path(p).read_text() for p in folder.glob(".sweep/submitit/*/*_log.*"))
-    assert "Calling checkpoint method" in job_log and "Requeued job" in job_log
-
-    record = json.loads((folder / ".sweep" / "jobs.json").read_text())
-    jobs = record["submissions"][-1]["jobs"]
-    assert [job["runs"] for job in jobs] == [[r.run_id for r in planned[:2]],
-                                             [planned[2].run_id]]
-    assert [job["job_id"] for job in jobs] == [str(job.job_id) for job, _ in submitted]
-
 
 def test_slurm_submission_writes_sbatch_array(fake_setup, tmp_path, monkeypatch):
     """The SLURM submission through stand-in srun/sbatch/squeue: parameters and job ids."""

@@ -1,18 +1,16 @@
 """The trainer end to end on 600 / 200 real Fashion-MNIST images, ResNet-8 at 28 px.
 
 Most runs happen in this process (ffcv's pipeline is compiled once per process, so a
-second run costs seconds, not tens of seconds); the SIGKILL test and the 2-process DDP
-test need their own processes. Every run uses one torch thread (OMP_NUM_THREADS=1): on
-CPU, bit-identical results need the same thread count.
+second run costs seconds, not tens of seconds); the 2-process DDP test needs its own
+processes. Every run uses one torch thread (OMP_NUM_THREADS=1): on CPU, bit-identical
+results need the same thread count. Kills, SIGTERM, a full disk and the run lock:
+tests/test_faults.py.
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,7 @@ import pytest
 import torch
 
 from ffcv_bias import runs
-from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
-                                    resolve_config)
+from ffcv_bias.train_config import EXIT_OK, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train_imagenet.py"
@@ -152,122 +149,8 @@ def test_same_config_gives_bit_identical_logits(finished_run, tmp_path):
         (run_dir / runs.VAL_LOGITS_FILE).read_bytes()
 
 
-# --------------------------------------------------------------------------------------
-# Interruptions
-# --------------------------------------------------------------------------------------
-
-def wait_for(condition, process, timeout=300):
-    deadline = time.time() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"trainer exited early: {process.communicate()}")
-        if time.time() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
-def test_sigkill_mid_epoch_then_restart_gives_the_same_logits(finished_run, tmp_path):
-    args, run_dir = finished_run
-    killed_args = args + [f"--logging.folder={tmp_path}"]
-    killed_dir = tmp_path / run_dir.name
-    process = train_subprocess(killed_args)
-    # checkpoint.pt appears once epoch 1 of 2 is done: the run is then in epoch 2.
-    wait_for(lambda: (killed_dir / runs.CHECKPOINT_FILE).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert not runs.is_complete(killed_dir), "the run ended before it could be killed"
-    assert torch.load(killed_dir / runs.CHECKPOINT_FILE, weights_only=True)["epoch"] == 1
-
-    assert train_in_process(killed_args) == EXIT_OK
-    assert (killed_dir / runs.VAL_LOGITS_FILE).read_bytes() == \
-        (run_dir / runs.VAL_LOGITS_FILE).read_bytes()
-    assert [entry["epoch"] for entry in read_log(killed_dir)] == [0, 1]
-    assert read_log(killed_dir)[0] == read_log(run_dir)[0] | {
-        key: read_log(killed_dir)[0][key] for key in ("epoch_seconds", "images_per_second")}
-
-
-def test_sigterm_stops_after_a_step_and_the_rerun_resumes(tiny_fashion_betons, tmp_path):
-    args = train_args(tiny_fashion_betons, tmp_path, "--training.epochs=3")
-    run_dir = run_dir_of(args)
-
-    def terminate_when_epoch_one_is_saved():
-        while not (run_dir / runs.CHECKPOINT_FILE).exists():
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    # A SIGTERM arriving after the trainer restored the handler must not kill pytest.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        threading.Thread(target=terminate_when_epoch_one_is_saved, daemon=True).start()
-        assert train_in_process(args) == EXIT_PREEMPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert not runs.is_complete(run_dir)
-    saved_epochs = torch.load(run_dir / runs.CHECKPOINT_FILE, weights_only=True)["epoch"]
-    assert saved_epochs in (1, 2)
-    assert [entry["epoch"] for entry in read_log(run_dir)][:saved_epochs] == list(range(saved_epochs))
-
-    assert train_in_process(args) == EXIT_OK
-    assert [entry["epoch"] for entry in read_log(run_dir)] == [0, 1, 2]
-    assert runs.is_complete(run_dir)
-
-
-def test_non_finite_loss_stops_with_a_clear_message(tiny_fashion_betons, tmp_path, capsys):
-    args = train_args(tiny_fashion_betons, tmp_path, "--lr.lr=1e30")
-    assert train_in_process(args) == EXIT_FAILURE
-    message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("error: non-finite loss at epoch 0 step ")
-    run_dir = run_dir_of(args)
-    error_text = (run_dir / runs.ERROR_FILE).read_text()
-    assert error_text.splitlines()[0] == message.removeprefix("error: ")
-    assert "Traceback" in error_text
-    assert not (run_dir / runs.CHECKPOINT_FILE).exists() and not runs.is_complete(run_dir)
-    assert runs.run_state(run_dir) == "failed"
-
-
-def test_a_second_trainer_on_the_same_run_is_refused(tiny_fashion_betons, tmp_path, capsys):
-    args = train_args(tiny_fashion_betons, tmp_path)
-    run_dir = run_dir_of(args)
-    with runs.run_lock(run_dir):
-        assert train_in_process(args) == EXIT_FAILURE
-    assert "being trained by another process" in capsys.readouterr().err
-    assert not (run_dir / runs.ERROR_FILE).exists()  # not our run to mark as failed
-
-
-def test_a_directory_holding_another_runs_config_is_refused(tiny_fashion_betons, tmp_path,
-                                                            capsys):
-    args = train_args(tiny_fashion_betons, tmp_path)
-    run_dir = run_dir_of(args)
-    run_dir.mkdir(parents=True)
-    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"meta": {"run_id": "other_run"}}))
-    assert train_in_process(args) == EXIT_FAILURE
-    error = capsys.readouterr().err.strip()
-    assert error == f"error: run directory {run_dir} holds the config of run other_run"
-
-
-# --------------------------------------------------------------------------------------
-# Configuration errors
-# --------------------------------------------------------------------------------------
-
-def test_unknown_keys_exit_2_with_one_line(tiny_fashion_betons, tmp_path, capsys):
-    assert train_in_process(train_args(tiny_fashion_betons, tmp_path,
-                                       "--training.wieght_decay=0")) == EXIT_CONFIG
-    assert capsys.readouterr().err.strip() == \
-        "error: unknown config key 'training.wieght_decay' (from command line)"
-    config_file = tmp_path / "bad.yaml"
-    config_file.write_text("model:\n  arch: resnet8\n  dropuot: 0.1\n")
-    args = train_args(tiny_fashion_betons, tmp_path, "--config-file", str(config_file))
-    assert train_in_process(args) == EXIT_CONFIG
-    assert "model.dropuot" in capsys.readouterr().err
-    assert not any(tmp_path.glob("resnet8_*"))  # nothing was started
-
-
-def test_the_cli_reports_a_bad_value_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--data.train_dataset=x",
-                             "--data.val_dataset=y", "--augment.min_scale=2"],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == EXIT_CONFIG
-    assert result.stderr.strip().count("\n") == 0 and "augment.min_scale" in result.stderr
+# Bad configs, bad betons, a NaN loss and a run directory holding another run's config:
+# tests/test_bad_input.py.
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,466 @@
+"""Bad input, end to end (issue #9): one table, one row per bad input a user can hand us.
+
+Each case makes its bad input in the real on-disk format (a beton cut short, a JPEG that is
+not one, a run folder of another dataset, ...), runs the command a user types, and checks
+what the user gets:
+
+- a non-zero exit with the documented code: train_imagenet.py exits 2 for a bad config or
+  bad input files (nothing started) and 1 for a run that started and failed;
+  write_datasets.py exits 1; `python -m ffcv_bias.analysis` and `python -m ffcv_bias.sweep`
+  exit 2;
+- stderr's last non-empty line is the error, one line naming the problem (the file, the
+  key, the class counts), and no Python traceback anywhere on stderr;
+- nothing half-written: every file under the case's folder is byte for byte what it was
+  before (a good beton already at the write path included), nothing was added (no run
+  directory, no *.tmp, no partial beton, no report), except what the case names: a run
+  that started and failed keeps config.json and error.txt, and a refused run directory
+  gets the lock file taken to check it.
+
+Issue item -> cases:
+    truncated or corrupt beton                      truncated_train_beton, corrupt_val_beton
+    beton labels vs its classes.json                labels_beyond_classes_json,
+                                                    sample_count_vs_classes_json,
+                                                    classes_json_count_vs_names
+    val beton with another class count              val_beton_with_5_of_10_classes
+    unknown config key or section                   unknown_key, unknown_section
+    wrong value type                                wrong_value_type
+    crop lower bound outside (0, 1]                 crop_bound_zero, crop_bound_negative,
+                                                    crop_bound_above_one, sweep_crop_bound_zero
+    empty or missing dataset directory              empty_dataset_dir, missing_dataset_dir
+    corrupt JPEG files                              corrupt_jpegs
+    run directory with another run's config         run_dir_of_another_run
+    analysis: no complete run / mixed datasets      no_complete_run, no_run_records,
+                                                    mixed_class_counts, mixed_class_lists
+    NaN loss                                        nan_loss
+
+Most cases call the CLI's main() in this process (ffcv and torch are imported once); the
+`subprocess` ones run the real command, where a traceback would reach the terminal.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import yaml
+
+from fixtures_datasets import corrupt_folder, read_beton
+from test_train import run_dir_of, train_args
+from ffcv_bias import runs
+from ffcv_bias.analysis import make_synthetic_runs
+from ffcv_bias.train_config import EXIT_CONFIG, EXIT_FAILURE
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+# What each command is, for a user: how it is started and how its errors begin.
+COMMANDS = {
+    "train": ([str(REPO / "train_imagenet.py")], "error: "),
+    "write": ([str(REPO / "write_datasets.py")], "write_datasets.py: error: "),
+    "analysis": (["-m", "ffcv_bias.analysis"], "error: "),
+    "sweep": (["-m", "ffcv_bias.sweep"], "error: "),
+}
+EXIT_WRITE_FAILED = 1  # write_datasets.py
+EXIT_MODULE_CLI_ERROR = 2  # python -m ffcv_bias.analysis, python -m ffcv_bias.sweep
+
+
+# --------------------------------------------------------------------------------------
+# The folder a case works in, and what a case makes there
+# --------------------------------------------------------------------------------------
+
+class Workspace:
+    """tmp_path of one case. Betons are copied in only by the cases that damage them."""
+
+    def __init__(self, root, request):
+        self.root = root
+        self.request = request
+        self.runs = root / "runs"
+
+    def good_betons(self):
+        """The session's tiny Fashion-MNIST (train, val) betons, read only."""
+        return self.request.getfixturevalue("tiny_fashion_betons")
+
+    def copied_betons(self):
+        """Copies (train, val) under root/data, with their classes.json, to damage."""
+        (self.root / "data").mkdir(exist_ok=True)
+        copies = []
+        for beton in self.good_betons():
+            copy = self.root / "data" / beton.name
+            shutil.copy(beton, copy)
+            shutil.copy(classes_json(beton), classes_json(copy))
+            copies.append(copy)
+        return tuple(copies)
+
+    def train_args(self, *extra, betons=None):
+        return train_args(betons or self.good_betons(), self.runs, *extra)
+
+    def file(self, name, text):
+        path = self.root / name
+        path.write_text(text)
+        return path
+
+
+@dataclass
+class BadInput:
+    argv: list
+    needles: list                    # each must be in the error line
+    may_leave: list = field(default_factory=list)  # paths the failure is allowed to add
+
+
+@dataclass
+class Case:
+    id: str
+    item: str                        # the issue's words
+    command: str                     # a key of COMMANDS
+    make: Callable                   # Workspace -> BadInput
+    code: int
+    subprocess: bool = False
+    then: Callable = None            # (Workspace, BadInput, error line) -> extra checks
+
+
+def classes_json(beton):
+    return Path(f"{beton}.classes.json")
+
+
+def edit_classes_json(beton, **changes):
+    path = classes_json(beton)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# -- betons ------------------------------------------------------------------------------
+
+def truncated_train_beton(ws):
+    train, val = ws.copied_betons()
+    with open(train, "r+b") as handle:  # a copy or download that stopped half-way
+        handle.truncate(train.stat().st_size // 2)
+    return BadInput(ws.train_args(betons=(train, val)),
+                    ["data.train_dataset", f"truncated or unfinished beton {train}"])
+
+
+def corrupt_val_beton(ws):
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+    train, val = ws.copied_betons()
+    table_start = int(np.fromfile(val, dtype=HeaderType, count=1)[0]["alloc_table_ptr"])
+    table = np.fromfile(val, dtype=ALLOC_TABLE_TYPE, offset=table_start)
+    table["ptr"] = val.stat().st_size  # every image now points past the end of the file
+    with open(val, "r+b") as handle:
+        handle.seek(table_start)
+        handle.write(table.tobytes())
+    return BadInput(ws.train_args(betons=(train, val)),
+                    ["data.val_dataset", f"corrupt beton {val}", "runs past"])
+
+
+def labels_beyond_classes_json(ws):
+    train, val = ws.copied_betons()
+    for beton in (train, val):  # both lists agree with each other, not with the labels
+        edit_classes_json(beton, num_classes=5, classes=FASHION_CLASSES[:5])
+    return BadInput(ws.train_args(betons=(train, val)),
+                    ["data.train_dataset", f"beton {train} has labels 0..9",
+                     "classes.json lists 5 classes"])
+
+
+def sample_count_vs_classes_json(ws):
+    train, val = ws.copied_betons()
+    edit_classes_json(train, num_samples=601)
+    return BadInput(ws.train_args(betons=(train, val)),
+                    ["data.train_dataset", f"beton {train} holds 600 labels",
+                     "classes.json says 601"])
+
+
+def classes_json_count_vs_names(ws):
+    train, val = ws.copied_betons()
+    edit_classes_json(val, num_classes=9)
+    return BadInput(ws.train_args(betons=(train, val)),
+                    ["data.val_dataset", f"corrupt class list {classes_json(val)}",
+                     "num_classes is 9 but 10 class names"])
+
+
+def val_beton_with_5_of_10_classes(ws):
+    """A real val beton of Fashion-MNIST's first 5 classes, written by our writer."""
+    from ffcv_bias.datasets import ArrayImages, write_beton
+    train, full_val = ws.good_betons()
+    images, labels, _ = read_beton(full_val)
+    keep = labels < 5
+    val = ws.root / "fashion-mnist-5_val.beton"
+    write_beton(ArrayImages(np.stack(images)[keep], labels[keep]), FASHION_CLASSES[:5], val,
+                dataset_name="fashion-mnist-5", split="val")
+    return BadInput(ws.train_args(betons=(train, val)),
+                    [f"data.val_dataset {val} has 5 classes",
+                     f"data.train_dataset {train} has 10"])
+
+
+# -- config ------------------------------------------------------------------------------
+
+def config_override(override, *needles):
+    def make(ws):
+        return BadInput(ws.train_args(override), list(needles))
+    return make
+
+
+def unknown_section(ws):
+    config = ws.file("typo.yaml", "augmentation:\n  min_scale: 0.3\n")
+    return BadInput(ws.train_args("--config-file", str(config)),
+                    ["unknown config section 'augmentation'", str(config)])
+
+
+def crop_bound(value):
+    return config_override(f"--augment.min_scale={value}",
+                           f"bad value for 'augment.min_scale': '{value}'", "(0, 1]")
+
+
+def sweep_crop_bound_zero(ws):
+    train, val = ws.good_betons()
+    base = ws.file("base.yaml", yaml.safe_dump({
+        "data": {"train_dataset": str(train), "val_dataset": str(val)},
+        "model": {"arch": "resnet8"}, "training": {"epochs": 1, "batch_size": 32}}))
+    sweep = ws.file("crop.yaml", yaml.safe_dump({
+        "base": str(base), "folder": str(ws.runs), "seeds": 1,
+        "grid": {"augment.min_scale": [1.0, 0]}}))
+    return BadInput(["launch", str(sweep)],
+                    ["1 runs have a bad config", "augment.min_scale=0",
+                     "bad value for 'augment.min_scale'"])
+
+
+# -- runs --------------------------------------------------------------------------------
+
+def run_dir_of_another_run(ws):
+    args = ws.train_args()
+    run_dir = run_dir_of(args)
+    run_dir.mkdir(parents=True)
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"meta": {"run_id": "other_run"}}))
+    return BadInput(args, [f"run directory {run_dir} holds the config of run other_run"],
+                    may_leave=[run_dir / runs.LOCK_FILE])
+
+
+def nan_loss(ws):
+    args = ws.train_args("--lr.lr=1e30")
+    run_dir = run_dir_of(args)
+    return BadInput(args, ["non-finite loss at epoch 0 step "],
+                    may_leave=[ws.runs, run_dir, run_dir / runs.LOCK_FILE,
+                               run_dir / runs.CONFIG_FILE, run_dir / runs.ERROR_FILE])
+
+
+def nan_loss_is_recorded_as_failed(ws, bad, error_line):
+    """The failed run keeps its reason: error.txt starts with the line the user saw."""
+    run_dir = run_dir_of(bad.argv)
+    assert runs.run_state(run_dir) == "failed"
+    error_text = (run_dir / runs.ERROR_FILE).read_text()
+    assert error_text.splitlines()[0] == error_line.removeprefix("error: ")
+    assert "Traceback" in error_text  # the details are for the record, not the terminal
+
+
+# -- write_datasets.py -----------------------------------------------------------------------
+
+def write_args(ws, data_dir):
+    """imagefolder args whose write path holds a good beton already (it must survive)."""
+    _, val = ws.good_betons()
+    existing = ws.root / "out" / "folder.beton"
+    existing.parent.mkdir()
+    shutil.copy(val, existing)
+    shutil.copy(classes_json(val), classes_json(existing))
+    return ["--cfg.dataset=imagefolder", "--cfg.split=train", f"--cfg.data_dir={data_dir}",
+            f"--cfg.write_path={existing}"]
+
+
+def missing_dataset_dir(ws):
+    missing = ws.root / "missing"
+    return BadInput(write_args(ws, missing), [f"image folder directory not found: {missing}"])
+
+
+def empty_dataset_dir(ws):
+    empty = ws.root / "empty"
+    empty.mkdir()
+    return BadInput(write_args(ws, empty), [f"image folder directory is empty: {empty}"])
+
+
+def corrupt_jpegs(ws):
+    not_a_jpeg, _ = corrupt_folder(ws.root / "train")  # and one JPEG cut in half
+    return BadInput(write_args(ws, ws.root / "train"),
+                    [f"cannot read image {not_a_jpeg}", "(and 1 more)", "skip_corrupt=1"])
+
+
+# -- analysis ----------------------------------------------------------------------------
+
+def analysis_args(ws, *folders):
+    return [*map(str, folders), "--vary", "augment.min_scale", "--out", str(ws.root / "report")]
+
+
+def synthetic_runs(folder, **options):
+    return make_synthetic_runs(folder, [1.0, 0.08], range(2), n_per_class=5, **options)
+
+
+def no_complete_run(ws):
+    for run_dir in synthetic_runs(ws.runs, num_classes=6)["run_dirs"]:
+        (run_dir / runs.SUMMARY_FILE).unlink()  # killed before the end
+    return BadInput(analysis_args(ws, ws.runs),
+                    [f"no complete run (summary.json) under {ws.runs}", "(4 incomplete)"])
+
+
+def no_run_records(ws):
+    ws.runs.mkdir()
+    return BadInput(analysis_args(ws, ws.runs),
+                    [f"no run records (directories with config.json) under {ws.runs}"])
+
+
+def mixed_class_counts(ws):
+    synthetic_runs(ws.root / "six", num_classes=6)
+    synthetic_runs(ws.root / "eight", num_classes=8)
+    return BadInput(analysis_args(ws, ws.root / "six", ws.root / "eight"),
+                    ["mixed datasets", "has 8 classes", "has 6 classes"])
+
+
+def mixed_class_lists(ws):
+    synthetic_runs(ws.root / "a", num_classes=6)
+    synthetic_runs(ws.root / "b", num_classes=6, class_names=[f"other_{i}" for i in range(6)])
+    return BadInput(analysis_args(ws, ws.root / "a", ws.root / "b"),
+                    ["mixed datasets: class lists of", "differ"])
+
+
+BETON = "truncated or corrupt beton"
+CASES = [
+    Case("truncated_train_beton", BETON, "train", truncated_train_beton, EXIT_CONFIG,
+         subprocess=True),
+    Case("corrupt_val_beton", BETON, "train", corrupt_val_beton, EXIT_CONFIG),
+    Case("labels_beyond_classes_json", "beton label count vs its classes.json", "train",
+         labels_beyond_classes_json, EXIT_CONFIG),
+    Case("sample_count_vs_classes_json", "beton label count vs its classes.json", "train",
+         sample_count_vs_classes_json, EXIT_CONFIG),
+    Case("classes_json_count_vs_names", "beton label count vs its classes.json", "train",
+         classes_json_count_vs_names, EXIT_CONFIG),
+    Case("val_beton_with_5_of_10_classes", "val beton with another class count", "train",
+         val_beton_with_5_of_10_classes, EXIT_CONFIG),
+    Case("unknown_key", "unknown config key or section", "train",
+         config_override("--training.wieght_decay=0",
+                         "unknown config key 'training.wieght_decay' (from command line)"),
+         EXIT_CONFIG),
+    Case("unknown_section", "unknown config key or section", "train", unknown_section,
+         EXIT_CONFIG),
+    Case("wrong_value_type", "wrong value type", "train",
+         config_override("--training.epochs=three",
+                         "bad value for 'training.epochs': 'three' is not an integer"),
+         EXIT_CONFIG),
+    Case("crop_bound_zero", "crop lower bound outside (0, 1]", "train", crop_bound("0"),
+         EXIT_CONFIG, subprocess=True),
+    Case("crop_bound_negative", "crop lower bound outside (0, 1]", "train",
+         crop_bound("-0.1"), EXIT_CONFIG),
+    Case("crop_bound_above_one", "crop lower bound outside (0, 1]", "train",
+         crop_bound("1.5"), EXIT_CONFIG),
+    Case("sweep_crop_bound_zero", "crop lower bound outside (0, 1]", "sweep",
+         sweep_crop_bound_zero, EXIT_MODULE_CLI_ERROR),
+    Case("missing_dataset_dir", "empty or missing dataset directory", "write",
+         missing_dataset_dir, EXIT_WRITE_FAILED, subprocess=True),
+    Case("empty_dataset_dir", "empty or missing dataset directory", "write",
+         empty_dataset_dir, EXIT_WRITE_FAILED),
+    Case("corrupt_jpegs", "corrupt JPEG files", "write", corrupt_jpegs, EXIT_WRITE_FAILED),
+    Case("run_dir_of_another_run", "run directory with another run's config", "train",
+         run_dir_of_another_run, EXIT_FAILURE),
+    Case("no_complete_run", "analysis over folders with no complete run", "analysis",
+         no_complete_run, EXIT_MODULE_CLI_ERROR),
+    Case("no_run_records", "analysis over folders with no complete run", "analysis",
+         no_run_records, EXIT_MODULE_CLI_ERROR),
+    Case("mixed_class_counts", "analysis over mixed datasets", "analysis", mixed_class_counts,
+         EXIT_MODULE_CLI_ERROR, subprocess=True),
+    Case("mixed_class_lists", "analysis over mixed datasets", "analysis", mixed_class_lists,
+         EXIT_MODULE_CLI_ERROR),
+    Case("nan_loss", "NaN loss", "train", nan_loss, EXIT_FAILURE,
+         then=nan_loss_is_recorded_as_failed),
+]
+
+ISSUE_ITEMS = {BETON, "beton label count vs its classes.json",
+               "val beton with another class count", "unknown config key or section",
+               "wrong value type", "crop lower bound outside (0, 1]",
+               "empty or missing dataset directory", "corrupt JPEG files",
+               "run directory with another run's config",
+               "analysis over folders with no complete run", "analysis over mixed datasets",
+               "NaN loss"}
+
+
+# --------------------------------------------------------------------------------------
+# Running a command as a user would, and reading what it left
+# --------------------------------------------------------------------------------------
+
+def run_in_process(command, argv, monkeypatch, capsys):
+    """(exit code, stderr) of the command's main() in this process."""
+    if command == "train":
+        import train_imagenet
+        monkeypatch.setattr(sys, "argv", ["train_imagenet.py", *argv])  # preflight reads it
+        main = train_imagenet.main
+    elif command == "write":
+        from write_datasets import main as write_main
+        main = lambda: write_main(argv)  # noqa: E731
+    elif command == "analysis":
+        from ffcv_bias.analysis.__main__ import main as analysis_main
+        main = lambda: analysis_main(argv)  # noqa: E731
+    else:
+        from ffcv_bias.sweep.cli import main as sweep_main
+        main = lambda: sweep_main(argv)  # noqa: E731
+    try:
+        code = main()
+    except SystemExit as exit_:  # argparse's way out
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def run_subprocess(command, argv, cwd):
+    """(exit code, stderr) of the real command line."""
+    launcher, _ = COMMANDS[command]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, *launcher, *argv], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stderr
+
+
+def files_under(root):
+    """{path: bytes, or None for a directory} of everything under root."""
+    return {path: (path.read_bytes() if path.is_file() else None)
+            for path in sorted(root.rglob("*"))}
+
+
+def error_line(command, stderr):
+    """The last non-empty stderr line, checked to be the command's error line."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    _, prefix = COMMANDS[command]
+    assert lines[-1].startswith(prefix), stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_one_line_non_zero_and_writes_nothing(case, tmp_path, request,
+                                                          monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    workspace = Workspace(tmp_path, request)
+    bad = case.make(workspace)
+    capsys.readouterr()  # what making the bad input printed is not the command's output
+    before = files_under(tmp_path)
+
+    if case.subprocess:
+        code, stderr = run_subprocess(case.command, bad.argv, tmp_path)
+    else:
+        code, stderr = run_in_process(case.command, bad.argv, monkeypatch, capsys)
+
+    assert code == case.code, stderr
+    line = error_line(case.command, stderr)
+    for needle in bad.needles:
+        assert needle in line, line
+    if case.subprocess:  # the terminal shows the error and nothing else
+        assert stderr.strip() == line, stderr
+
+    after = files_under(tmp_path)
+    assert [path for path in before if path not in after] == []
+    assert [path for path in before if path in after and after[path] != before[path]] == []
+    assert [path for path in after if path not in before and path not in bad.may_leave] == []
+    if case.then is not None:
+        case.then(workspace, bad, line)
+
+
+def test_every_item_of_the_issue_has_a_case():
+    assert {case.item for case in CASES} == ISSUE_ITEMS
+    assert len({case.id for case in CASES}) == len(CASES)

@@ -1,0 +1,805 @@
+"""Faults: kills at every instant, preemption, a full disk, two launchers at once (issue #9).
+
+The claim under test is "nothing finished is ever lost": whenever a run dies, every file a
+reader can see in its directory is whole, a restart finishes it, and the result is bit for
+bit the uninterrupted one.
+
+How the trainers run. A fresh trainer process spends ~10 s importing ffcv and ~10 s
+compiling its numba pipeline before its first step (50 s on a loaded 2-core machine), and
+these tests start some 30 of them. So a *fork server* (FORKSERVER below) imports the
+trainer once, trains the reference run in-process (compiling what can be compiled once),
+and then forks one child per trainer start. A child is a separate process: it is
+SIGKILLed, SIGTERMed or limited like any trainer, and what it leaves on disk is what a
+real one would leave. Every result is compared with the reference, trained in the server
+itself, so a restart must reproduce another process's result bit for bit (the trainer
+re-seeds everything it draws from, so a child inherits no random state that matters).
+
+Where in a run a kill lands: ffcv_bias/faults.py's named crash points (inside every atomic
+write, between training steps, after an epoch's log line) for the exact instants, plus
+kills from outside at seeded random moments.
+
+The sweep tests use test_sweep's stand-in trainer (real config, run_id, lock and exit
+codes; an "epoch" is a sleep) and the real launcher.
+"""
+import contextlib
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ffcv_bias import runs
+from ffcv_bias.sweep import slurm
+from ffcv_bias.sweep.runner import TRAIN_LOG_FILE
+from ffcv_bias.sweep.spec import load_sweep, plan
+from ffcv_bias.sweep.status import run_state
+from ffcv_bias.train_config import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, resolve_config
+from fixtures_datasets import make_fashion_dir
+from test_sweep import (PYTHON, REPO, epochs_logged, launch_starts, read_lines, sweep_cli,
+                        write_sweep)
+from test_sweep import fake_setup  # noqa: F401 (a fixture: the stand-in trainer's files)
+from test_train import THREADS_ENV, read_log, run_dir_of, train_args
+
+EPOCHS = 3
+TRAIN_IMAGES, VAL_IMAGES, CLASSES = 600, 200, 10  # conftest's tiny_fashion_betons
+# The runs here train on a quarter of the training images (6 steps of 25 per epoch) and
+# validate once, at the end: some 30 trainer starts then fit the time budget.
+KEPT_TRAIN_IMAGES, BATCH = 150, 25
+
+
+def wait_for(condition, process, timeout=300):
+    """Poll `condition` until true; fail if `process` (a Popen or a Child) ends first."""
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"exited early: {process.communicate()}")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------------------
+# The fork server
+# ----------------------------------------------------------------------------------------
+
+FORKSERVER = textwrap.dedent('''
+    """Runs `module:function(*args)` requests: in this process, or in a forked child.
+
+    Requests and replies are JSON lines on stdin / stdout; this process's own output and
+    each child's go to files."""
+    import importlib, json, os, resource, sys, time, traceback
+    from ffcv_bias import faults
+    import ffcv_bias.train  # the expensive imports, once
+
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    def call(request):
+        module, _, name = request["call"].partition(":")
+        return getattr(importlib.import_module(module), name)(*request["args"])
+
+    def forget_shared_locks():
+        # tqdm's write lock is a multiprocessing semaphore, shared with this server through
+        # fork: a child SIGKILLed while holding it would hang every later child.
+        from tqdm import tqdm
+        from tqdm.std import TqdmDefaultWriteLock
+        for owner, name in ((tqdm, "_lock"), (TqdmDefaultWriteLock, "mp_lock")):
+            if name in vars(owner):
+                delattr(owner, name)
+
+    def child(request):
+        code = 100
+        try:
+            forget_shared_locks()
+            output = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            if request["fsize_limit"]:
+                limit = request["fsize_limit"]
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            faults.arm(request["crash_at"])
+            code = call(request)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 100)
+
+    for line in iter(sys.stdin.readline, ""):
+        request = json.loads(line)
+        if not request["fork"]:
+            started = time.time()
+            code = call(request)
+            replies.write(json.dumps({"returncode": code,
+                                      "seconds": time.time() - started}) + "\\n")
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            child(request)
+        replies.write(json.dumps({"pid": pid}) + "\\n")
+        _, status = os.waitpid(pid, 0)
+        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\\n")
+''')
+
+TRAIN = "ffcv_bias.train:main"
+WRITE_DATASETS = "write_datasets:main"
+REPLY_TIMEOUT_S = 180
+
+
+class ForkServer:
+    def __init__(self, workdir):
+        self.workdir = Path(workdir)
+        self.log_path = self.workdir / "forkserver.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **THREADS_ENV)
+        env.pop("FFCV_BIAS_CRASH_AT", None)
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen([PYTHON, "-c", FORKSERVER], cwd=REPO, env=env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=log)
+        self.pending = b""
+        self.children = 0
+        self.last_child = None
+
+    def request(self, **request):
+        self.process.stdin.write((json.dumps(request) + "\n").encode())
+        self.process.stdin.flush()
+
+    def reply(self, timeout=REPLY_TIMEOUT_S):
+        """The next reply line; unbuffered reads, so select() never misses a buffered one."""
+        deadline = time.time() + timeout
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self.pending:
+            remaining = deadline - time.time()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise AssertionError(f"no answer from the fork server in {timeout} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError("the fork server died:\n" + self.log_path.read_text()[-3000:])
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return json.loads(line)
+
+    def run_in_server(self, argv, call=TRAIN):
+        """(exit code, seconds) of `call(argv)` in the server process itself."""
+        self.request(call=call, args=[argv], fork=False)
+        answer = self.reply()
+        return answer["returncode"], answer["seconds"]
+
+    def start(self, argv, crash_at=None, fsize_limit=None, call=TRAIN, call_args=None):
+        """A forked child running `call(argv)` (or `call(*call_args)`); `crash_at` arms a
+        faults crash point, `fsize_limit` sets RLIMIT_FSIZE."""
+        self.children += 1
+        output = self.workdir / f"child-{self.children}.log"
+        self.request(call=call, args=[argv] if call_args is None else call_args, fork=True,
+                     crash_at=crash_at,
+                     fsize_limit=fsize_limit, output=str(output))
+        self.last_child = self.reply()["pid"]
+        return Child(self, self.last_child, output)
+
+    def run(self, argv, **kwargs):
+        """(exit code, output) of a forked child run to its end."""
+        child = self.start(argv, **kwargs)
+        return child.wait(), child.output()
+
+    def close(self):
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # waiting for a hung child: end both
+            if self.last_child is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.last_child, signal.SIGKILL)
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class Child:
+    server: ForkServer
+    pid: int
+    output_path: Path
+    returncode: int = field(default=None)
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = self.server.reply()["returncode"]
+        return self.returncode
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def poll(self):
+        """None while the child runs (test_train.wait_for's interface), else its exit code."""
+        try:
+            os.kill(self.pid, 0)
+            return None
+        except ProcessLookupError:
+            return self.wait()
+
+    def communicate(self):
+        return self.output(), ""
+
+    def output(self):
+        return self.output_path.read_text() if self.output_path.is_file() else ""
+
+    def printed(self, text):
+        return text in self.output()
+
+
+@dataclass
+class Reference:
+    args: list
+    run_dir: Path
+    warm_epoch_seconds: float
+
+    def args_in(self, folder):
+        """The same run (same run_id) in another folder."""
+        return self.args + [f"--logging.folder={folder}"]
+
+
+@pytest.fixture(scope="module")
+def forkserver(tiny_fashion_betons, tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def reference(forkserver, tiny_fashion_betons):
+    """The uninterrupted 3-epoch run, trained in the fork server (warming it up)."""
+    keep = forkserver.workdir / "keep.npy"
+    np.save(keep, np.arange(0, TRAIN_IMAGES, TRAIN_IMAGES // KEPT_TRAIN_IMAGES))
+    args = train_args(tiny_fashion_betons, forkserver.workdir / "reference",
+                      f"--training.epochs={EPOCHS}", f"--training.batch_size={BATCH}",
+                      f"--data.keep_indices={keep}",
+                      f"--data.sparsity={1 - KEPT_TRAIN_IMAGES / TRAIN_IMAGES}",
+                      "--logging.log_level=0")
+    code, _ = forkserver.run_in_server(args)
+    assert code == EXIT_OK, forkserver.log_path.read_text()[-3000:]
+    run_dir = run_dir_of(args)
+    # The first epoch includes compiling; the later ones are what a forked child takes.
+    warm = max(entry["epoch_seconds"] for entry in read_log(run_dir)[1:])
+    return Reference(args, run_dir, warm)
+
+
+# ----------------------------------------------------------------------------------------
+# What a reader finds in a run directory
+# ----------------------------------------------------------------------------------------
+
+READERS = {
+    runs.CONFIG_FILE: runs.read_json,
+    runs.LOG_FILE: lambda path: read_log(path.parent),
+    runs.CHECKPOINT_FILE: lambda path: torch.load(path, weights_only=True),
+    runs.WEIGHTS_FILE: lambda path: torch.load(path, weights_only=True),
+    runs.VAL_LOGITS_FILE: np.load,
+    runs.VAL_LABELS_FILE: np.load,
+    runs.SUMMARY_FILE: runs.read_json,
+    runs.ERROR_FILE: lambda path: path.read_text(),
+}
+FINAL_FILES = (runs.WEIGHTS_FILE, runs.VAL_LOGITS_FILE, runs.VAL_LABELS_FILE, runs.SUMMARY_FILE)
+
+
+@dataclass
+class Seen:
+    """A run directory as a reader sees it, every file read whole."""
+    files: set             # visible names (not starting with '.')
+    temporaries: list      # the record files whose temporary ('.<name>.*.tmp') is there
+    checkpoint_epoch: int  # None without checkpoint.pt
+    logged_epochs: list
+
+
+def read_run_dir(run_dir):
+    """Read every file of the record present; fail on anything half-written or unknown."""
+    names = sorted(path.name for path in run_dir.iterdir())
+    visible = {name for name in names if not name.startswith(".")}
+    assert visible <= set(READERS), f"unexpected files: {visible - set(READERS)}"
+    content = {name: READERS[name](run_dir / name) for name in visible}  # raises if cut
+    hidden = set(names) - visible - {runs.LOCK_FILE}
+    temporaries = sorted(record for name in hidden for record in READERS
+                         if name.startswith(f".{record}.") and name.endswith(".tmp"))
+    assert len(temporaries) == len(hidden), f"unexpected hidden files: {hidden}"
+    if runs.CONFIG_FILE in content:
+        assert content[runs.CONFIG_FILE]["meta"]["run_id"] == run_dir.name
+    logged = [entry["epoch"] for entry in content.get(runs.LOG_FILE, [])]
+    checkpoint = content.get(runs.CHECKPOINT_FILE)
+    if checkpoint is not None:
+        assert checkpoint["run_id"] == run_dir.name
+        assert set(checkpoint) >= {"model", "optimizer", "rng", "epoch"}
+    if runs.WEIGHTS_FILE in content:
+        assert content[runs.WEIGHTS_FILE] and all(
+            isinstance(tensor, torch.Tensor) for tensor in content[runs.WEIGHTS_FILE].values())
+    if runs.VAL_LOGITS_FILE in content:
+        logits = content[runs.VAL_LOGITS_FILE]
+        assert logits.shape == (VAL_IMAGES, CLASSES) and logits.dtype == np.float16
+    if runs.VAL_LABELS_FILE in content:
+        labels = content[runs.VAL_LABELS_FILE]
+        assert labels.shape == (VAL_IMAGES,) and labels.dtype == np.int64
+    if runs.SUMMARY_FILE in content:
+        assert content[runs.SUMMARY_FILE]["run_id"] == run_dir.name
+    assert runs.is_complete(run_dir) == (runs.SUMMARY_FILE in visible)
+    return Seen(visible, temporaries, None if checkpoint is None else checkpoint["epoch"],
+                logged)
+
+
+def assert_consistent_after_a_kill(seen):
+    """What must hold wherever the kill landed: the log runs from epoch 0 without gaps or
+    repeats and is at most one epoch ahead of the checkpoint; the record files come in
+    their order, summary.json last."""
+    assert seen.logged_epochs == list(range(len(seen.logged_epochs)))
+    saved = seen.checkpoint_epoch or 0
+    assert saved <= len(seen.logged_epochs) <= saved + 1
+    present = [name in seen.files for name in FINAL_FILES]
+    assert present == sorted(present, reverse=True), f"record written out of order: {seen.files}"
+    assert not any(present) or seen.checkpoint_epoch == EPOCHS
+    assert runs.SUMMARY_FILE not in seen.files
+
+
+def assert_same_result_as(reference, run_dir):
+    """Bit-identical logits, the same log numbers (timings aside) and the same summary."""
+    assert (run_dir / runs.VAL_LOGITS_FILE).read_bytes() == \
+        (reference.run_dir / runs.VAL_LOGITS_FILE).read_bytes()
+    timing = {"epoch_seconds", "images_per_second"}
+    strip = lambda log: [{k: v for k, v in entry.items() if k not in timing} for entry in log]
+    assert strip(read_log(run_dir)) == strip(read_log(reference.run_dir))
+    summary, expected = (runs.read_json(path / runs.SUMMARY_FILE)
+                         for path in (run_dir, reference.run_dir))
+    summary.pop("train_seconds"), expected.pop("train_seconds")
+    assert summary == expected
+
+
+# ----------------------------------------------------------------------------------------
+# SIGKILL at every instant of a run
+# ----------------------------------------------------------------------------------------
+
+# (crash point, then what a reader must find: the checkpoint's epoch, the epochs in
+# log.jsonl, the final record files, the file whose temporary the kill left).
+# Each row restarts the run the previous row killed; the counts (":N") are per process.
+CHAIN = [
+    ("train-step:5", None, 0, (), None),                            # epoch 1, mid-way
+    ("atomic-partial/checkpoint.pt:1", None, 1, (), runs.CHECKPOINT_FILE),
+    ("atomic-renamed/checkpoint.pt:1", 1, 1, (), None),             # restarted from scratch
+    ("train-step:3", 1, 1, (), None),                               # epoch 2, resumed
+    ("epoch-logged:1", 1, 2, (), None),                             # log ahead of checkpoint
+    ("atomic-partial/log.jsonl:2", 1, 1, (), runs.LOG_FILE),        # pass 1: the cut-back
+    ("atomic-partial/checkpoint.pt:1", 1, 2, (), runs.CHECKPOINT_FILE),  # epoch 1's stays
+    ("atomic-unrenamed/checkpoint.pt:1", 1, 2, (), runs.CHECKPOINT_FILE),
+    ("atomic-renamed/checkpoint.pt:1", 2, 2, (), None),
+    ("atomic-renamed/checkpoint.pt:1", 3, 3, (), None),             # trained, no record yet
+    ("atomic-partial/weights.pt:1", 3, 3, (), runs.WEIGHTS_FILE),
+    ("atomic-renamed/weights.pt:1", 3, 3, FINAL_FILES[:1], None),
+    ("atomic-renamed/val_logits.npy:1", 3, 3, FINAL_FILES[:2], None),
+    ("atomic-renamed/val_labels.npy:1", 3, 3, FINAL_FILES[:3], None),
+    ("atomic-partial/summary.json:1", 3, 3, FINAL_FILES[:3], runs.SUMMARY_FILE),
+    ("atomic-unrenamed/summary.json:1", 3, 3, FINAL_FILES[:3], runs.SUMMARY_FILE),
+]
+
+
+def test_sigkill_at_each_crash_point_loses_nothing(forkserver, reference, tmp_path):
+    """16 kills in a row, one at each instant of CHAIN; after each, every file present is
+    whole and says what it should; the last restart gives the uninterrupted result."""
+    args = reference.args_in(tmp_path)
+    run_dir = tmp_path / reference.run_dir.name
+    for crash_at, checkpoint_epoch, logged, final_files, temporary in CHAIN:
+        code, output = forkserver.run(args, crash_at=crash_at)
+        assert code == -signal.SIGKILL, f"{crash_at}: not reached (exit {code})\n{output}"
+        seen = read_run_dir(run_dir)
+        assert (seen.checkpoint_epoch, seen.logged_epochs) == (
+            checkpoint_epoch, list(range(logged))), crash_at
+        assert seen.files == {runs.CONFIG_FILE} | ({runs.LOG_FILE} if logged else set()) | (
+            {runs.CHECKPOINT_FILE} if checkpoint_epoch else set()) | set(final_files), crash_at
+        # Only this kill's temporary: the restart removed the previous one.
+        assert seen.temporaries == ([temporary] if temporary else []), crash_at
+        assert_consistent_after_a_kill(seen)
+
+    code, output = forkserver.run(args)
+    assert code == EXIT_OK, output
+    seen = read_run_dir(run_dir)
+    assert seen.temporaries == [] and seen.files == set(READERS) - {runs.ERROR_FILE}
+    assert_same_result_as(reference, run_dir)
+
+
+def test_sigkill_mid_epoch_and_at_random_moments_then_restart_gives_the_same_logits(
+        forkserver, reference, tmp_path):
+    """Kills from outside: once in epoch 2 (checkpoint.pt has just appeared), then twice at
+    a seeded random time after a restart resumed; the last restart gives the uninterrupted
+    result."""
+    args = reference.args_in(tmp_path)
+    run_dir = tmp_path / reference.run_dir.name
+    child = forkserver.start(args)
+    # checkpoint.pt appears once epoch 1 of 3 is done: the run is then in epoch 2.
+    wait_for(lambda: (run_dir / runs.CHECKPOINT_FILE).exists(), child)
+    child.signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    assert not runs.is_complete(run_dir), "the run ended before it could be killed"
+    assert read_run_dir(run_dir).checkpoint_epoch == 1
+
+    rng = random.Random(9)
+    for _ in range(2):
+        child = forkserver.start(args)
+        # Once it has resumed, a restart has at least one epoch and the validation (with
+        # its pipeline compile) left: a kill within 1.5 epochs' time lands before the end.
+        wait_for(lambda: child.printed(f"resuming {run_dir.name} after epoch "), child)
+        time.sleep(rng.uniform(0.0, 1.5) * reference.warm_epoch_seconds)
+        child.signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL, "the run finished before the kill"
+        seen = read_run_dir(run_dir)
+        assert_consistent_after_a_kill(seen)
+        assert seen.checkpoint_epoch in (1, 2)
+
+    code, output = forkserver.run(args)
+    assert code == EXIT_OK, output
+    assert "resuming" in output
+    assert read_run_dir(run_dir).temporaries == []
+    assert_same_result_as(reference, run_dir)
+
+
+def test_crash_point_spec_is_checked():
+    from ffcv_bias import faults
+    assert faults.parse("atomic-renamed/checkpoint.pt:2") == ("atomic-renamed/checkpoint.pt", 2)
+    for bad in ("train-step", "train-step:0", ":3", "train-step:x"):
+        with pytest.raises(faults.CrashSpecError, match="expected 'point:N'"):
+            faults.parse(bad)
+
+
+# ----------------------------------------------------------------------------------------
+# SIGTERM (SLURM preemption) and the run lock
+# ----------------------------------------------------------------------------------------
+
+def test_sigterm_stops_after_a_step_and_the_rerun_resumes(forkserver, reference, tmp_path):
+    args = reference.args_in(tmp_path)
+    run_dir = tmp_path / reference.run_dir.name
+    child = forkserver.start(args)
+    wait_for(lambda: (run_dir / runs.CHECKPOINT_FILE).exists(), child)
+    child.signal(signal.SIGTERM)
+    assert child.wait() == EXIT_PREEMPTED
+    assert child.output().strip().splitlines()[-1] == \
+        f"stopped by SIGTERM; resume from {run_dir / runs.CHECKPOINT_FILE}"
+    assert not runs.is_complete(run_dir) and not (run_dir / runs.ERROR_FILE).exists()
+    seen = read_run_dir(run_dir)
+    assert seen.checkpoint_epoch in (1, 2) and seen.temporaries == []
+    assert seen.logged_epochs[:seen.checkpoint_epoch] == list(range(seen.checkpoint_epoch))
+
+    code, output = forkserver.run(args)
+    assert code == EXIT_OK, output
+    assert f"resuming {run_dir.name} after epoch {seen.checkpoint_epoch}" in output
+    assert_same_result_as(reference, run_dir)
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(forkserver, reference, tmp_path):
+    args = reference.args_in(tmp_path)
+    run_dir = tmp_path / reference.run_dir.name
+    with runs.run_lock(run_dir):
+        code, output = forkserver.run(args)
+    assert code == EXIT_FAILURE
+    assert output.strip().splitlines()[-1] == \
+        f"error: run {run_dir} is being trained by another process"
+    assert not (run_dir / runs.ERROR_FILE).exists()  # not our run to mark as failed
+    assert sorted(path.name for path in run_dir.iterdir()) == [runs.LOCK_FILE]
+
+
+def test_a_run_completed_while_the_trainer_took_its_lock_is_left_alone(forkserver, reference,
+                                                                      tmp_path):
+    """run() checks for summary.json before taking the lock; a second launcher's trainer
+    can finish the run in between. The lock holder checks again and touches nothing."""
+    run_dir = tmp_path / reference.run_dir.name
+    shutil.copytree(reference.run_dir, run_dir)
+
+    def record_times():
+        return {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()
+                if path.name != runs.LOCK_FILE}
+    before = record_times()
+    nested = resolve_config(reference.args_in(tmp_path))
+    # train_worker is what run() calls once it has found no summary.json.
+    code, output = forkserver.run(None, call="ffcv_bias.train:train_worker",
+                                  call_args=[0, nested, str(run_dir), ["test"], True])
+    assert code == EXIT_OK, output
+    assert f"run {run_dir.name} was completed by another process meanwhile" in output
+    assert "resuming" not in output
+    assert record_times() == before
+
+
+# ----------------------------------------------------------------------------------------
+# A full disk
+# ----------------------------------------------------------------------------------------
+
+class ScarceRoom:
+    """Where writing runs out of room: a small tmpfs filled up (ENOSPC; needs root), or a
+    per-process file-size limit (RLIMIT_FSIZE -> EFBIG; works anywhere)."""
+
+    def __init__(self, kind, tmp_path):
+        self.kind = kind
+        self.folder = tmp_path / "disk"
+        self.folder.mkdir()
+        self.filler = self.folder / "filler"
+        self.mounted = False
+        if kind == "tmpfs":
+            self.mount()
+
+    def mount(self):
+        try:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                                     str(self.folder)], capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no `mount` command: the rlimit variant covers this path")
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); "
+                        f"the rlimit variant covers this path")
+        self.mounted = True
+
+    @property
+    def message(self):
+        return "no space left on device" if self.kind == "tmpfs" else "file too large"
+
+    def limit_below(self, size, leave=48 * 1024):
+        """Make a write of `size` more bytes fail (small files still fit): the kwargs for
+        ForkServer.start."""
+        if self.kind == "rlimit":
+            return {"fsize_limit": size // 2}
+        stats = os.statvfs(self.folder)
+        with open(self.filler, "wb") as handle:
+            handle.truncate(0)
+            handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - leave))
+        return {}
+
+    def release(self):
+        self.filler.unlink(missing_ok=True)
+
+    def close(self):
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], check=False)
+
+
+@pytest.fixture(params=["tmpfs", "rlimit"])
+def scarce_room(request, tmp_path):
+    room = ScarceRoom(request.param, tmp_path)
+    yield room
+    room.close()
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(forkserver, reference,
+                                                                    scarce_room):
+    args = reference.args_in(scarce_room.folder)
+    run_dir = scarce_room.folder / reference.run_dir.name
+    checkpoint = run_dir / runs.CHECKPOINT_FILE
+    code, _ = forkserver.run(args, crash_at="atomic-renamed/checkpoint.pt:1")
+    assert code == -signal.SIGKILL
+    saved = checkpoint.read_bytes()
+
+    code, output = forkserver.run(args, **scarce_room.limit_below(len(saved)))
+    assert code == EXIT_FAILURE, output
+    message = f"{scarce_room.message} while writing {checkpoint}"
+    assert output.strip().splitlines()[-1] == f"error: {message}"
+    assert "Traceback" not in output
+    assert checkpoint.read_bytes() == saved  # epoch 1's, whole
+    assert read_run_dir(run_dir).temporaries == []
+    assert (run_dir / runs.ERROR_FILE).read_text().splitlines()[0] == message
+    assert runs.run_state(run_dir) == "failed"
+
+    scarce_room.release()
+    code, output = forkserver.run(args)
+    assert code == EXIT_OK, output
+    assert_same_result_as(reference, run_dir)
+
+
+def test_full_disk_while_writing_a_beton_leaves_nothing(forkserver, scarce_room, tmp_path):
+    make_fashion_dir(tmp_path / "fashion", train_per_class=6)
+    beton = scarce_room.folder / "fashion_train.beton"
+    code, output = forkserver.run(
+        ["--cfg.dataset=fashion-mnist", "--cfg.split=train",
+         f"--cfg.data_dir={tmp_path / 'fashion'}", f"--cfg.write_path={beton}"],
+        call=WRITE_DATASETS, **scarce_room.limit_below(8 << 20))  # a beton page is 8 MiB
+    assert code == 1, output
+    assert output.strip().splitlines()[-1] == \
+        f"write_datasets.py: error: {scarce_room.message}: {beton}"
+    assert "Traceback" not in output
+    assert sorted(path.name for path in scarce_room.folder.iterdir()) == (
+        ["filler"] if scarce_room.kind == "tmpfs" else [])
+
+
+# ----------------------------------------------------------------------------------------
+# The sweep launcher (stand-in trainer)
+# ----------------------------------------------------------------------------------------
+
+def start_launcher(sweep_file, script, epoch_s, *flags, **popen):
+    return subprocess.Popen(
+        [PYTHON, "-m", "ffcv_bias.sweep", "launch", str(sweep_file), "--gpus", "none",
+         "--train-script", str(script), *flags],
+        cwd=REPO, env=dict(os.environ, FAKE_EPOCH_S=str(epoch_s)), **popen)
+
+
+def test_interrupted_launch_resumes_exactly_the_unfinished_runs(fake_setup, tmp_path):
+    folder = tmp_path / "runs"
+    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(folder),
+                             overrides={"training.epochs": 4},
+                             grid={"augment.min_scale": [1.0, 0.6, 0.3]}, seeds=2)
+    planned = plan(load_sweep(sweep_file))
+    # Epochs long against the 50 ms polling, so a run seen mid-way is still mid-way at the kill.
+    launcher = start_launcher(sweep_file, fake_setup["script"], 1.0, "--max-parallel", "2",
+                              start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        states = [run_state(run) for run in planned]
+        started = [run for run in planned if (run.run_dir / runs.CHECKPOINT_FILE).is_file()
+                   and not runs.is_complete(run.run_dir)]
+        if states.count("complete") >= 2 and started:
+            break
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its trainers, mid-epoch
+    launcher.wait()
+    complete_at_kill = {run.run_id for run in planned if runs.is_complete(run.run_dir)}
+    checkpointed_at_kill = {run.run_id for run in planned
+                            if (run.run_dir / runs.CHECKPOINT_FILE).is_file()} - complete_at_kill
+    assert len(complete_at_kill) >= 2 and checkpointed_at_kill
+    assert len(complete_at_kill) < len(planned)
+
+    result = sweep_cli("launch", sweep_file, "--max-parallel", "2", "--gpus", "none",
+                       "--train-script", fake_setup["script"])
+    assert result.returncode == 0, result.stderr
+    assert f"{len(planned) - len(complete_at_kill)} to launch" in result.stdout
+    for run in planned:
+        assert runs.is_complete(run.run_dir)
+        assert epochs_logged(run.run_dir) == [0, 1, 2, 3]  # every epoch once, in order
+        trainings = read_lines(run.run_dir / "trainings.txt")
+        assert trainings.count("complete") == 1
+        if run.run_id in complete_at_kill:
+            assert launch_starts(run.run_dir) == 1  # never relaunched
+        else:
+            assert launch_starts(run.run_dir) in (1, 2)
+        if run.run_id in checkpointed_at_kill:
+            assert launch_starts(run.run_dir) == 2
+            assert trainings[-2] != "start 0"  # resumed from its checkpoint
+    status = sweep_cli("status", sweep_file)
+    assert f"{len(planned)} runs: {len(planned)} complete" in status.stdout
+
+
+def test_sigkill_of_one_trainer_fails_its_run_only_and_a_relaunch_resumes_it(fake_setup,
+                                                                            tmp_path):
+    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
+                             overrides={"training.epochs": 5},
+                             grid={"augment.min_scale": [1.0, 0.5]}, seeds=1)
+    victim, other = plan(load_sweep(sweep_file))
+    launcher = start_launcher(sweep_file, fake_setup["script"], 0.4, "--max-parallel", "2",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # (the stand-in logs an epoch right after checkpointing it)
+    wait_for(lambda: epochs_logged(victim.run_dir), launcher)
+    # The lock file holds its holder's pid: the trainer of this run, not the launcher.
+    trainer_pid = int((victim.run_dir / runs.LOCK_FILE).read_text())
+    assert trainer_pid != launcher.pid
+    os.kill(trainer_pid, signal.SIGKILL)
+    stdout, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, stdout + stderr
+    assert f"FAILED {victim.run_id}" in stderr and "killed by signal SIGKILL" in stderr
+    assert [run_state(victim), run_state(other)] == ["failed", "complete"]
+    assert not runs.is_locked(victim.run_dir)  # the kernel dropped the dead holder's lock
+
+    result = sweep_cli("launch", sweep_file, "--gpus", "none",
+                       "--train-script", fake_setup["script"])
+    assert result.returncode == 0, result.stderr
+    assert "1 to launch" in result.stdout
+    assert run_state(victim) == "complete" and not (victim.run_dir / runs.ERROR_FILE).exists()
+    assert epochs_logged(victim.run_dir) == [0, 1, 2, 3, 4]
+    assert read_lines(victim.run_dir / "trainings.txt")[-2] != "start 0"  # resumed
+    assert launch_starts(other.run_dir) == 1
+
+
+def test_two_launchers_on_one_sweep_train_each_run_exactly_once(fake_setup, tmp_path):
+    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
+                             overrides={"training.epochs": 3},
+                             grid={"augment.min_scale": [1.0, 0.5]}, seeds=2)
+    planned = plan(load_sweep(sweep_file))
+    launchers = [start_launcher(sweep_file, fake_setup["script"], 0.5, "--max-parallel", "2",
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = []
+    for launcher in launchers:
+        stdout, stderr = launcher.communicate(timeout=180)
+        assert launcher.returncode == 0, stdout + stderr  # "running elsewhere" is no failure
+        outputs.append(stdout + stderr)
+    for run in planned:
+        assert runs.is_complete(run.run_dir)
+        # One training: one start (from epoch 0), one completion, every epoch logged once.
+        assert read_lines(run.run_dir / "trainings.txt") == ["start 0", "complete"]
+        assert epochs_logged(run.run_dir) == [0, 1, 2]
+    # The launchers did overlap: one found a run locked by the other's trainer, when
+    # planning ("N running") or when starting it ("running elsewhere").
+    assert any(" running" in output for output in outputs), outputs
+
+
+def test_sigterm_to_the_launcher_stops_trainers_cleanly(fake_setup, tmp_path):
+    """SIGTERM (or Ctrl-C) to the launcher: trainers save and exit, no run is marked failed."""
+    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
+                             overrides={"training.epochs": 20}, seeds=2)
+    planned = plan(load_sweep(sweep_file))
+    launcher = start_launcher(sweep_file, fake_setup["script"], 0.2, "--max-parallel", "2",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all((run.run_dir / runs.CHECKPOINT_FILE).is_file() for run in planned):
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, stdout + stderr
+    assert "launch again to resume" in stderr
+    assert [run_state(run) for run in planned] == ["started", "started"]
+    for run in planned:
+        assert f"exit code {EXIT_PREEMPTED}" in (run.run_dir / TRAIN_LOG_FILE).read_text()
+        assert not (run.run_dir / runs.ERROR_FILE).exists()
+
+
+def test_run_locked_elsewhere_is_not_a_failure(fake_setup, tmp_path):
+    sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
+                             seeds=1)
+    run = plan(load_sweep(sweep_file))[0]
+    with runs.run_lock(run.run_dir):
+        result = sweep_cli("plan", sweep_file)
+        assert f"{run.run_id}  0     running" in result.stdout
+        result = sweep_cli("launch", sweep_file, "--gpus", "none", "--train-script",
+                           fake_setup["script"])
+    assert result.returncode == 0
+    assert "1 running" in result.stdout and "0 to launch" in result.stdout
+    assert run_state(run) == "missing"
+    # The lock taken between the launcher's check and the trainer's: the trainer says so
+    # and exits non-zero; the launcher counts it as running elsewhere, not as a failure.
+    racing = tmp_path / "racing.py"
+    racing.write_text("import sys\nsys.exit('error: run r is being trained by another process')\n")
+    result = sweep_cli("launch", sweep_file, "--gpus", "none", "--train-script", racing)
+    assert result.returncode == 0, result.stderr
+    assert "running elsewhere" in result.stderr + result.stdout
+    assert run_state(run) == "missing"
+
+
+def test_submitit_local_jobs_requeue_and_resume(fake_setup, tmp_path, monkeypatch):
+    """The real submitit path: array jobs, checkpoint() on the time-limit signal, requeue."""
+    folder = tmp_path / "runs"
+    sweep_file = write_sweep(
+        tmp_path / "s.yaml", base="base.yaml", folder=str(folder),
+        overrides={"training.epochs": 16}, grid={"augment.min_scale": [1.0, 0.5, 0.2]},
+        seeds=1,
+        # submitit signals (SIGUSR2) signal_delay_s before the 1-minute limit: 10 s after
+        # each (re)start; a run takes 16 s plus start-up, so the signal always lands
+        # mid-run and each restart makes progress from the checkpoint.
+        slurm={"mode": "pack", "gpus_per_node": 0, "runs_per_node": 2, "time": 1,
+               "signal_delay_s": 50})
+    monkeypatch.setenv("FAKE_EPOCH_S", "1.0")
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(sweep_file)
+    planned = plan(sweep)
+    submitted = slurm.submit(planned, sweep=sweep, settings=sweep.slurm, folder=folder,
+                             max_parallel=None, train_script=fake_setup["script"],
+                             cwd=REPO, cluster="local")
+    assert [len(job_runs) for _, job_runs in submitted] == [2, 1]
+    results = [job.result() for job, _ in submitted]  # raises if a job failed
+    assert results[0] == {planned[0].run_id: "complete", planned[1].run_id: "complete"}
+
+    resumed = 0
+    for run in planned:
+        assert runs.is_complete(run.run_dir)
+        assert epochs_logged(run.run_dir) == list(range(16))
+        starts = [line for line in read_lines(run.run_dir / "trainings.txt")
+                  if line.startswith("start")]
+        resumed += any(line != "start 0" for line in starts)
+    assert resumed >= 1  # at least one run was stopped by the signal and resumed
+    job_log = "".join(Path(p).read_text() for p in folder.glob(".sweep/submitit/*/*_log.*"))
+    assert "Calling checkpoint method" in job_log and "Requeued job" in job_log
+
+    record = json.loads((folder / ".sweep" / "jobs.json").read_text())
+    jobs = record["submissions"][-1]["jobs"]
+    assert [job["runs"] for job in jobs] == [[r.run_id for r in planned[:2]],
+                                             [planned[2].run_id]]
+    assert [job["job_id"] for job in jobs] == [str(job.job_id) for job, _ in submitted]
