@@ -90,6 +90,10 @@ def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix=""):
     _settings_axis(left, data)
 
     losers, gainers = losers_and_gainers(data, class_means, k)
+    # Labelled with the signed change: with few classes, the "k that gain most" may
+    # still lose a little, and calling them gainers would misreport them.
+    change = 100 * (class_means[compared_index(data)] - class_means[data.reference_index])
+    compared = format_setting(data.settings[compared_index(data)])
     reds = plt.cm.Reds(np.linspace(0.95, 0.5, len(losers)))
     greens = plt.cm.Greens(np.linspace(0.95, 0.5, len(gainers)))
     for classes, colours, kind in ((losers, reds, "loses"), (gainers, greens, "gains")):
@@ -98,10 +102,12 @@ def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix=""):
             _band(right, x, 100 * class_means[:, class_index], 100 * std, band_alpha=0.07,
                   color=colour,
                   linestyle="-" if kind == "loses" else "--",
-                  label=f"{_short(data.class_names[class_index])} ({kind})")
+                  label=f"{_short(data.class_names[class_index])} "
+                        f"({change[class_index]:+.1f} pts)")
     right.plot(x, mean, color="black", linewidth=2, alpha=0.6, label="mean top-1")
     right.set_ylabel("per-class accuracy (%)")
-    right.set_title(f"The {len(losers)} classes that lose most and {len(gainers)} that gain most")
+    right.set_title(f"The {len(losers)} classes that fare worst (solid) and {len(gainers)} best "
+                    f"(dashed); change ref -> {compared}")
     right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     _settings_axis(right, data)
     figure.suptitle(f"Accuracy vs {data.key}{title_suffix}")
