@@ -32,7 +32,7 @@ from fastargs.validation import Checker
 
 from ffcv_bias.config import (ConfigError, FloatInRange, OneOf, StrictBool, config_to_dict,
                               parse_config)
-from ffcv_bias.datasets import sidecar_problem
+from ffcv_bias.datasets import DatasetError, read_classes
 
 DESCRIPTION = "Train one classifier on FFCV betons and write its run record."
 
@@ -292,21 +292,13 @@ def read_class_min_scale(path, num_classes):
 
 
 def read_sidecar(beton_path, key):
-    """The beton's .classes.json sidecar (written by write_datasets.py)."""
-    sidecar = Path(str(beton_path) + ".classes.json")
-    if not sidecar.is_file():
-        raise ConfigError(f"{key}: {beton_path} has no class list {sidecar.name} beside it "
-                          f"(write betons with write_datasets.py)")
+    """The beton's .classes.json sidecar (written by write_datasets.py), checked: the
+    checks below read num_classes / num_samples, so a malformed one is a one-line error
+    naming the config key, not a KeyError later."""
     try:
-        content = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{key}: {sidecar} is not valid JSON ({error})") from None
-    # The checks below read num_classes / num_samples: a malformed sidecar must be a
-    # one-line error here, not a KeyError later.
-    problem = sidecar_problem(content)
-    if problem:
-        raise ConfigError(f"{key}: corrupt class list {sidecar}: {problem}")
-    return content
+        return read_classes(beton_path)
+    except DatasetError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------
