@@ -185,3 +185,17 @@ def decoded(path):
     """What PIL makes of an image file, as RGB uint8."""
     with Image.open(Path(path)) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def placeholder_betons(root, dataset, counts, classes):
+    """Empty (train, val) betons with real sidecars: enough for every config check that
+    reads only the .classes.json, never the images."""
+    paths = []
+    for split, count in zip(("train", "val"), counts):
+        path = Path(root) / f"{dataset}_{split}.beton"
+        path.write_bytes(b"")
+        sidecar = {"dataset": dataset, "split": split, "num_samples": count,
+                   "num_classes": len(classes), "classes": list(classes)}
+        Path(f"{path}.classes.json").write_text(json.dumps(sidecar))
+        paths.append(path)
+    return paths

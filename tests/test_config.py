@@ -1,6 +1,5 @@
 """The trainer's configuration: ffcv-imagenet YAML compatibility, strict keys, semantic checks,
 schedules. No training, no torch: these run in a second or two."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from ffcv_bias.config import ConfigError
 from ffcv_bias.schedules import (lr_per_iteration, resolution_at_epoch,
                                  resolution_per_epoch)
 from ffcv_bias.train_config import resolve_config, validate_semantics
+from fixtures_datasets import placeholder_betons
 
 REPO = Path(__file__).resolve().parents[1]
 RN50_CONFIGS = sorted((REPO / "rn50_configs").glob("rn50_*_epochs.yaml"))
@@ -21,15 +21,7 @@ RN50_CONFIGS = sorted((REPO / "rn50_configs").glob("rn50_*_epochs.yaml"))
 @pytest.fixture
 def fake_betons(tmp_path):
     """Two placeholder betons with sidecars: enough for the checks that do not read images."""
-    paths = []
-    for split, count in (("train", 100), ("val", 20)):
-        path = tmp_path / f"fake_{split}.beton"
-        path.write_bytes(b"")
-        sidecar = {"dataset": "fake", "split": split, "num_samples": count, "num_classes": 3,
-                   "classes": ["a", "b", "c"]}
-        Path(str(path) + ".classes.json").write_text(json.dumps(sidecar))
-        paths.append(path)
-    return paths
+    return placeholder_betons(tmp_path, "fake", (100, 20), ["a", "b", "c"])
 
 
 def data_args(train, val):

@@ -15,6 +15,7 @@ from ffcv_bias.schedules import lr_per_iteration
 from ffcv_bias.sweep.spec import load_sweep, plan
 from ffcv_bias.train_config import (ARCHS_WITHOUT_DROP_PATH, EXIT_OK, resolve_config,
                                     validate_semantics)
+from fixtures_datasets import placeholder_betons
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"densenet121_88_epochs.yaml": ("densenet121", "sgd", 88),
@@ -26,15 +27,8 @@ SWEEP_GRIDS = {"crop": ("augment", "min_scale"), "weight_decay": ("training", "w
 @pytest.fixture
 def imagenet_like_betons(tmp_path):
     """Empty betons with ImageNet-sized sidecars: enough for every check but reading images."""
-    paths = []
-    for split, count in (("train", 1281167), ("val", 50000)):
-        path = tmp_path / f"imagenet_{split}.beton"
-        path.write_bytes(b"")
-        sidecar = {"dataset": "imagenet", "split": split, "num_samples": count,
-                   "num_classes": 1000, "classes": [f"c{i}" for i in range(1000)]}
-        Path(str(path) + ".classes.json").write_text(json.dumps(sidecar))
-        paths.append(path)
-    return paths
+    return placeholder_betons(tmp_path, "imagenet", (1281167, 50000),
+                              [f"c{i}" for i in range(1000)])
 
 
 def data_args(betons):
