@@ -31,6 +31,10 @@ def build_parser():
     parser.add_argument("--top-k", type=int, default=5,
                         help="classes that lose / gain most drawn in the curves figure")
     parser.add_argument("--no-figures", action="store_true", help="tables and HTML only")
+    parser.add_argument("--crossfit-folds", type=int, default=2, metavar="K",
+                        help="folds of the cross-fitted oracle and selection: each class's "
+                             "setting is chosen on K-1 blocks of seeds and scored on the "
+                             "remaining one (default 2: halves)")
     return parser
 
 
@@ -39,7 +43,8 @@ def main(argv=None):
     try:
         frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
                               out_dir=args.out, ignore_keys=args.ignore_key, top_k=args.top_k,
-                              make_plots=not args.no_figures)
+                              make_plots=not args.no_figures,
+                              crossfit_folds=args.crossfit_folds)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Output layout (every file written atomically):
   one varied key:   OUT_DIR/{runs,settings,per_class,welch,table1,oracle,oracle_per_class,
-                    selection,skipped}.csv, the three figures, index.html
+                    selection,paired,table1_paired,power,skipped}.csv, the three figures,
+                    index.html
   two varied keys:  one complete report per value of the second key in a subfolder
                     OUT_DIR/<key2>=<value>/ (same files, runs grouped by that value), plus
                     OUT_DIR/*.csv combining the groups with a leading <key2> column, and
@@ -15,20 +16,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from ffcv_bias.analysis import report, stats, tables
+from ffcv_bias.analysis import crossfit, paired, power, report, stats, tables
 from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
                                         dotted_get, load_runs)
 from ffcv_bias.atomic import atomic_path
 
 FRAME_NAMES = ("runs", "settings", "per_class", "welch", "table1", "oracle",
-               "oracle_per_class", "selection")
+               "oracle_per_class", "selection", "paired", "table1_paired", "power")
 
 
-def analyse_settings(data):
+def analyse_settings(data, crossfit_folds=crossfit.DEFAULT_FOLDS):
     """All tables for one SettingData: {name: DataFrame}, plus the class-mean arrays."""
     class_means, class_stds, _ = tables.class_means(data)
     welch = stats.welch_table(data)
     oracle_summary, oracle_per_class = stats.oracle(data, class_means)
+    trust = trust_frames(data, class_means, oracle_summary, oracle_per_class, crossfit_folds)
     frames = {
         "runs": tables.runs_table(data),
         "settings": tables.settings_table(data),
@@ -39,7 +41,26 @@ def analyse_settings(data):
         "oracle_per_class": oracle_per_class,
         "selection": stats.selection(data, class_means),
     }
+    frames.update(trust)
+    frames["selection"] = frames["selection"].merge(
+        crossfit.crossfit_selection(data, class_means, crossfit_folds), on="criterion",
+        how="left")
     return frames, class_means, class_stds
+
+
+def trust_frames(data, class_means, oracle_summary, oracle_per_class, folds):
+    """Estimates that survive selection, beside the in-sample ones (issue 19): the
+    cross-fitted oracle (columns added to oracle / oracle_per_class in place), the
+    seed-paired tests and their Table 1, and the seed planning table."""
+    columns, class_acc = crossfit.crossfit_oracle(data, class_means, folds)
+    for name, value in columns.items():
+        oracle_summary[name] = [value]
+    oracle_per_class["oracle_acc_crossfit"] = class_acc
+    excluded = stats.excluded_class_note(data, stats.scored_classes(class_means))
+    oracle_summary["excluded_classes"] = [excluded]
+    paired_frame = paired.paired_table(data)
+    return {"paired": paired_frame, "table1_paired": paired.table1_paired(paired_frame),
+            "power": power.power_table(data)}
 
 
 def write_csv(frame, path):
@@ -108,7 +129,7 @@ def _write_group(frames, data, out_dir, make_plots, top_k, context):
 
 
 def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), top_k=5,
-                 make_plots=True):
+                 make_plots=True, crossfit_folds=crossfit.DEFAULT_FOLDS):
     """Analyse every run record under `run_dirs`; returns {name: DataFrame}.
 
     run_dirs: a folder or a list of folders, searched recursively for run directories.
@@ -119,10 +140,15 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
         smallest value.
     out_dir: where to write CSVs, figures and index.html (nothing written when None).
     ignore_keys: config keys allowed to differ between pooled runs.
+    crossfit_folds: K of the cross-fitted oracle and selection (seeds split in K blocks).
     Returned frames: runs, settings, per_class, welch, table1, oracle, oracle_per_class,
-    selection, skipped; with two keys, each has a leading column named after the second.
+    selection, paired, table1_paired, power, skipped; with two keys, each has a leading
+    column named after the second.
     Raises AnalysisError on bad input (no complete run, mixed datasets, unpoolable runs).
     """
+    if not isinstance(crossfit_folds, int) or crossfit_folds < 2:
+        raise AnalysisError(f"--crossfit-folds must be an integer of at least 2 (got "
+                            f"{crossfit_folds})")
     roots = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     vary_keys = [vary] if isinstance(vary, str) else list(vary)
     run_set = load_runs(roots)
@@ -144,7 +170,7 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
                 raise
             raise AnalysisError(f"{error} (in the runs with {vary_keys[1]} = "
                                 f"{tables.format_setting(group_value)})") from None
-        frames, class_means, class_stds = analyse_settings(data)
+        frames, class_means, class_stds = analyse_settings(data, crossfit_folds)
         per_group.append((group_value, frames))
         if out_dir is None:
             continue

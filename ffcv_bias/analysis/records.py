@@ -9,8 +9,10 @@ Per-class accuracy comes from summary.json's `per_class_acc`. When a summary lac
 is recomputed from val_logits.npy / val_labels.npy, streamed one run at a time through a
 memory map in row chunks, so memory stays bounded whatever the number of runs.
 """
+import filecmp
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +109,8 @@ def _skip_reason(run_dir):
 
 
 def read_records(roots):
-    """(complete Runs, SkippedRuns) under `roots`; duplicates of a run_id are skipped."""
+    """(complete Runs, SkippedRuns) under `roots`; of several records of one run_id only
+    the first (by sorted run directory) is kept, the others are skipped as duplicates."""
     run_dirs = find_run_dirs(roots)
     if not run_dirs:
         raise AnalysisError("no run records (directories with config.json) under "
@@ -130,17 +133,57 @@ def read_records(roots):
             continue
         identifier = str(summary.get("run_id", run_dir.name))
         first = seen.get(identifier)
-        if first is not None and first.summary == summary:
-            # The same run copied into two folders must not count as two replicates. (The
-            # same run_id with another result is a re-run: ffcv's augmentation RNG is not
-            # seeded, so it is a genuine replicate and stays.)
-            skipped.append(SkippedRun(run_dir, identifier, "duplicate",
-                                      f"copy of {first.run_dir}", config))
+        if first is not None and _same_val_shape(first.summary, summary):
+            skipped.append(duplicate_record(first, run_dir, identifier, summary, config))
             continue
         run = Run(run_dir, identifier, config, summary)
-        seen.setdefault(identifier, run)
+        seen[identifier] = run
         complete.append(run)
     return complete, skipped
+
+
+# A run's identity is its run_id: the same config and seed trained twice (a rerun, or two
+# sweep folders sharing a setting) is one replicate, not two. Augmentation is seeded per
+# (seed, epoch, sample) and the loader order by the seed, so on one machine and software
+# stack a rerun reproduces the logits bit for bit; a difference means a determinism
+# failure (or another machine / stack) and is reported loudly, not averaged away.
+DETERMINISM_FAILURE = "DETERMINISM FAILURE"
+# Files whose bytes two records of one run_id must share (when both have them).
+RESULT_FILES = (run_record.VAL_LOGITS_FILE, getattr(run_record, "VAL_PREDS_FILE",
+                                                    "val_preds.npy"))
+
+
+def _same_val_shape(summary_a, summary_b):
+    """Same number of classes and val images: otherwise one run_id (datasets enter it by
+    file name) names runs on two different val sets, which check_one_dataset refuses."""
+    def shape(summary):
+        return len(summary.get("per_class_acc", ())), summary.get("n_val")
+    return shape(summary_a) == shape(summary_b)
+
+
+def _results_differ(first, run_dir, summary):
+    """Names of what differs between two records of one run_id (empty when they agree)."""
+    differing = [key for key in ("per_class_acc", "top1")
+                 if key in summary and key in first.summary
+                 and summary[key] != first.summary[key]]
+    for name in RESULT_FILES:
+        path_a, path_b = first.run_dir / name, run_dir / name
+        if path_a.is_file() and path_b.is_file() and not filecmp.cmp(path_a, path_b,
+                                                                     shallow=False):
+            differing.append(name)
+    return differing
+
+
+def duplicate_record(first, run_dir, identifier, summary, config):
+    """The SkippedRun for a second record of `first`'s run_id; warns on stderr when its
+    results differ from the kept one's (the first by sorted run directory)."""
+    differing = _results_differ(first, run_dir, summary)
+    reason = f"same run_id as {first.run_dir} (kept: first by sorted path)"
+    if differing:
+        reason = (f"{DETERMINISM_FAILURE}: {', '.join(differing)} differ(s) from {first.run_dir}"
+                  f" with the same run_id (kept that one: first by sorted path)")
+        print(f"warning: {run_dir}: {reason}", file=sys.stderr)
+    return SkippedRun(run_dir, identifier, "duplicate", reason, config)
 
 
 # ----------------------------------------------------------------------------------------

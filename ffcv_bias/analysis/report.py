@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from ffcv_bias.analysis import trust_report
 from ffcv_bias.analysis.stats import setting_blocks
 from ffcv_bias.analysis.tables import compared_index, format_setting, rows_where
 from ffcv_bias.atomic import write_text
@@ -17,7 +18,7 @@ PERCENT_COLUMNS = {"top1", "top5", "mean_ref", "mean", "diff", "mean_acc", "std_
                    "best_top1_class_weighted", "score", "worst_class_acc", "cost_top1",
                    "oracle_acc", "best_setting_acc", "reference_acc"} | {
     f"{name}_{stat}" for name in ("top1", "top5", "class_std", "worst_class", "worst10pct")
-    for stat in ("mean", "sd")}
+    for stat in ("mean", "sd")} | trust_report.PERCENT_COLUMNS
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
@@ -133,7 +134,7 @@ def write_group_index(out_dir, data, frames, figure_files, context):
         title += f" ({context['group_label']})"
     setting, losers, gainers = _class_extremes(frames)
     body = [_header(title, context, data)]
-    warnings = _warnings(frames["settings"])
+    warnings = _warnings(frames["settings"]) + trust_report.record_warnings(context["skipped"])
     if warnings:
         body.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
                     + "</ul>")
@@ -148,9 +149,12 @@ def write_group_index(out_dir, data, frames, figure_files, context):
                 f"<p class='note'>{TABLE1_NOTE}</p>" + _display(_table1_wide(frames["table1"]))
                 + "<details><summary>with counts and BH</summary>" + _display(frames["table1"])
                 + "</details>")
-    body.append(f"<h2>Oracle</h2><p class='note'>{ORACLE_NOTE}</p>" + _display(frames["oracle"]))
+    body.append(trust_report.html_sections(frames, _display))
+    body.append(f"<h2>Oracle</h2><p class='note'>{ORACLE_NOTE}</p>"
+                + trust_report.oracle_html(frames["oracle"], _display))
     body.append("<h2>Model selection: the price of fairness</h2>"
-                f"<p class='note'>{SELECTION_NOTE}</p>" + _display(frames["selection"]))
+                f"<p class='note'>{SELECTION_NOTE} {trust_report.SELECTION_CROSSFIT_NOTE}</p>"
+                + _display(frames["selection"]))
     compared = html.escape(format_setting(setting))
     body.append(f"<h2>Classes hurt most at {compared} (smallest p_less)</h2>"
                 f"<p class='note'>{WELCH_NOTE}</p>" + _display(losers))
@@ -160,7 +164,8 @@ def write_group_index(out_dir, data, frames, figure_files, context):
     body.append("<h2>Files</h2><p>" + " &middot; ".join(
         f"<a href='{n}.csv'>{n}.csv</a>" for n in ("runs", "settings", "per_class", "welch",
                                                    "table1", "oracle", "oracle_per_class",
-                                                   "selection")) + "</p>")
+                                                   "selection", "paired", "table1_paired",
+                                                   "power")) + "</p>")
     write_text(out_dir / "index.html", _page(title, "\n".join(body)))
 
 
@@ -179,7 +184,10 @@ def write_top_index(out_dir, combined, links, context):
         body.append(f"<h3>{html.escape(label)}</h3>"
                     f"<img src='{folder}/accuracy_curves.png' alt='{html.escape(label)}'>")
     body.append(f"<h2>Table 1</h2><p class='note'>{TABLE1_NOTE}</p>" + _display(combined["table1"]))
-    body.append(f"<h2>Oracle</h2><p class='note'>{ORACLE_NOTE}</p>" + _display(combined["oracle"]))
+    body.append(f"<h2>Oracle</h2><p class='note'>{ORACLE_NOTE} {trust_report.CROSSFIT_NOTE}"
+                "</p>" + _display(trust_report.without_text(combined["oracle"])))
+    body.append(f"<h2>Table 1, seed-paired</h2><p class='note'>{trust_report.PAIRED_NOTE}</p>"
+                + _display(combined["table1_paired"]))
     body.append(f"<h2>Selection</h2><p class='note'>{SELECTION_NOTE}</p>"
                 + _display(combined["selection"]))
     if len(context["skipped"]):
@@ -231,6 +239,7 @@ def _summary_of_group(frames, n_losers=5):
                  f"{100 * oracle['best_top1']:.2f}%; per-class oracle "
                  f"{100 * oracle['oracle_top1']:.2f}% ({100 * oracle['oracle_gain']:+.2f} pts, "
                  "optimistic: chosen on the val set)")
+    lines += trust_report.summary_lines(frames)
     picks = ", ".join(f"{row['criterion']} -> {format_setting(row['setting'])} "
                       f"({100 * row['cost_top1']:+.2f} pts)"
                       for _, row in frames["selection"].iterrows())
@@ -251,6 +260,7 @@ def summary_text(frames, vary_keys, out_dir=None):
         lines.append(f"  skipped {row['run_dir']}: {row['state']}, {row['reason']}")
     if len(skipped) > 10:
         lines.append(f"  ... {len(skipped) - 10} more in skipped.csv")
+    lines += [f"  WARNING {w}" for w in trust_report.record_warnings(skipped)]
     for label, group in _group_frames(frames, vary_keys):
         if label:
             lines.append(f"[{label}]")

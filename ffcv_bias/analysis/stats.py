@@ -186,27 +186,65 @@ def table1(welch):
 # Oracle and model selection
 # ----------------------------------------------------------------------------------------
 
+def scored_classes(class_means):
+    """Mask [C] of the classes with a mean at every setting. A class with no val images
+    has accuracy 0/0 = NaN; it is left out of the oracle and the worst-class scores (not
+    allowed to turn them all into NaN) and the tables say so."""
+    return ~np.isnan(class_means).any(axis=0)
+
+
+def excluded_class_note(data, scored):
+    """'' or one line naming the classes left out of the oracle and selection."""
+    names = [data.class_names[i] for i in np.flatnonzero(~scored)]
+    if not names:
+        return ""
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return (f"{len(names)} class(es) without a per-class accuracy (no val images?) left out "
+            f"of the oracle and selection: {shown}")
+
+
+def argmax_nearest(scores, reference_index, axis=0, tolerance=1e-12):
+    """Index of the largest score along `axis`, ties (within `tolerance`, to absorb
+    rounding in sums) going to the index nearest `reference_index` (the lower of two
+    equally near); NaN scores never win; -1 where a slice is all NaN."""
+    scores = np.moveaxis(np.asarray(scores, dtype=np.float64), axis, 0)
+    with np.errstate(invalid="ignore"):
+        best = np.nanmax(np.where(np.isnan(scores), -np.inf, scores), axis=0)
+        is_best = scores >= best - tolerance
+    positions = np.arange(scores.shape[0]).reshape((-1,) + (1,) * (scores.ndim - 1))
+    # Distance first, then the index itself, so equal distances go to the lower index.
+    rank = np.abs(positions - reference_index) * scores.shape[0] + positions
+    rank = np.where(is_best & ~np.isnan(scores), rank, np.iinfo(np.int64).max)
+    pick = rank.argmin(axis=0)
+    return np.where(np.isnan(scores).all(axis=0), -1, pick)
+
+
 def oracle(data, class_means):
     """Best single setting vs. every class taking its own best setting (paper Sec. 3.4).
 
     class_means: [S, C] per-class accuracy averaged over seeds. The oracle gives each
     class its best setting's mean accuracy; its top-1 is the mean over classes weighted by
-    the val images per class (plain mean when the counts are unknown).
+    the val images per class (plain mean when the counts are unknown). Classes without an
+    accuracy (no val images: NaN) are left out and the weights renormalized over the rest.
 
     Caveat, optimistic bias: the oracle picks each class's setting on the same val set it
     is scored on, so part of its gain is selection on noise (with many settings and few
     images per class, even identical settings show an "oracle gain"). It bounds what
-    class-dependent regularization could reach; it is not an achievable accuracy.
+    class-dependent regularization could reach; it is not an achievable accuracy. The
+    cross-fitted oracle (analysis/crossfit.py) is the honest estimate beside it.
 
     Returns (one-row summary DataFrame, per-class DataFrame).
     """
-    weights = data.class_weights()
+    scored = scored_classes(class_means)
+    weights = np.where(scored, data.class_weights(), 0.0)
+    weights = weights / weights.sum() if weights.sum() > 0 else weights
+    means = np.where(scored, class_means, 0.0)
     mean_top1 = np.array([t.mean() for t in data.top1])
-    best = int(np.argmax(mean_top1))
-    per_class_best = class_means.argmax(axis=0)
-    oracle_acc = class_means.max(axis=0)
-    oracle_top1 = float(weights @ oracle_acc)
-    best_from_classes = float(weights @ class_means[best])
+    best = int(argmax_nearest(mean_top1, data.reference_index))
+    per_class_best = np.where(scored, argmax_nearest(class_means, data.reference_index), -1)
+    oracle_acc = np.where(scored, means.max(axis=0), np.nan)
+    oracle_top1 = float(weights @ means.max(axis=0))
+    best_from_classes = float(weights @ means[best])
     summary = pd.DataFrame([{
         "best_setting": data.settings[best], "best_top1": float(mean_top1[best]),
         "reference_setting": data.reference,
@@ -216,13 +254,28 @@ def oracle(data, class_means):
         "best_top1_class_weighted": best_from_classes,
         "class_weighting": "val counts" if data.class_counts is not None
                            else "uniform (no val_labels.npy found)",
-        "n_settings": len(data.settings)}])
+        "n_settings": len(data.settings),
+        "n_classes_scored": int(scored.sum())}])
     per_class = pd.DataFrame({
         "class": np.arange(data.num_classes), "class_name": data.class_names,
-        "oracle_setting": [data.settings[i] for i in per_class_best],
+        "oracle_setting": [data.settings[i] if i >= 0 else None for i in per_class_best],
         "oracle_acc": oracle_acc, "best_setting_acc": class_means[best],
         "reference_acc": class_means[data.reference_index]})
     return summary, per_class
+
+
+def selection_scores(class_means, mean_top1, worst_fraction=0.1):
+    """{criterion: score [S]} on the scored classes (see `selection`); works on any [S, C]
+    means, so the cross-fitted selection re-scores picks with the same definitions."""
+    scored = scored_classes(class_means)
+    means = class_means[:, scored]
+    worst_count = max(1, math.ceil(worst_fraction * means.shape[1]))
+    return {
+        "mean_accuracy": np.asarray(mean_top1, dtype=np.float64),
+        "worst_class": means.min(axis=1),
+        "worst_10pct_mean": np.sort(means, axis=1)[:, :worst_count].mean(axis=1),
+        "mean_minus_std": means.mean(axis=1) - means.std(axis=1),
+    }
 
 
 def selection(data, class_means, worst_fraction=0.1):
@@ -234,22 +287,19 @@ def selection(data, class_means, worst_fraction=0.1):
       worst_10pct_mean   mean accuracy of the worst 10% of classes (at least one class)
       mean_minus_std     mean minus standard deviation of per-class accuracy (unweighted)
     `cost_top1` = top-1 of the pick minus top-1 of the mean-accuracy pick (<= 0): the price
-    of choosing for fairness. Ties go to the setting nearest the reference.
+    of choosing for fairness. Ties go to the setting nearest the reference. Classes without
+    an accuracy (no val images) are left out of every score (`n_classes_scored`).
     """
     mean_top1 = np.array([t.mean() for t in data.top1])
-    worst_count = max(1, math.ceil(worst_fraction * class_means.shape[1]))
-    scores = {
-        "mean_accuracy": mean_top1,
-        "worst_class": class_means.min(axis=1),
-        "worst_10pct_mean": np.sort(class_means, axis=1)[:, :worst_count].mean(axis=1),
-        "mean_minus_std": class_means.mean(axis=1) - class_means.std(axis=1),
-    }
-    mean_pick = int(np.argmax(mean_top1))
+    scored = scored_classes(class_means)
+    scores = selection_scores(class_means, mean_top1, worst_fraction)
+    mean_pick = int(argmax_nearest(mean_top1, data.reference_index))
     rows = []
     for criterion, score in scores.items():
-        pick = int(np.argmax(score))
+        pick = int(argmax_nearest(score, data.reference_index))
         rows.append({"criterion": criterion, "setting": data.settings[pick],
                      "score": float(score[pick]), "top1": float(mean_top1[pick]),
-                     "worst_class_acc": float(class_means[pick].min()),
-                     "cost_top1": float(mean_top1[pick] - mean_top1[mean_pick])})
+                     "worst_class_acc": float(class_means[pick, scored].min()),
+                     "cost_top1": float(mean_top1[pick] - mean_top1[mean_pick]),
+                     "n_classes_scored": int(scored.sum())})
     return pd.DataFrame(rows)

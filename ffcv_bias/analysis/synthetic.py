@@ -7,8 +7,10 @@ planted and nothing else.
 
 The model of a run: class c at setting s has true accuracy
     base_acc[c] + effects[c][s]        (effects default to 0: a null class)
-Each seed adds Gaussian seed-to-seed noise (`noise_std`, one draw per run and class), and
-the val set then contributes binomial noise: the run gets k ~ Binomial(n_c, p) of its n_c
+Each seed adds Gaussian seed-to-seed noise (`noise_std`, one draw per run and class) and,
+optionally, a component shared by every setting's run of that seed (`seed_shared_std`, one
+draw per seed and class: the seeded initialization, data order and crops that make the
+real design paired), and the val set then contributes binomial noise: the run gets k ~ Binomial(n_c, p) of its n_c
 val images of class c right, so per_class_acc = k / n_c exactly as a trainer would report.
 Null classes therefore satisfy the Welch test's H0 with equality, which is what the
 false-positive test needs.
@@ -110,7 +112,7 @@ def make_synthetic_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50
                         effects=None, base_acc=0.75, noise_std=0.02,
                         with_logits=False, per_class_in_summary=True,
                         vary_key="augment.min_scale", extra_config=None,
-                        class_names=None, top5_rate=0.8, seed=0):
+                        class_names=None, top5_rate=0.8, seed=0, seed_shared_std=0.0):
     """Write one complete run record per (setting, seed) under `out_dir`.
 
     settings: values of `vary_key` (a dotted config key).
@@ -124,6 +126,9 @@ def make_synthetic_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50
         must recompute it from the logits (needs with_logits).
     extra_config: {dotted key: value} set in every config (e.g. a second varied key).
     top5_rate: fraction of wrong predictions that still have the true class in the top 5.
+    seed_shared_std: sd of the per-(seed, class) offset shared by all settings' runs of one
+        seed (0: independent runs, as before; drawn from its own stream, so records with
+        0 are the same as without it).
 
     Returns {"run_dirs": [Path], "true_acc": {setting: per-class true accuracy},
              "val_dataset": Path, "class_counts": np.ndarray}.
@@ -141,16 +146,46 @@ def make_synthetic_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50
                "num_classes": num_classes, "classes": names}
     Path(str(val_dataset) + ".classes.json").write_text(json.dumps(sidecar))
 
+    seeds = list(seeds)
+    shared = shared_seed_offsets(len(seeds), num_classes, seed_shared_std, seed)
     true_acc, run_dirs = {}, []
     for setting in settings:
         true_acc[setting] = _true_accuracy(base_acc, effects, setting, num_classes)
-        for replicate_seed in seeds:
+        for position, replicate_seed in enumerate(seeds):
             run_dirs.append(_write_one_run(
-                out_dir, setting, replicate_seed, true_acc[setting], class_counts, labels,
-                val_dataset, noise_std, with_logits, per_class_in_summary, vary_key,
-                extra_config, top5_rate, rng))
+                out_dir, setting, replicate_seed, true_acc[setting] + shared[position],
+                class_counts, labels, val_dataset, noise_std, with_logits,
+                per_class_in_summary, vary_key, extra_config, top5_rate, rng))
     return {"run_dirs": run_dirs, "true_acc": true_acc, "val_dataset": val_dataset,
             "class_counts": np.array(class_counts)}
+
+
+def shared_seed_offsets(num_seeds, num_classes, seed_shared_std, seed):
+    """[seeds, classes] offsets common to all settings' runs of one seed (zeros when
+    seed_shared_std is 0), from a stream of their own so the per-run draws do not move."""
+    if not seed_shared_std:
+        return np.zeros((num_seeds, num_classes))
+    return np.random.default_rng([seed, 1]).normal(0.0, seed_shared_std,
+                                                   (num_seeds, num_classes))
+
+
+def simulate_accuracy(true_acc, num_seeds, n_per_class, noise_std, seed_shared_std=0.0,
+                      rng=None):
+    """Per-class accuracy [S, J, C] of the record model above, without writing files.
+
+    true_acc [S, C]: true accuracy per setting and class. Every setting gets seeds
+    0..num_seeds-1 (column j is seed j at every setting); noise as in make_synthetic_runs.
+    For simulations over many classes (tests of the statistics' error rates).
+    """
+    rng = np.random.default_rng(rng)
+    true_acc = np.asarray(true_acc, dtype=np.float64)
+    num_settings, num_classes = true_acc.shape
+    counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (num_classes,))
+    shared = rng.normal(0.0, seed_shared_std, (1, num_seeds, num_classes)) \
+        if seed_shared_std else 0.0
+    own = rng.normal(0.0, noise_std, (num_settings, num_seeds, num_classes))
+    probability = np.clip(true_acc[:, None, :] + shared + own, 0.0, 1.0)
+    return rng.binomial(counts, probability) / counts
 
 
 def _write_one_run(out_dir, setting, replicate_seed, true_acc, class_counts, labels,
@@ -186,3 +221,23 @@ def _write_one_run(out_dir, setting, replicate_seed, true_acc, class_counts, lab
         _write_logits(run_dir, labels, len(class_counts), correct, top5_extra, rng)
     (run_dir / run_record.SUMMARY_FILE).write_text(json.dumps(summary))
     return run_dir
+
+
+def setting_data(accuracy, settings, reference, class_counts=None, key="augment.min_scale"):
+    """A tables.SettingData of simulated accuracy [S, J, C] (seed j = column j at every
+    setting), so the statistics can be run on many classes without any record on disk."""
+    from ffcv_bias.analysis.tables import SettingData
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    num_settings, num_seeds, num_classes = accuracy.shape
+    counts = None if class_counts is None else np.broadcast_to(
+        np.asarray(class_counts, dtype=np.int64), (num_classes,)).copy()
+    weights = (np.full(num_classes, 1.0 / num_classes) if counts is None
+               else counts / counts.sum())
+    top1 = accuracy @ weights
+    return SettingData(
+        key=key, settings=list(settings), reference=reference,
+        run_ids=[[f"sim_{s}_{j}" for j in range(num_seeds)] for s in range(num_settings)],
+        seeds=[list(range(num_seeds)) for _ in range(num_settings)],
+        acc=list(accuracy), top1=list(top1), top5=list(np.full_like(top1, np.nan)),
+        class_names=[f"syn_{i:03d}" for i in range(num_classes)], class_counts=counts,
+        run_dirs=[[""] * num_seeds for _ in range(num_settings)])

@@ -1,0 +1,340 @@
+"""Cross-fitted oracle and selection, and a permutation (noise-only) reference for the gain.
+
+Why: the in-sample oracle (stats.oracle, the paper's 77.14% -> 79.37%) picks each class's
+best setting on the same seeds it then scores, so with S settings and seed noise it gains
+something even when every setting is identical (the max of S noisy means is biased up).
+Cross-fitting removes that bias:
+
+  * the seeds are split into K folds (default 2), contiguous in sorted seed order, the
+    same split for every setting (runs of one seed share initialization, data order and
+    crops, so a seed's runs must stay on one side);
+  * for each fold: every class takes the setting whose mean over the OTHER folds is
+    highest, and is scored by its mean over THIS fold; the folds are averaged.
+
+The cross-fitted gain (oracle minus the best single setting, both cross-fitted) is an
+honest, slightly conservative estimate of what per-class choices gain: the choices use
+(K-1)/K of the seeds. A noise-only reference for the gain comes from permuting the
+setting labels within each seed (a fixed, seeded number of permutations): that keeps the
+seed structure and destroys every real difference between settings, so the in-sample gain
+of the permuted data is what selection on noise alone gives.
+
+Everything is vectorized over classes and permutations: one seed-level array [S, J, C]
+(settings x seeds x classes), per-fold sums from it, and a single matrix product per
+block of permutations; no Python loop runs over classes.
+"""
+import numpy as np
+import pandas as pd
+
+from ffcv_bias.analysis.stats import argmax_nearest, scored_classes, selection_scores
+
+DEFAULT_FOLDS = 2
+DEFAULT_PERMUTATIONS = 100
+PERMUTATION_SEED = 0          # fixed: the same records give the same noise reference
+PERMUTATION_BLOCK_ELEMENTS = 2 ** 22   # one-hot matrix entries per block (32 MiB float64)
+
+
+# ----------------------------------------------------------------------------------------
+# Seed-level layout
+# ----------------------------------------------------------------------------------------
+
+def _seed_sort_key(key):
+    seed, occurrence = key
+    is_number = isinstance(seed, (int, float)) and not isinstance(seed, bool)
+    return (0, seed, "", occurrence) if is_number else (1, 0, str(seed), occurrence)
+
+
+def seed_keys(seeds):
+    """Per run, (seed, occurrence): the n-th run of one seed at a setting is occurrence n,
+    so two runs of one seed at one setting (only possible with --ignore-key) stay apart."""
+    seen = {}
+    keys = []
+    for seed in seeds:
+        keys.append((seed, seen.get(seed, 0)))
+        seen[seed] = seen.get(seed, 0) + 1
+    return keys
+
+
+def seed_layout(data):
+    """(values [S, J, C], top1 [S, J], present [S, J], keys [J]) of a SettingData.
+
+    Column j holds every setting's run of seed key j (NaN / absent where a setting lacks
+    it); seed keys are in sorted order, so folds are contiguous blocks of seeds.
+    """
+    per_setting = [seed_keys(seeds) for seeds in data.seeds]
+    keys = sorted({k for ks in per_setting for k in ks}, key=_seed_sort_key)
+    column = {k: j for j, k in enumerate(keys)}
+    num_settings, num_seeds = len(data.settings), len(keys)
+    values = np.full((num_settings, num_seeds, data.num_classes), np.nan)
+    top1 = np.full((num_settings, num_seeds), np.nan)
+    present = np.zeros((num_settings, num_seeds), dtype=bool)
+    for s, ks in enumerate(per_setting):
+        columns = [column[k] for k in ks]
+        values[s, columns] = data.acc[s]
+        top1[s, columns] = data.top1[s]
+        present[s, columns] = True
+    return values, top1, present, keys
+
+
+def seed_folds(num_seeds, folds):
+    """Fold index of each seed column: K contiguous blocks of (nearly) equal size."""
+    return np.arange(num_seeds) * folds // num_seeds
+
+
+# ----------------------------------------------------------------------------------------
+# Fold sums (observed and permuted)
+# ----------------------------------------------------------------------------------------
+
+def fold_sums(values, present, fold_of_seed, folds):
+    """(sums [K, S, C], counts [K, S]) of the runs of each fold and setting."""
+    filled = np.where(present[:, :, None], values, 0.0)
+    sums = np.stack([filled[:, fold_of_seed == k].sum(axis=1) for k in range(folds)])
+    counts = np.stack([present[:, fold_of_seed == k].sum(axis=1) for k in range(folds)])
+    return sums, counts
+
+
+def within_seed_permutations(present, num_permutations, rng):
+    """source [P, J, S]: in permutation p, setting s of seed j gets the run of setting
+    source[p, j, s]. Only settings that ran seed j are shuffled among themselves (absent
+    ones map to absent ones), so the runs-per-setting pattern is unchanged."""
+    num_settings, num_seeds = present.shape
+    present_js = present.T                                      # [J, S]
+    keys = rng.random((num_permutations, num_seeds, num_settings))
+    keys[:, ~present_js] = np.inf                               # absent sources sort last
+    order = np.argsort(keys, axis=-1, kind="stable")            # present first, shuffled
+    slots = np.where(present_js, np.arange(num_settings), np.inf)
+    targets = np.argsort(slots, axis=-1, kind="stable")         # present slots, in order
+    source = np.empty_like(order)
+    p_index = np.arange(num_permutations)[:, None, None]
+    j_index = np.arange(num_seeds)[None, :, None]
+    source[p_index, j_index, targets[None]] = order
+    return source
+
+
+def permuted_fold_sums(values, present, fold_of_seed, folds, source):
+    """sums [P, K, S, C] of the permuted data: a one-hot [P*K*S, S*J] matrix times the
+    runs [S*J, C], in blocks of permutations (BLAS does the work, memory stays bounded)."""
+    num_settings, num_seeds, num_classes = values.shape
+    runs = np.where(present[:, :, None], values, 0.0).reshape(num_settings * num_seeds,
+                                                              num_classes)
+    num_permutations = len(source)
+    per_permutation = folds * num_settings * num_settings * num_seeds
+    block = max(1, PERMUTATION_BLOCK_ELEMENTS // per_permutation)
+    sums = np.empty((num_permutations, folds, num_settings, num_classes))
+    j_index = np.arange(num_seeds)[:, None]
+    s_index = np.arange(num_settings)[None, :]
+    for start in range(0, num_permutations, block):
+        chunk = source[start:start + block]                     # [B, J, S]
+        one_hot = np.zeros((len(chunk), folds, num_settings, num_settings, num_seeds))
+        b_index = np.arange(len(chunk))[:, None, None]
+        one_hot[b_index, fold_of_seed[j_index], s_index, chunk, j_index] = 1.0
+        product = one_hot.reshape(-1, num_settings * num_seeds) @ runs
+        sums[start:start + len(chunk)] = product.reshape(len(chunk), folds, num_settings,
+                                                         num_classes)
+    return sums
+
+
+# ----------------------------------------------------------------------------------------
+# Oracle gains from fold sums (any leading batch axis)
+# ----------------------------------------------------------------------------------------
+
+def _divide(sums, counts):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts[..., None] > 0, sums / counts[..., None], np.nan)
+
+
+def _weighted(weights, means):
+    """weights @ means over the last axis, NaN where a needed mean is NaN."""
+    return np.einsum("...c,c->...", means, weights)
+
+
+def oracle_gains(sums, counts, weights, reference_index):
+    """In-sample and cross-fitted oracle / best single setting from fold sums.
+
+    sums [..., K, S, C], counts [K, S] (the same for every permutation); weights [C] sum
+    to 1. Returns a dict of [...] arrays (top-1 as fractions) plus 'crossfit_class_acc'
+    [..., C]: each class's held-out accuracy at its cross-fitted choice, averaged over folds.
+    """
+    folds = counts.shape[0]
+    total_counts = counts.sum(axis=0)
+    means = _divide(sums.sum(axis=-3), total_counts)            # [..., S, C]
+    oracle_in = _weighted(weights, np.nanmax(means, axis=-2))
+    best_in = np.nanmax(_weighted(weights, means), axis=-1)
+    oracle_folds, best_folds, class_acc = [], [], []
+    for k in range(folds):
+        chosen_counts, scored_counts = total_counts - counts[k], counts[k]
+        usable = (chosen_counts > 0) & (scored_counts > 0)       # [S]
+        if not usable.any():
+            continue
+        choose = _divide(sums.sum(axis=-3) - sums[..., k, :, :], chosen_counts)
+        choose = np.where(usable[:, None], choose, np.nan)
+        score = _divide(sums[..., k, :, :], scored_counts)
+        per_class_pick = argmax_nearest(choose, reference_index, axis=-2)   # [..., C]
+        held_out = np.take_along_axis(score, per_class_pick[..., None, :], axis=-2)[..., 0, :]
+        single_pick = argmax_nearest(_weighted(weights, choose), reference_index, axis=-1)
+        single = np.take_along_axis(_weighted(weights, score), single_pick[..., None],
+                                    axis=-1)[..., 0]
+        oracle_folds.append(_weighted(weights, held_out))
+        best_folds.append(single)
+        class_acc.append(held_out)
+    if not oracle_folds:
+        nan = np.full(oracle_in.shape, np.nan)
+        return {"oracle_in": oracle_in, "best_in": best_in, "gain_in": oracle_in - best_in,
+                "oracle_crossfit": nan, "best_crossfit": nan, "gain_crossfit": nan,
+                "crossfit_class_acc": np.full(means.shape[:-2] + means.shape[-1:], np.nan),
+                "folds_used": 0}
+    oracle_cf = np.mean(oracle_folds, axis=0)
+    best_cf = np.mean(best_folds, axis=0)
+    return {"oracle_in": oracle_in, "best_in": best_in, "gain_in": oracle_in - best_in,
+            "oracle_crossfit": oracle_cf, "best_crossfit": best_cf,
+            "gain_crossfit": oracle_cf - best_cf,
+            "crossfit_class_acc": np.mean(class_acc, axis=0), "folds_used": len(oracle_folds)}
+
+
+def oracle_with_noise_reference(values, present, weights, reference_index,
+                                folds=DEFAULT_FOLDS, num_permutations=DEFAULT_PERMUTATIONS,
+                                rng_seed=PERMUTATION_SEED):
+    """Observed gains (oracle_gains) and, under `noise_*`, the same over setting labels
+    permuted within each seed: [P] arrays. values [S, J, C] on the scored classes only."""
+    num_seeds = values.shape[1]
+    folds = min(folds, num_seeds)
+    fold_of_seed = seed_folds(num_seeds, max(folds, 1))
+    sums, counts = fold_sums(values, present, fold_of_seed, max(folds, 1))
+    observed = oracle_gains(sums, counts, weights, reference_index)
+    if folds < 2:
+        observed.update(folds_used=0, oracle_crossfit=np.nan, best_crossfit=np.nan,
+                        gain_crossfit=np.nan)
+    observed["folds"] = folds
+    if num_permutations > 0:
+        source = within_seed_permutations(present, num_permutations,
+                                          np.random.default_rng(rng_seed))
+        permuted = oracle_gains(permuted_fold_sums(values, present, fold_of_seed,
+                                                   max(folds, 1), source),
+                                counts, weights, reference_index)
+        observed["noise_gain_in"] = permuted["gain_in"]
+        observed["noise_gain_crossfit"] = (permuted["gain_crossfit"] if folds >= 2
+                                           else np.full(num_permutations, np.nan))
+    return observed
+
+
+# ----------------------------------------------------------------------------------------
+# Tables for the analysis
+# ----------------------------------------------------------------------------------------
+
+def _scored_weights(data, scored):
+    weights = np.where(scored, data.class_weights(), 0.0)[scored]
+    return weights / weights.sum()
+
+
+def _gain_sentence(row):
+    """One sentence: how much of the in-sample oracle gain survives cross-fitting."""
+    gain_in, gain_cf = 100 * row["oracle_gain_in_sample"], 100 * row["oracle_gain_crossfit"]
+    if not np.isfinite(gain_cf):
+        return (f"The in-sample oracle gains {gain_in:+.2f} pts; it cannot be cross-fitted "
+                f"here (needs at least 2 seeds per setting), so none of it is known to be real.")
+    noise = 100 * row["noise_gain_in_sample_mean"]
+    noise_text = (f"; with the setting labels shuffled within each seed (no real difference, "
+                  f"{row['n_permutations']} permutations) the in-sample gain is {noise:+.2f} "
+                  f"± {100 * row['noise_gain_in_sample_sd']:.2f} pts"
+                  if row["n_permutations"] else "")
+    return (f"Of the in-sample oracle gain of {gain_in:+.2f} pts, {gain_cf:+.2f} pts survive "
+            f"cross-fitting ({row['crossfit_folds']} folds of {row['n_seeds']} seeds: chosen "
+            f"on some seeds, scored on the others){noise_text}; take {max(gain_cf, 0):.2f} pts "
+            f"as the real gain and the rest as selection on noise.")
+
+
+def crossfit_oracle(data, class_means, folds=DEFAULT_FOLDS,
+                    num_permutations=DEFAULT_PERMUTATIONS):
+    """(columns to add to oracle.csv as a dict, per-class held-out accuracy [C])."""
+    scored = scored_classes(class_means)
+    values, _, present, keys = seed_layout(data)
+    result = oracle_with_noise_reference(values[:, :, scored], present,
+                                         _scored_weights(data, scored), data.reference_index,
+                                         folds, num_permutations)
+    noise_in = result.get("noise_gain_in", np.array([]))
+    noise_cf = result.get("noise_gain_crossfit", np.array([]))
+    gain_in = float(result["gain_in"])
+    columns = {
+        "oracle_gain_in_sample": gain_in,
+        "oracle_top1_crossfit": float(result["oracle_crossfit"]),
+        "best_top1_crossfit": float(result["best_crossfit"]),
+        "oracle_gain_crossfit": float(result["gain_crossfit"]),
+        "crossfit_folds": int(result["folds"]) if result["folds"] >= 2 else 0,
+        "n_seeds": len(keys),
+        "n_permutations": len(noise_in),
+        "noise_gain_in_sample_mean": float(noise_in.mean()) if len(noise_in) else np.nan,
+        "noise_gain_in_sample_sd": float(noise_in.std(ddof=1)) if len(noise_in) > 1 else np.nan,
+        "noise_gain_crossfit_mean": float(np.mean(noise_cf)) if len(noise_cf) else np.nan,
+        # Share of permutations whose in-sample gain reaches the observed one (+1 smoothed).
+        "permutation_p_gain": (float((1 + (noise_in >= gain_in).sum()) / (1 + len(noise_in)))
+                               if len(noise_in) else np.nan),
+    }
+    columns["how_much_is_real"] = _gain_sentence(columns)
+    class_acc = np.full(data.num_classes, np.nan)
+    if columns["crossfit_folds"]:
+        class_acc[scored] = result["crossfit_class_acc"]
+    return columns, class_acc
+
+
+def crossfit_selection(data, class_means, folds=DEFAULT_FOLDS, worst_fraction=0.1):
+    """Per criterion of stats.selection: the held-out score of its cross-fitted pick.
+
+    For each fold the criterion picks a setting on the other folds' seeds and is scored on
+    this fold's (same definitions as stats.selection), averaged over folds. Returns a
+    DataFrame keyed by criterion with score_crossfit, top1_crossfit,
+    worst_class_acc_crossfit, cost_top1_crossfit (vs the mean-accuracy pick, same folds)
+    and pick_agreement (share of folds picking the in-sample choice's setting).
+    """
+    values, top1, present, keys = seed_layout(data)
+    folds = min(folds, len(keys))
+    criteria = list(selection_scores(class_means, np.zeros(len(data.settings)),
+                                     worst_fraction))
+    if folds < 2:
+        return pd.DataFrame({"criterion": criteria})
+    fold_of_seed = seed_folds(len(keys), folds)
+    sums, counts = fold_sums(values, present, fold_of_seed, folds)
+    top1_sums = np.stack([np.where(present, top1, 0.0)[:, fold_of_seed == k].sum(axis=1)
+                          for k in range(folds)])
+    in_sample_picks = _in_sample_picks(data, class_means, worst_fraction)
+    per_fold = []
+    for k in range(folds):
+        chosen_counts, scored_counts = counts.sum(axis=0) - counts[k], counts[k]
+        usable = (chosen_counts > 0) & (scored_counts > 0)
+        if not usable.any():
+            continue
+        choose_means = _divide(sums.sum(axis=0) - sums[k], chosen_counts)
+        choose_top1 = (top1_sums.sum(axis=0) - top1_sums[k]) / np.maximum(chosen_counts, 1)
+        held_means = _divide(sums[k], scored_counts)
+        held_top1 = top1_sums[k] / np.maximum(scored_counts, 1)
+        choose_scores = _scores_on(usable, choose_means, choose_top1, worst_fraction)
+        held_scores = _scores_on(usable, held_means, held_top1, worst_fraction)
+        picks = {c: int(argmax_nearest(s, data.reference_index))
+                 for c, s in choose_scores.items()}
+        for criterion, pick in picks.items():
+            per_fold.append({
+                "criterion": criterion, "score_crossfit": held_scores[criterion][pick],
+                "top1_crossfit": held_top1[pick],
+                "worst_class_acc_crossfit": held_scores["worst_class"][pick],
+                "cost_top1_crossfit": held_top1[pick] - held_top1[picks["mean_accuracy"]],
+                "pick_agreement": float(pick == in_sample_picks[criterion])})
+    if not per_fold:
+        return pd.DataFrame({"criterion": criteria})
+    table = pd.DataFrame(per_fold).groupby("criterion", sort=False).mean().reset_index()
+    table["crossfit_folds"] = folds
+    return table
+
+
+def _in_sample_picks(data, class_means, worst_fraction):
+    mean_top1 = np.array([t.mean() for t in data.top1])
+    return {c: int(argmax_nearest(s, data.reference_index))
+            for c, s in selection_scores(class_means, mean_top1, worst_fraction).items()}
+
+
+def _scores_on(usable, means, top1, worst_fraction):
+    """selection_scores over the usable settings only, as [S] arrays (NaN elsewhere), so a
+    setting without runs on one side of a fold neither wins nor removes classes."""
+    subset = selection_scores(means[usable], top1[usable], worst_fraction)
+    full = {}
+    for criterion, score in subset.items():
+        full[criterion] = np.full(len(usable), np.nan)
+        full[criterion][usable] = score
+    return full
