@@ -20,7 +20,7 @@ of the permuted data is what selection on noise alone gives.
 
 Everything is vectorized over classes and permutations: one seed-level array [S, J, C]
 (settings x seeds x classes), per-fold sums from it, and a single matrix product per
-block of permutations; no Python loop runs over classes.
+sparse matrix product for all permutations; no Python loop runs over classes.
 """
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ from ffcv_bias.analysis.stats import argmax_nearest, scored_classes, selection_s
 DEFAULT_FOLDS = 2
 DEFAULT_PERMUTATIONS = 100
 PERMUTATION_SEED = 0          # fixed: the same records give the same noise reference
-PERMUTATION_BLOCK_ELEMENTS = 2 ** 22   # one-hot matrix entries per block (32 MiB float64)
+MIN_PERMUTATIONS = 20
+PERMUTATION_WORK = 2 * 10 ** 8   # multiply-adds: ~20 permutations at 10 x 1,000 x 1,000
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,9 +87,11 @@ def seed_folds(num_seeds, folds):
 
 def fold_sums(values, present, fold_of_seed, folds):
     """(sums [K, S, C], counts [K, S]) of the runs of each fold and setting."""
-    filled = np.where(present[:, :, None], values, 0.0)
-    sums = np.stack([filled[:, fold_of_seed == k].sum(axis=1) for k in range(folds)])
-    counts = np.stack([present[:, fold_of_seed == k].sum(axis=1) for k in range(folds)])
+    # Folds are contiguous blocks of seed columns (seed_folds), so each is one slice.
+    starts = np.searchsorted(fold_of_seed, np.arange(folds))
+    stops = np.append(starts[1:], len(fold_of_seed))
+    sums = np.stack([np.nansum(values[:, a:b], axis=1) for a, b in zip(starts, stops)])
+    counts = np.stack([present[:, a:b].sum(axis=1) for a, b in zip(starts, stops)])
     return sums, counts
 
 
@@ -111,26 +114,33 @@ def within_seed_permutations(present, num_permutations, rng):
 
 
 def permuted_fold_sums(values, present, fold_of_seed, folds, source):
-    """sums [P, K, S, C] of the permuted data: a one-hot [P*K*S, S*J] matrix times the
-    runs [S*J, C], in blocks of permutations (BLAS does the work, memory stays bounded)."""
+    """sums [P, K, S, C] of the permuted data: a sparse one-hot [P*K*S, S*J] matrix (one
+    entry per permutation, setting and seed) times the runs [S*J, C], so the work is one
+    multiply-add per permuted run and class, P*S*J*C in all."""
+    from scipy.sparse import csr_matrix   # only here: the rest of the analysis needs none
     num_settings, num_seeds, num_classes = values.shape
     runs = np.where(present[:, :, None], values, 0.0).reshape(num_settings * num_seeds,
                                                               num_classes)
     num_permutations = len(source)
-    per_permutation = folds * num_settings * num_settings * num_seeds
-    block = max(1, PERMUTATION_BLOCK_ELEMENTS // per_permutation)
-    sums = np.empty((num_permutations, folds, num_settings, num_classes))
-    j_index = np.arange(num_seeds)[:, None]
-    s_index = np.arange(num_settings)[None, :]
-    for start in range(0, num_permutations, block):
-        chunk = source[start:start + block]                     # [B, J, S]
-        one_hot = np.zeros((len(chunk), folds, num_settings, num_settings, num_seeds))
-        b_index = np.arange(len(chunk))[:, None, None]
-        one_hot[b_index, fold_of_seed[j_index], s_index, chunk, j_index] = 1.0
-        product = one_hot.reshape(-1, num_settings * num_seeds) @ runs
-        sums[start:start + len(chunk)] = product.reshape(len(chunk), folds, num_settings,
-                                                         num_classes)
-    return sums
+    p_index, j_index, s_index = np.meshgrid(np.arange(num_permutations),
+                                            np.arange(num_seeds), np.arange(num_settings),
+                                            indexing="ij")
+    rows = (p_index * folds + fold_of_seed[j_index]) * num_settings + s_index
+    columns = source * num_seeds + j_index
+    one_hot = csr_matrix((np.ones(rows.size), (rows.ravel(), columns.ravel())),
+                         shape=(num_permutations * folds * num_settings,
+                                num_settings * num_seeds))
+    return (one_hot @ runs).reshape(num_permutations, folds, num_settings, num_classes)
+
+
+def permutation_count(num_settings, num_seeds, num_classes):
+    """DEFAULT_PERMUTATIONS, fewer (not under MIN_PERMUTATIONS) when settings x seeds x
+    classes is so large that they would cost more than PERMUTATION_WORK multiply-adds:
+    there the noise gain is a mean over many classes and already precise (its sd over the
+    permutations is reported beside it). Deterministic: same records, same count."""
+    per_permutation = max(1, num_settings * num_seeds * num_classes)
+    return int(min(DEFAULT_PERMUTATIONS, max(MIN_PERMUTATIONS,
+                                              PERMUTATION_WORK // per_permutation)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,11 +252,15 @@ def _gain_sentence(row):
             f"as the real gain and the rest as selection on noise.")
 
 
-def crossfit_oracle(data, class_means, folds=DEFAULT_FOLDS,
-                    num_permutations=DEFAULT_PERMUTATIONS):
-    """(columns to add to oracle.csv as a dict, per-class held-out accuracy [C])."""
+def crossfit_oracle(data, class_means, folds=DEFAULT_FOLDS, num_permutations=None):
+    """(columns to add to oracle.csv as a dict, per-class held-out accuracy [C]).
+
+    num_permutations: of the noise reference; None: permutation_count of the data's size.
+    """
     scored = scored_classes(class_means)
     values, _, present, keys = seed_layout(data)
+    if num_permutations is None:
+        num_permutations = permutation_count(*values[:, :, scored].shape)
     result = oracle_with_noise_reference(values[:, :, scored], present,
                                          _scored_weights(data, scored), data.reference_index,
                                          folds, num_permutations)
