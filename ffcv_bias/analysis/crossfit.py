@@ -259,9 +259,11 @@ def crossfit_oracle(data, class_means, folds=DEFAULT_FOLDS, num_permutations=Non
     """
     scored = scored_classes(class_means)
     values, _, present, keys = seed_layout(data)
+    if not scored.all():       # (a copy, so only when a class must go)
+        values = values[:, :, scored]
     if num_permutations is None:
-        num_permutations = permutation_count(*values[:, :, scored].shape)
-    result = oracle_with_noise_reference(values[:, :, scored], present,
+        num_permutations = permutation_count(*values.shape)
+    result = oracle_with_noise_reference(values, present,
                                          _scored_weights(data, scored), data.reference_index,
                                          folds, num_permutations)
     noise_in = result.get("noise_gain_in", np.array([]))
