@@ -72,7 +72,7 @@ def test_cli_writes_every_table_figure_and_the_report(crop_runs, tmp_path):
 
     page = (out / "index.html").read_text()
     for name in FIGURES + ["Table 1", "Oracle", "optimistically biased", "price of fairness",
-                           "survive cross-fitting", "Table 1, seed-paired", "Seed planning",
+                           "an honest estimate keeps", "Table 1, seed-paired", "Seed planning",
                            "academic gown", "Skipped runs", "NaN loss", "<b>1</b> skipped"]:
         assert name in page, name
 

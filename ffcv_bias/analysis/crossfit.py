@@ -169,7 +169,7 @@ def oracle_gains(sums, counts, weights, reference_index):
     means = _divide(sums.sum(axis=-3), total_counts)            # [..., S, C]
     oracle_in = _weighted(weights, np.nanmax(means, axis=-2))
     best_in = np.nanmax(_weighted(weights, means), axis=-1)
-    oracle_folds, best_folds, class_acc = [], [], []
+    oracle_folds, best_folds, class_acc, class_gain = [], [], [], []
     for k in range(folds):
         chosen_counts, scored_counts = total_counts - counts[k], counts[k]
         usable = (chosen_counts > 0) & (scored_counts > 0)       # [S]
@@ -186,18 +186,32 @@ def oracle_gains(sums, counts, weights, reference_index):
         oracle_folds.append(_weighted(weights, held_out))
         best_folds.append(single)
         class_acc.append(held_out)
+        single_scores = np.take_along_axis(score, single_pick[..., None, None], axis=-2)
+        class_gain.append(held_out - single_scores[..., 0, :])
     if not oracle_folds:
         nan = np.full(oracle_in.shape, np.nan)
         return {"oracle_in": oracle_in, "best_in": best_in, "gain_in": oracle_in - best_in,
                 "oracle_crossfit": nan, "best_crossfit": nan, "gain_crossfit": nan,
                 "crossfit_class_acc": np.full(means.shape[:-2] + means.shape[-1:], np.nan),
+                "gain_crossfit_se": nan,
                 "folds_used": 0}
     oracle_cf = np.mean(oracle_folds, axis=0)
     best_cf = np.mean(best_folds, axis=0)
     return {"oracle_in": oracle_in, "best_in": best_in, "gain_in": oracle_in - best_in,
             "oracle_crossfit": oracle_cf, "best_crossfit": best_cf,
             "gain_crossfit": oracle_cf - best_cf,
-            "crossfit_class_acc": np.mean(class_acc, axis=0), "folds_used": len(oracle_folds)}
+            "crossfit_class_acc": np.mean(class_acc, axis=0), "folds_used": len(oracle_folds),
+            "gain_crossfit_se": _weighted_mean_se(np.mean(class_gain, axis=0), weights)}
+
+
+def _weighted_mean_se(per_class, weights):
+    """Standard error of sum_c w_c x_c (weights summing to 1) treating classes as
+    independent draws: sqrt(C / (C - 1) * sum_c w_c^2 (x_c - mean_w)^2)."""
+    num_classes = per_class.shape[-1]
+    if num_classes < 2:
+        return np.full(per_class.shape[:-1], np.nan)
+    centred = per_class - _weighted(weights, per_class)[..., None]
+    return np.sqrt(num_classes / (num_classes - 1) * _weighted(weights ** 2, centred ** 2))
 
 
 def oracle_with_noise_reference(values, present, weights, reference_index,
@@ -236,20 +250,24 @@ def _scored_weights(data, scored):
 
 
 def _gain_sentence(row):
-    """One sentence: how much of the in-sample oracle gain survives cross-fitting."""
+    """One sentence: how much of the in-sample oracle gain is real."""
     gain_in, gain_cf = 100 * row["oracle_gain_in_sample"], 100 * row["oracle_gain_crossfit"]
     if not np.isfinite(gain_cf):
         return (f"The in-sample oracle gains {gain_in:+.2f} pts; it cannot be cross-fitted "
                 f"here (needs at least 2 seeds per setting), so none of it is known to be real.")
-    noise = 100 * row["noise_gain_in_sample_mean"]
-    noise_text = (f"; with the setting labels shuffled within each seed (no real difference, "
-                  f"{row['n_permutations']} permutations) the in-sample gain is {noise:+.2f} "
-                  f"± {100 * row['noise_gain_in_sample_sd']:.2f} pts"
-                  if row["n_permutations"] else "")
-    return (f"Of the in-sample oracle gain of {gain_in:+.2f} pts, {gain_cf:+.2f} pts survive "
-            f"cross-fitting ({row['crossfit_folds']} folds of {row['n_seeds']} seeds: chosen "
-            f"on some seeds, scored on the others){noise_text}; take {max(gain_cf, 0):.2f} pts "
-            f"as the real gain and the rest as selection on noise.")
+    text = (f"Of the in-sample oracle gain of {gain_in:+.2f} pts, an honest estimate keeps "
+            f"{gain_cf:+.2f} ± {100 * row['oracle_gain_crossfit_se']:.2f} pts (cross-fitted, "
+            f"{row['crossfit_folds']} folds of {row['n_seeds']} seeds; ± 1 standard error "
+            f"over the classes)")
+    if row["n_permutations"]:
+        noise = 100 * row["noise_gain_in_sample_mean"]
+        share = 100 * noise / gain_in if gain_in > 0 else np.nan
+        text += (f"; with the setting labels shuffled within each seed (no real difference, "
+                 f"{row['n_permutations']} permutations) the in-sample gain is {noise:+.2f} "
+                 f"± {100 * row['noise_gain_in_sample_sd']:.2f} pts")
+        if np.isfinite(share):
+            text += f", {share:.0f}% of the observed one: selection on noise alone gives that"
+    return text + "."
 
 
 def crossfit_oracle(data, class_means, folds=DEFAULT_FOLDS, num_permutations=None):
@@ -274,6 +292,8 @@ def crossfit_oracle(data, class_means, folds=DEFAULT_FOLDS, num_permutations=Non
         "oracle_top1_crossfit": float(result["oracle_crossfit"]),
         "best_top1_crossfit": float(result["best_crossfit"]),
         "oracle_gain_crossfit": float(result["gain_crossfit"]),
+        "oracle_gain_crossfit_se": float(result["gain_crossfit_se"])
+                                   if np.isfinite(result["gain_crossfit"]) else np.nan,
         "crossfit_folds": int(result["folds"]) if result["folds"] >= 2 else 0,
         "n_seeds": len(keys),
         "n_permutations": len(noise_in),

@@ -206,6 +206,7 @@ def _mean_sd(values):
 
 def per_run_spread(acc, worst_fraction=0.1):
     """Per run: std of per-class accuracy, worst-class accuracy, mean of the worst 10%."""
+    acc = acc[:, ~np.isnan(acc).any(axis=0)]   # a class without val images has no accuracy
     worst_count = max(1, math.ceil(worst_fraction * acc.shape[1]))
     ordered = np.sort(acc, axis=1)
     return acc.std(axis=1), ordered[:, 0], ordered[:, :worst_count].mean(axis=1)

@@ -13,7 +13,7 @@ from ffcv_bias.analysis.tables import format_setting
 
 # Accuracy columns (fractions in the CSVs) of the new tables, shown in percent.
 PERCENT_COLUMNS = {"oracle_gain_in_sample", "oracle_top1_crossfit", "best_top1_crossfit",
-                   "oracle_gain_crossfit", "noise_gain_in_sample_mean",
+                   "oracle_gain_crossfit", "oracle_gain_crossfit_se", "noise_gain_in_sample_mean",
                    "noise_gain_in_sample_sd", "noise_gain_crossfit_mean", "score_crossfit",
                    "top1_crossfit", "worst_class_acc_crossfit", "cost_top1_crossfit",
                    "oracle_acc_crossfit", "sd_diff", "seed_sd", "diff_sd"}
@@ -72,7 +72,8 @@ def power_overview(power):
             needed = block.loc[block[sd].notna(), f"seeds_per_arm_{test}"].to_numpy(float)
             needed = np.where(np.isnan(needed), np.inf, needed)
             for label, q in (("median", 0.5), ("p90", 0.9)):
-                row[f"{test}_{label}"] = np.quantile(needed, q) if len(needed) else np.nan
+                row[f"{test}_{label}"] = (np.quantile(needed, q, method="higher")
+                                          if len(needed) else np.nan)
             row[f"power_now_{test}_median"] = block[f"power_now_{test}"].median()
         rows.append(row)
     return pd.DataFrame(rows)
