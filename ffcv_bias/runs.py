@@ -18,6 +18,9 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "weights.pt"
 VAL_LOGITS_FILE = "val_logits.npy"
+# The float32 argmax of the logits (int16, int32 above 32767 classes; ties to the lowest
+# class): every accuracy derives from it (ffcv_bias/metrics.py). Absent in older records.
+VAL_PREDS_FILE = "val_preds.npy"
 VAL_LABELS_FILE = "val_labels.npy"
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.txt"
