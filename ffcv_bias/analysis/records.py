@@ -152,8 +152,7 @@ def read_records(roots):
 # failure (or another machine / stack) and is reported loudly, not averaged away.
 DETERMINISM_FAILURE = "DETERMINISM FAILURE"
 # Files whose bytes two records of one run_id must share (when both have them).
-RESULT_FILES = (run_record.VAL_LOGITS_FILE, getattr(run_record, "VAL_PREDS_FILE",
-                                                    "val_preds.npy"))
+RESULT_FILES = (run_record.VAL_LOGITS_FILE, run_record.VAL_PREDS_FILE)
 
 
 def _same_val_shape(summary_a, summary_b):
