@@ -82,16 +82,23 @@ def has_predictions(run_dir):
 def confusion_counts(run_dirs, num_classes, read_labels):
     """(counts [C, C] int64 (row = true class), runs counted) over `run_dirs`."""
     counts = np.zeros(num_classes * num_classes, dtype=np.int64)
+    # label * C per distinct labels array (LabelReader keeps them alive, so ids are
+    # stable): each run then costs one addition and its share of a bincount.
+    index_dtype = np.int32 if counts.size < 2 ** 31 else np.int64
+    row_starts = {}
     pending, pending_images, counted = [], 0, 0
     for run_dir in run_dirs:
         labels = read_labels(run_dir)
+        starts = row_starts.get(id(labels))
+        if starts is None:
+            starts = row_starts[id(labels)] = labels.astype(index_dtype) * num_classes
         predictions = metrics.read_predictions(run_dir)
         if len(predictions) != len(labels):
             raise AnalysisError(f"{run_dir}: {len(predictions)} predictions for "
                                 f"{len(labels)} val labels")
         if predictions.size and (predictions.min() < 0 or predictions.max() >= num_classes):
             raise AnalysisError(f"{run_dir}: a prediction outside 0..{num_classes - 1}")
-        pending.append(labels * num_classes + predictions)
+        pending.append(starts + predictions)
         pending_images += len(labels)
         counted += 1
         if pending_images >= BATCH_IMAGES:
