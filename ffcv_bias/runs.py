@@ -1,6 +1,6 @@
 """The run record: run_id, file names, completeness, and a per-run lock.
 
-A run lives in `<logging.folder>/<run_id>/` (see DESIGN.md, "The run record"). This module
+A run lives in `<logging.folder>/<run_id>/` (see docs/DESIGN.md, "The run record"). This module
 is shared by the trainer (which writes records), the sweep launcher (which decides what
 is left to run) and analysis (which only reads): it imports neither torch nor ffcv.
 """

@@ -1,4 +1,4 @@
-"""Train one classifier on FFCV betons and write its run record (DESIGN.md, "The run record").
+"""Train one classifier on FFCV betons and write its run record (docs/DESIGN.md, "The run record").
 
     python train_imagenet.py --config-file rn50_configs/fashion_mnist_cpu.yaml \
         --training.seed=3 --augment.min_scale=0.25

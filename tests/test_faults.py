@@ -50,6 +50,9 @@ from test_sweep import (PYTHON, REPO, epochs_logged, launch_starts, read_lines, 
 from test_sweep import fake_setup  # noqa: F401 (a fixture: the stand-in trainer's files)
 from test_train import THREADS_ENV, read_log, run_dir_of, train_args
 
+# Every test here kills or starves real trainer and launcher processes.
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 3
 TRAIN_IMAGES, VAL_IMAGES, CLASSES = 600, 200, 10  # conftest's tiny_fashion_betons
 # The runs here train on a quarter of the training images (6 steps of 25 per epoch) and
