@@ -48,7 +48,7 @@ import torch
 from ffcv_bias import atomic
 from ffcv_bias.config import ConfigError
 from ffcv_bias.models import ARCHITECTURES, create_model, weight_decay_groups
-from ffcv_bias.train_config import bn_weight_decay, resolve_config
+from ffcv_bias.train_config import bn_weight_decay, resolve_config, wd_exempt
 
 EXIT_BAD_INPUT = 2
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "rn50_configs"
@@ -282,7 +282,8 @@ def build_optimizer_for(plan, model):
     from ffcv_bias.train import build_optimizer
     training = plan.nested["training"]
     groups = weight_decay_groups(model, training["weight_decay"],
-                                 bn_weight_decay=bn_weight_decay(plan.nested))
+                                 bn_weight_decay=bn_weight_decay(plan.nested),
+                                 exempt=wd_exempt(plan.nested))
     optimizer = build_optimizer(training["optimizer"], groups, training)
     for group in optimizer.param_groups:
         group["lr"] = LR_FRACTION * plan.nested["lr"]["lr"]
@@ -375,7 +376,8 @@ def measure(plan, options):
 def recipe_summary(plan, model):
     training, model_config = plan.nested["training"], plan.nested["model"]
     groups = weight_decay_groups(model, training["weight_decay"],
-                                 bn_weight_decay=bn_weight_decay(plan.nested))
+                                 bn_weight_decay=bn_weight_decay(plan.nested),
+                                 exempt=wd_exempt(plan.nested))
     return {"recipe": plan.recipe.config_file, "num_classes": plan.recipe.num_classes,
             "optimizer": training["optimizer"], "recipe_peak_lr": plan.nested["lr"]["lr"],
             "lr": LR_FRACTION * plan.nested["lr"]["lr"],

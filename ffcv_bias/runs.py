@@ -47,6 +47,7 @@ LATER_KEY_DEFAULTS = {
     ("training", "adam_eps"): 1e-8,
     ("training", "grad_clip_norm"): 0.0,
     ("model", "drop_path"): 0.0,
+    ("training", "wd_exempt"): "norm_bias_embed",   # every bias etc. exempt, as before
 }
 # Config values that name files: the run_id uses the file's name for datasets (moving a
 # data directory must not orphan finished runs) and the content for small input files

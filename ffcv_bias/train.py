@@ -77,7 +77,7 @@ from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
 from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
                                     bn_weight_decay, declare_sections, is_distributed,
                                     read_class_min_scale, read_keep_indices, read_sidecar,
-                                    resolve_config, validate_semantics)
+                                    resolve_config, validate_semantics, wd_exempt)
 
 CHECKPOINT_FORMAT = 1
 # The files this trainer writes atomically into the run directory (error.txt aside, which
@@ -297,7 +297,8 @@ class Trainer:
     @param("training.label_smoothing")
     def create_optimizer(self, optimizer, weight_decay, label_smoothing):
         groups = weight_decay_groups(self.model, weight_decay,
-                                     bn_weight_decay=bn_weight_decay(self.nested))
+                                     bn_weight_decay=bn_weight_decay(self.nested),
+                                     exempt=wd_exempt(self.nested))
         return (build_optimizer(optimizer, groups, self.nested["training"]),
                 torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing))
 

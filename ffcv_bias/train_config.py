@@ -73,6 +73,14 @@ class Text(Checker):
         return "a string"
 
 
+# training.wd_exempt: which parameters weight decay skips (param_groups.EXEMPT_SETS has
+# their meaning). The default is the behaviour from before the key existed, so that
+# finished runs keep their run_id (runs.LATER_KEY_DEFAULTS); the paper's ResNet/DenseNet
+# sweeps set "norm" explicitly.
+WD_EXEMPT_SETS = ("norm", "norm_bias_embed")
+WD_EXEMPT_DEFAULT = "norm_bias_embed"
+
+
 def _flag(doc, default):
     return Param(StrictBool(), doc + " (0/1)", default=default)
 
@@ -140,7 +148,13 @@ def declare_sections():
                              "(0 = off)", default=0.0),
         weight_decay=Param(float, "weight decay of conv/linear weights (L2 for sgd, "
                                   "decoupled for adamw)", default=4e-5),
-        bn_weight_decay=_flag("also decay norm-layer weights and all biases", 0),
+        bn_weight_decay=_flag("also decay norm-layer weights and biases", 0),
+        wd_exempt=Param(OneOf(*WD_EXEMPT_SETS),
+                        "parameters kept off weight decay: 'norm' = norm layers only (the "
+                        "paper's), 'norm_bias_embed' = norm layers, every bias and the "
+                        "model's no_weight_decay() list (ViT pos_embed / cls_token, "
+                        "ConvNeXt layer_scale; timm-style)",
+                        default=WD_EXEMPT_DEFAULT),
         bn_wd=_flag("ffcv-imagenet's spelling of bn_weight_decay", 0),
         label_smoothing=Param(FloatInRange(0, 1, low_inclusive=True),
                               "label smoothing of the training loss", default=0.1),
@@ -231,6 +245,11 @@ def adopt_torchrun_world_size(nested):
 
 def is_distributed(nested):
     return bool(nested["training"]["distributed"]) or nested["dist"]["world_size"] > 1
+
+
+def wd_exempt(nested):
+    """The weight-decay exemption set (a config written before the key: today's default)."""
+    return nested["training"].get("wd_exempt", WD_EXEMPT_DEFAULT)
 
 
 def bn_weight_decay(nested):

@@ -2,8 +2,9 @@
 
 Output layout (every file written atomically):
   one varied key:   OUT_DIR/{runs,settings,per_class,welch,table1,oracle,oracle_per_class,
-                    selection,paired,table1_paired,power,skipped}.csv, the three figures,
-                    index.html
+                    selection,paired,table1_paired,power,confusion,confusion_flows,
+                    skipped}.csv, the figures (with confusion_flows.png when a class is
+                    hurt), index.html
   two varied keys:  one complete report per value of the second key in a subfolder
                     OUT_DIR/<key2>=<value>/ (same files, runs grouped by that value), plus
                     OUT_DIR/*.csv combining the groups with a leading <key2> column, and
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ffcv_bias.analysis import crossfit, paired, power, report, stats, tables
+from ffcv_bias.analysis import confusion, crossfit, paired, power, report, stats, tables
 from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
                                         dotted_get, load_runs)
 from ffcv_bias.atomic import atomic_path
 
 FRAME_NAMES = ("runs", "settings", "per_class", "welch", "table1", "oracle",
-               "oracle_per_class", "selection", "paired", "table1_paired", "power")
+               "oracle_per_class", "selection", "paired", "table1_paired", "power",
+               "confusion", "confusion_flows")
 
 
 def analyse_settings(data, crossfit_folds=crossfit.DEFAULT_FOLDS):
@@ -45,6 +47,9 @@ def analyse_settings(data, crossfit_folds=crossfit.DEFAULT_FOLDS):
     frames["selection"] = frames["selection"].merge(
         crossfit.crossfit_selection(data, class_means, crossfit_folds), on="criterion",
         how="left")
+    # Where the hurt classes' predictions went (reads each run's predictions once).
+    flows = confusion.confusion_tables(data, welch)
+    frames["confusion"], frames["confusion_flows"] = flows["confusion"], flows["confusion_flows"]
     return frames, class_means, class_stds
 
 
@@ -125,7 +130,17 @@ def _write_group(frames, data, out_dir, make_plots, top_k, context):
         suffix = f" ({context['group_label']})" if context.get("group_label") else ""
         figure_files = make_figures(data, frames["class_means"], frames["class_stds"],
                                     frames["welch"], out_dir, k=top_k, title_suffix=suffix)
+        figure_files.update(confusion_figure(data, frames, out_dir, suffix))
     report.write_group_index(out_dir, data, frames, figure_files, context)
+
+
+def confusion_figure(data, frames, out_dir, suffix):
+    """{"confusion_flows": file name} when the compared setting hurts a class, else {}."""
+    from ffcv_bias.analysis.figures import compared_index
+    setting = data.settings[compared_index(data)]
+    drawn = confusion.flows_figure(frames["confusion_flows"], setting,
+                                   out_dir / "confusion_flows.png", title_suffix=suffix)
+    return {"confusion_flows": "confusion_flows.png"} if drawn else {}
 
 
 def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), top_k=5,
@@ -142,8 +157,9 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
     ignore_keys: config keys allowed to differ between pooled runs.
     crossfit_folds: K of the cross-fitted oracle and selection (seeds split in K blocks).
     Returned frames: runs, settings, per_class, welch, table1, oracle, oracle_per_class,
-    selection, paired, table1_paired, power, skipped; with two keys, each has a leading
-    column named after the second.
+    selection, paired, table1_paired, power, confusion, confusion_flows
+    (analysis/confusion.py), skipped; with two keys, each has a leading column named
+    after the second.
     Raises AnalysisError on bad input (no complete run, mixed datasets, unpoolable runs).
     """
     if not isinstance(crossfit_folds, int) or crossfit_folds < 2:

@@ -16,7 +16,8 @@ from ffcv_bias.atomic import write_text
 PERCENT_COLUMNS = {"top1", "top5", "mean_ref", "mean", "diff", "mean_acc", "std_acc",
                    "best_top1", "reference_top1", "oracle_top1", "oracle_gain",
                    "best_top1_class_weighted", "score", "worst_class_acc", "cost_top1",
-                   "oracle_acc", "best_setting_acc", "reference_acc"} | {
+                   "oracle_acc", "best_setting_acc", "reference_acc",
+                   "lost", "share", "rate_ref", "rate"} | {
     f"{name}_{stat}" for name in ("top1", "top5", "class_std", "worst_class", "worst10pct")
     for stat in ("mean", "sd")} | trust_report.PERCENT_COLUMNS
 
@@ -50,6 +51,16 @@ SELECTION_NOTE = (
     "The setting each criterion picks, on per-class accuracy averaged over seeds. "
     "<i>cost_top1</i> is the mean top-1 given up relative to the mean-accuracy pick: the "
     "price of choosing for the worst classes. Ties go to the setting nearest the reference.")
+FLOWS_NOTE = (
+    "How to read: each bar / group of rows is a class the setting hurts (one-sided Welch "
+    "p_less &lt; 0.05, or the largest drops when none is significant); <i>lost</i> is the "
+    "accuracy it lost against the reference (mean over seeds) and each row names a class "
+    "that now receives more of its images, <i>share</i> being the part of the loss it took "
+    "(the shares of all classes sum to 100%); <i>rate_ref</i> / <i>rate</i> are how often the "
+    "hurt class is predicted as that class at the reference / the setting; <i>n_ref</i>, "
+    "<i>n</i>: seeds. A large share to one class means the two classes are being confused, "
+    "not that the hurt class is destroyed. All settings: confusion_flows.csv; the mean "
+    "confusion matrices: confusion.csv.")
 WELCH_NOTE = (
     "Welch one-sided test per class (scipy.stats.ttest_ind(setting, reference, "
     "equal_var=False, alternative='less')); <i>diff</i> = mean &minus; mean_ref; "
@@ -159,14 +170,48 @@ def write_group_index(out_dir, data, frames, figure_files, context):
     body.append(f"<h2>Classes hurt most at {compared} (smallest p_less)</h2>"
                 f"<p class='note'>{WELCH_NOTE}</p>" + _display(losers))
     body.append(f"<h2>Classes helped most at {compared}</h2>" + _display(gainers))
+    body.append(_flows_section(frames, setting, figure_files))
     if len(context["skipped"]):
         body.append("<h2>Skipped runs</h2>" + _display(context["skipped"], max_rows=200))
     body.append("<h2>Files</h2><p>" + " &middot; ".join(
         f"<a href='{n}.csv'>{n}.csv</a>" for n in ("runs", "settings", "per_class", "welch",
                                                    "table1", "oracle", "oracle_per_class",
                                                    "selection", "paired", "table1_paired",
-                                                   "power")) + "</p>")
+                                                   "power", "confusion",
+                                                   "confusion_flows")) + "</p>")
     write_text(out_dir / "index.html", _page(title, "\n".join(body)))
+
+
+def _flows_section(frames, setting, figure_files, max_rows=40):
+    """Confusion flows at the compared setting: the figure, the first rows, one note."""
+    title = f"<h2>Where the hurt classes' predictions went at {html.escape(format_setting(setting))}</h2>"
+    if frames["confusion"].empty:
+        return title + ("<p class='note'>No confusion flows: no run of the reference kept "
+                        "its predictions (val_preds.npy, or val_logits.npy, with "
+                        "val_labels.npy).</p>")
+    flows = rows_where(frames["confusion_flows"], "setting", setting)
+    if flows.empty:
+        return title + "<p class='note'>No class loses accuracy at this setting.</p>"
+    figure = (f"<img src='{figure_files['confusion_flows']}' alt='confusion flows'>"
+              if "confusion_flows" in figure_files else "")
+    shown = flows.drop(columns=["setting"])
+    return title + f"<p class='note'>{FLOWS_NOTE}</p>" + figure + _display(shown, max_rows)
+
+
+def flow_lines(frames, setting, n_classes=3, n_absorbers=3):
+    """'Shirt -27.6 pts: T-shirt/top 45%, Pullover 30%, ...' for the first hurt classes."""
+    if "confusion_flows" not in frames:
+        return []
+    flows = rows_where(frames["confusion_flows"], "setting", setting)
+    lines = []
+    for class_index in list(dict.fromkeys(flows["class"]))[:n_classes]:
+        block = flows[flows["class"] == class_index].head(n_absorbers)
+        first = block.iloc[0]
+        went = ", ".join(f"{row['absorbing_name']} {100 * row['share']:.0f}%"
+                         for _, row in block.iterrows())
+        lines.append(f"    {first['class_name'][:30]:<30} -{100 * first['lost']:.1f} pts went to"
+                     f" {went} (n = {first['n_ref']} / {first['n']} seeds)")
+    return lines
 
 
 def write_top_index(out_dir, combined, links, context):
@@ -234,6 +279,12 @@ def _summary_of_group(frames, n_losers=5):
         for setting, block in setting_blocks(frames["table1"]):
             percents = " / ".join(f"{p:.1f}" for p in block["percent_classes"])
             lines.append(f"    {format_setting(setting):>12}: {percents}")
+        compared = _class_extremes(frames, n=1)[0]
+        flows = flow_lines(frames, compared)
+        if flows:
+            lines.append(f"  where the hurt classes' predictions went at "
+                         f"{format_setting(compared)} (share of the loss; confusion_flows.csv):")
+            lines += flows
     oracle = frames["oracle"].iloc[0]
     lines.append(f"  best setting {format_setting(oracle['best_setting'])}: top-1 "
                  f"{100 * oracle['best_top1']:.2f}%; per-class oracle "

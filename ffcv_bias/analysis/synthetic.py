@@ -19,11 +19,13 @@ Writing is direct (no fsync): these are throw-away test records, and 1,000 of th
 written in seconds.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ffcv_bias import runs as run_record
+from ffcv_bias.metrics import prediction_dtype
 
 
 def linear_effects(settings, reference, losing_classes=(), gaining_classes=(),
@@ -241,3 +243,89 @@ def setting_data(accuracy, settings, reference, class_counts=None, key="augment.
         acc=list(accuracy), top1=list(top1), top5=list(np.full_like(top1, np.nan)),
         class_names=[f"syn_{i:03d}" for i in range(num_classes)], class_counts=counts,
         run_dirs=[[""] * num_seeds for _ in range(num_settings)])
+
+
+# ----------------------------------------------------------------------------------------
+# Records with predictions (val_preds.npy), fast enough for 10,000 runs
+# ----------------------------------------------------------------------------------------
+
+def make_prediction_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50,
+                         effects=None, base_acc=0.75, noise_std=0.02, absorbed_by=None,
+                         confusable=3, vary_key="augment.min_scale", class_names=None,
+                         seed=0):
+    """Write one run record per (setting, seed) with val_preds.npy and val_labels.npy (no
+    logits), summary.json's top1 / per_class_acc computed from the predictions.
+
+    Each val image is right with its class's accuracy (true accuracy + the run's Gaussian
+    seed noise, as in make_synthetic_runs); a wrong prediction goes to one of the
+    `confusable` next classes (c+1 .. c+confusable mod C), a sparse confusion like a real
+    model's. absorbed_by={A: B}: the images class A loses relative to its reference
+    accuracy (base_acc) are predicted as B: a planted "A -> B" shift.
+    One labels array is written once and hard-linked into every run (a copy where links
+    fail). Returns {"run_dirs": [Path], "val_dataset": Path, "labels": np.ndarray}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    class_counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (num_classes,))
+    labels = np.repeat(np.arange(num_classes), class_counts)
+    val_dataset = out_dir / "synthetic_val.beton"
+    names = list(class_names) if class_names else [f"syn_{i:03d}" for i in range(num_classes)]
+    Path(str(val_dataset) + ".classes.json").write_text(json.dumps(
+        {"dataset": "synthetic", "split": "val", "num_samples": int(len(labels)),
+         "num_classes": num_classes, "classes": names}))
+    shared_labels = out_dir / run_record.VAL_LABELS_FILE
+    np.save(shared_labels, labels)
+    reference_acc = np.broadcast_to(np.asarray(base_acc, dtype=np.float64), (num_classes,))
+    run_dirs = []
+    for setting in settings:
+        true_acc = _true_accuracy(base_acc, effects, setting, num_classes)
+        for replicate_seed in seeds:
+            probability = np.clip(true_acc + rng.normal(0.0, noise_std, num_classes), 0, 1)
+            predictions = _sample_predictions(labels, probability, reference_acc,
+                                              absorbed_by or {}, confusable, rng)
+            run_dirs.append(_write_prediction_run(out_dir, setting, replicate_seed, labels,
+                                                  predictions, shared_labels, val_dataset,
+                                                  vary_key, num_classes))
+    return {"run_dirs": run_dirs, "val_dataset": val_dataset, "labels": labels}
+
+
+def _sample_predictions(labels, probability, reference_acc, absorbed_by, confusable, rng):
+    """One run's predictions: image i is right when u_i < p[label]; a lost image of an
+    absorbed class (p <= u_i < its reference accuracy) goes to its absorber."""
+    num_classes = len(probability)
+    draw = rng.random(len(labels), dtype=np.float32)
+    predictions = labels.copy()
+    wrong = draw >= probability[labels]
+    offsets = rng.integers(1, min(confusable, num_classes - 1) + 1, int(wrong.sum()))
+    predictions[wrong] = (labels[wrong] + offsets) % num_classes
+    for lost_class, absorber in absorbed_by.items():
+        lost = wrong & (labels == lost_class) & (draw < reference_acc[lost_class])
+        predictions[lost] = absorber
+    return predictions.astype(prediction_dtype(num_classes))
+
+
+def _write_prediction_run(out_dir, setting, replicate_seed, labels, predictions,
+                          shared_labels, val_dataset, vary_key, num_classes):
+    config = _base_config(val_dataset, replicate_seed)
+    _set_dotted(config, vary_key, setting)
+    identifier = run_record.run_id(config)
+    run_dir = out_dir / identifier
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / run_record.CONFIG_FILE).write_text(json.dumps(config))
+    np.save(run_dir / run_record.VAL_PREDS_FILE, predictions)
+    labels_path = run_dir / run_record.VAL_LABELS_FILE
+    labels_path.unlink(missing_ok=True)
+    try:
+        os.link(shared_labels, labels_path)
+    except OSError:
+        np.save(labels_path, labels)
+    correct = predictions == labels
+    hits = np.bincount(labels, weights=correct, minlength=num_classes)
+    per_class = hits / np.bincount(labels, minlength=num_classes)
+    summary = {"run_id": identifier, "top1": float(correct.mean()),
+               "per_class_acc": per_class.tolist(),
+               "n_val": int(len(labels)), "epochs": 16, "train_seconds": 1.0,
+               "num_classes": num_classes, "val_dataset": str(val_dataset)}
+    (run_dir / run_record.SUMMARY_FILE).write_text(json.dumps(summary))
+    return run_dir
