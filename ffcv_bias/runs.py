@@ -125,18 +125,18 @@ def completeness(run_dir, run_id=None):
     """'complete', 'corrupt' or 'incomplete': the one answer to "is this run finished?".
 
     Every caller (trainer, sweep launcher and status, analysis) asks here, so they agree.
-    complete: summary.json and config.json both parse as JSON objects and the summary
-    names the run's id (`run_id` when the caller knows it, else the one config.json
-    records). corrupt: summary.json is there but one of those fails (a truncated copy, a
-    file from another run); the trainer moves such files aside and retrains.
-    incomplete: no summary.json yet.
+    complete: summary.json parses as a JSON object naming the run's id (`run_id` when
+    the caller knows it, else the one config.json records, else the folder's name), and
+    config.json, when there, parses too. corrupt: summary.json is there but one of those
+    fails (a truncated copy, a file from another run); the trainer moves such files aside
+    and retrains. incomplete: no summary.json yet.
     """
     run_dir = Path(run_dir)
     if not (run_dir / SUMMARY_FILE).is_file():
         return "incomplete"
     summary = read_json_object(run_dir / SUMMARY_FILE)
     config = read_json_object(run_dir / CONFIG_FILE)
-    if summary is None or config is None:
+    if summary is None or (config is None and (run_dir / CONFIG_FILE).exists()):
         return "corrupt"
     expected = run_id or recorded_run_id(config, run_dir)
     return "complete" if summary.get("run_id") == expected else "corrupt"

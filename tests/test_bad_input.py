@@ -654,3 +654,141 @@ def test_bad_input_is_one_line_non_zero_and_writes_nothing(case, tmp_path, reque
 def test_every_item_of_the_issue_has_a_case():
     assert {case.item for case in CASES} == ISSUE_ITEMS
     assert len({case.id for case in CASES}) == len(CASES)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 18 beyond the table: what a corrupt record, an old record and the registries do
+# --------------------------------------------------------------------------------------
+
+def train_in_this_process(argv, monkeypatch, capsys):
+    """(exit code, stdout, stderr) of train_imagenet.py's main(), preflight included."""
+    import train_imagenet
+    monkeypatch.setattr(sys, "argv", ["train_imagenet.py", *argv])
+    code = train_imagenet.main()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_corrupt_summary_is_moved_aside_and_the_run_retrained(tiny_fashion_betons, tmp_path,
+                                                            monkeypatch, capsys):
+    """A truncated summary.json is not "complete": the rerun moves it into corrupt-<time>/,
+    resumes from the final checkpoint and writes the same record again; nothing else of
+    the run is deleted. The first start records both betons' fingerprints."""
+    from ffcv_bias.beton_fingerprint import current_fingerprints
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = train_args(tiny_fashion_betons, tmp_path / "runs", "--training.epochs=1")
+    code, _, err = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0, err
+    run_dir = run_dir_of(args)
+    config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+    assert config["meta"]["betons"] == current_fingerprints(resolve_config(args))
+    logits = (run_dir / runs.VAL_LOGITS_FILE).read_bytes()
+    summary = (run_dir / runs.SUMMARY_FILE).read_bytes()
+    (run_dir / runs.SUMMARY_FILE).write_bytes(summary[: len(summary) // 2])
+    assert runs.run_state(run_dir) == "corrupt" and not runs.is_complete(run_dir)
+
+    code, out, err = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "corrupt summary.json moved to" in out and "already complete" not in out
+    (aside,) = run_dir.glob("corrupt-*")
+    assert (aside / runs.SUMMARY_FILE).read_bytes() == summary[: len(summary) // 2]
+    assert (run_dir / runs.SUMMARY_FILE).read_bytes() == summary
+    assert (run_dir / runs.VAL_LOGITS_FILE).read_bytes() == logits
+    assert runs.is_complete(run_dir)
+    code, out, _ = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0 and "already complete" in out
+
+
+def test_completeness_is_decided_in_one_place(tmp_path):
+    run_dir = tmp_path / "resnet8_s0_abc"
+    run_dir.mkdir()
+    assert runs.completeness(run_dir) == "incomplete" and runs.run_state(run_dir) == "missing"
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"meta": {"run_id": "resnet8_s0_abc"}}))
+    (run_dir / runs.SUMMARY_FILE).write_text(json.dumps({"run_id": "resnet8_s0_abc"}))
+    assert runs.completeness(run_dir) == "complete"
+    assert runs.completeness(run_dir, "resnet8_s0_other") == "corrupt"  # another run's
+    (run_dir / runs.CONFIG_FILE).write_text('{"meta": {"run_id": "resn')  # cut short
+    assert runs.run_state(run_dir) == "corrupt"
+    names, folder = runs.set_aside_corrupt(run_dir, "resnet8_s0_abc")
+    assert names == [runs.CONFIG_FILE] and (folder / runs.CONFIG_FILE).is_file()
+    assert (run_dir / runs.SUMMARY_FILE).is_file()  # the summary was fine: it stays
+    assert runs.completeness(run_dir) == "complete"  # no config.json: the summary decides
+
+
+def test_sweep_status_reports_corrupt_and_launch_retrains_it(tiny_fashion_betons, tmp_path,
+                                                             capsys):
+    from ffcv_bias.sweep.cli import main as sweep_main
+    ws = Workspace(tmp_path, None)
+    sweep = sweep_file(ws, tiny_fashion_betons, {"augment.min_scale": [1.0, 0.5]})
+    first, second = planned_runs(sweep)
+    for run in (first, second):
+        record_run(ws, run.config_args)
+    (first.run_dir / runs.SUMMARY_FILE).write_text('{"run_id": "res')
+    capsys.readouterr()
+    assert sweep_main(["status", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: 1 complete, 1 corrupt" in out, out
+    assert first.run_id in out and "launch retrains it" in out
+    assert sweep_main(["launch", str(sweep), "--dry-run", "--gpus", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "1 to launch" in out  # the dry run prints the trainer command of the corrupt run
+    assert "--augment.min_scale=1.0" in out and "--augment.min_scale=0.5" not in out
+
+
+def test_a_record_without_fingerprints_stays_complete(tiny_fashion_betons, tmp_path,
+                                                      monkeypatch, capsys):
+    """Runs recorded before meta.betons existed are reused as before."""
+    args = train_args(tiny_fashion_betons, tmp_path / "runs")
+    run_dir = record_run(Workspace(tmp_path, None), args)
+    config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+    del config["meta"]["betons"]
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps(config))
+    code, out, err = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0 and "already complete" in out, err
+
+
+def test_fingerprint_is_the_files_not_its_path(tiny_fashion_betons, tmp_path):
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+    from ffcv_bias import beton_fingerprint
+    assert beton_fingerprint.HEADER_TYPE == HeaderType
+    assert beton_fingerprint.ALLOC_TABLE_TYPE == ALLOC_TABLE_TYPE
+    train, val = tiny_fashion_betons
+    copy = tmp_path / "elsewhere.beton"
+    shutil.copy(train, copy)
+    shutil.copy(classes_json(train), classes_json(copy))
+    assert beton_fingerprint.fingerprint(copy) == beton_fingerprint.fingerprint(train)
+    assert beton_fingerprint.fingerprint(val) != beton_fingerprint.fingerprint(train)
+    assert beton_fingerprint.fingerprint(train)["num_samples"] == 600
+
+
+def test_known_archs_are_the_model_registry():
+    from ffcv_bias.models import ARCHITECTURES
+    from ffcv_bias.train_config import KNOWN_ARCHS
+    assert sorted(KNOWN_ARCHS) == sorted(ARCHITECTURES)
+
+
+def test_sweep_plan_names_the_folder_when_every_run_is_invalid(tiny_fashion_betons, tmp_path,
+                                                               capsys):
+    from ffcv_bias.sweep.cli import main as sweep_main
+    ws = Workspace(tmp_path, None)
+    sweep = sweep_file(ws, tiny_fashion_betons, {"model.arch": ["resnet9000"]})
+    assert sweep_main(["plan", str(sweep)]) == 1
+    out = capsys.readouterr().out
+    assert f"runs in {ws.runs}" in out and "None" not in out, out
+    assert not ws.runs.exists()
+
+
+def test_image_folder_says_how_many_files_are_not_images(tmp_path, capsys):
+    from fixtures_datasets import make_image_folder
+    from ffcv_bias.datasets import list_image_folder
+    make_image_folder(tmp_path / "train")
+    (tmp_path / "train" / "moth" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "zebra" / ".DS_Store").write_bytes(b"\0")
+    capsys.readouterr()
+    _, paths, _ = list_image_folder(tmp_path / "train")
+    err = capsys.readouterr().err
+    files = [path for path in (tmp_path / "train").rglob("*") if path.is_file()]
+    not_images = len(files) - len(paths)  # the fixture's own notes.txt, and the two above
+    assert not_images >= 3 and err.count("skipping") == 1, err
+    assert f"skipping {not_images} files that are not images" in err
+    assert not any(path.endswith((".txt", ".DS_Store")) for path in paths)
