@@ -148,14 +148,16 @@ def is_complete(run_dir, run_id=None):
 
 def corrupt_files(run_dir, run_id):
     """The record files of `run_id` in `run_dir` that cannot be trusted: config.json that
-    does not parse, summary.json that does not parse or names another run."""
+    does not parse, summary.json that does not parse or names another run. A summary
+    beside a corrupt config.json goes too: the run is then redone (from its checkpoint)
+    so that its record is whole again, rather than left complete without a config."""
     run_dir = Path(run_dir)
     found = []
     if (run_dir / CONFIG_FILE).is_file() and read_json_object(run_dir / CONFIG_FILE) is None:
         found.append(CONFIG_FILE)
     if (run_dir / SUMMARY_FILE).is_file():
         summary = read_json_object(run_dir / SUMMARY_FILE)
-        if summary is None or summary.get("run_id") != run_id:
+        if found or summary is None or summary.get("run_id") != run_id:
             found.append(SUMMARY_FILE)
     return found
 

@@ -333,6 +333,10 @@ def _require(condition, message):
 def _check_numbers(nested):
     training, lr, resolution = nested["training"], nested["lr"], nested["resolution"]
     _require(training["epochs"] >= 1, "training.epochs must be >= 1")
+    _require(0 <= training["seed"] < 2 ** 32,  # numpy's and torch's seeds are unsigned 32-bit
+             f"training.seed={training['seed']} must be in [0, 2**32)")
+    _require(nested["logging"]["folder"].strip() != "",
+             "logging.folder is empty: name the folder runs go to (default: runs)")
     _require(training["batch_size"] >= 1, "training.batch_size must be >= 1")
     _require(nested["validation"]["batch_size"] >= 1, "validation.batch_size must be >= 1")
     _require(lr["lr"] > 0, "lr.lr must be > 0")
@@ -406,9 +410,19 @@ def _check_datasets(nested):
                                           f"file")
         _require(Path(path).is_file(), f"data.{key}: no such file {path}")
         sidecars[key] = read_sidecar(path, f"data.{key}")
+    _check_not_the_training_set(nested["data"])
     _check_same_classes(nested["data"], sidecars["train_dataset"]["classes"],
                         sidecars["val_dataset"]["classes"])
     return sidecars
+
+
+def _check_not_the_training_set(data):
+    """Accuracy on the training images is no validation accuracy: a copy-paste slip in a
+    config would otherwise give a paper's table of near-100% numbers."""
+    train, val = data["train_dataset"], data["val_dataset"]
+    _require(not os.path.samefile(train, val),
+             f"data.val_dataset {val} is the training beton data.train_dataset {train}: "
+             f"validate on a held-out split")
 
 
 def _check_same_classes(data, train_classes, val_classes):
@@ -529,8 +543,8 @@ def check_recorded_betons(run_dir, nested):
         return
     try:
         current = current_fingerprints(nested)
-    except DatasetError as error:
-        raise ConfigError(str(error)) from None
+    except DatasetError:
+        return  # a beton missing now: the trainer's own checks name it, status says why not
     change = first_change(recorded, current)
     if change:
         raise ConfigError(change_message(Path(run_dir), nested, change, CHANGED_BETON_REMEDY))

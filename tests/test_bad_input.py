@@ -710,9 +710,14 @@ def test_completeness_is_decided_in_one_place(tmp_path):
     (run_dir / runs.CONFIG_FILE).write_text('{"meta": {"run_id": "resn')  # cut short
     assert runs.run_state(run_dir) == "corrupt"
     names, folder = runs.set_aside_corrupt(run_dir, "resnet8_s0_abc")
-    assert names == [runs.CONFIG_FILE] and (folder / runs.CONFIG_FILE).is_file()
-    assert (run_dir / runs.SUMMARY_FILE).is_file()  # the summary was fine: it stays
+    # the summary cannot be checked against a corrupt config: both go, the run is redone
+    assert names == [runs.CONFIG_FILE, runs.SUMMARY_FILE]
+    assert sorted(path.name for path in folder.iterdir()) == sorted(names)
+    assert runs.run_state(run_dir) == "missing"
+    (run_dir / runs.SUMMARY_FILE).write_text(json.dumps({"run_id": "resnet8_s0_abc"}))
     assert runs.completeness(run_dir) == "complete"  # no config.json: the summary decides
+    (run_dir / runs.SUMMARY_FILE).write_text(json.dumps({"run_id": "resnet8_s0_abc"}))
+    assert runs.set_aside_corrupt(run_dir, "resnet8_s0_abc") is None  # nothing corrupt
 
 
 def test_sweep_status_reports_corrupt_and_launch_retrains_it(tiny_fashion_betons, tmp_path,

@@ -98,6 +98,21 @@ def _first_line(path):
         return ""
 
 
+def _is_number_or_none(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def is_run_summary(summary):
+    """A summary the tables can use: top1 a number, per_class_acc (when there) a list of
+    numbers or None (a hand-edited or foreign file would otherwise end in a traceback)."""
+    if not isinstance(summary, dict) or not _is_number_or_none(summary.get("top1", "")):
+        return False
+    if summary.get("top1") is None:
+        return False
+    per_class = summary.get("per_class_acc", [])
+    return isinstance(per_class, list) and all(map(_is_number_or_none, per_class))
+
+
 def _skip_reason(run_dir):
     state = run_record.run_state(run_dir)
     if state == "failed":
@@ -128,7 +143,7 @@ def read_records(roots):
             skipped.append(SkippedRun(run_dir, run_dir.name, state, reason, config))
             continue
         summary = _read_json_or_none(run_dir / run_record.SUMMARY_FILE)
-        if not isinstance(summary, dict) or "top1" not in summary:
+        if not is_run_summary(summary):
             skipped.append(SkippedRun(run_dir, run_dir.name, "unreadable",
                                       "summary.json is not a run summary", config))
             continue
