@@ -14,6 +14,7 @@ error. A failed write leaves nothing at write_path. The work is in ffcv_bias/dat
 """
 import contextlib
 import sys
+from pathlib import Path
 
 from fastargs import Param, Section
 from fastargs.config import Config
@@ -21,6 +22,7 @@ from fastargs.state import get_current_config, set_current_config
 
 from ffcv_bias.config import ConfigError, OneOf, FloatInRange, StrictBool, config_to_dict, \
     parse_config
+from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.datasets import (DEFAULT_SMART_THRESHOLD, FASHION_MNIST_DIR, SOURCES,
                                 WRITE_MODES, DatasetError, convert)
 
@@ -113,11 +115,22 @@ def plan_jobs(cfg):
             for split in splits]
 
 
+def check_write_folders(jobs):
+    """Each beton's folder can be written, asked before minutes of reading images; the
+    error names the write path (the atomic writer's temporary name means nothing to a user)."""
+    for _, _, write_path in jobs:
+        problem = creation_problem(Path(write_path).parent)
+        if problem:
+            raise ConfigError(f"cannot create {write_path}: {problem}")
+
+
 def main(argv=None):
     try:
         cfg = read_options(argv)
         check_ranges(cfg)
-        for split, data_dir, write_path in plan_jobs(cfg):
+        jobs = plan_jobs(cfg)
+        check_write_folders(jobs)
+        for split, data_dir, write_path in jobs:
             convert(cfg["dataset"], split, data_dir, write_path,
                     subset=cfg["subset"], skip_corrupt=cfg["skip_corrupt"],
                     num_workers=cfg["num_workers"], chunk_size=cfg["chunk_size"],

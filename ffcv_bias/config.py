@@ -113,6 +113,11 @@ def _read_config_file(path):
             content = yaml.load(handle, Loader=_YAML_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a YAML file") from None
+    except (OSError, UnicodeDecodeError) as error:  # unreadable, or a binary file
+        raise ConfigError(f"cannot read config file {path}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: "
                           f"{str(error).splitlines()[0]}") from None

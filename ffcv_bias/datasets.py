@@ -306,16 +306,19 @@ def list_image_folder(root):
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not class_names:
         raise DatasetError(f"no class folders in {root} (expected {root}/<class>/<image>)")
-    paths, labels = [], []
+    paths, labels, not_images = [], [], []
     for label, class_name in enumerate(class_names):
         count_before = len(paths)
         for folder, _, file_names in sorted(os.walk(root / class_name, followlinks=True)):
-            paths.extend(os.path.join(folder, name) for name in sorted(file_names)
-                         if is_image_file(name))
+            for name in sorted(file_names):
+                (paths if is_image_file(name) else not_images).append(os.path.join(folder, name))
         if len(paths) == count_before:
             raise DatasetError(f"class folder {root / class_name} holds no image files "
                                f"({', '.join(IMAGE_EXTENSIONS)})")
         labels.extend([label] * (len(paths) - count_before))
+    if not_images:  # said once, so a folder of .webp or .tif images is not lost unnoticed
+        print(f"skipping {len(not_images)} files that are not images by extension "
+              f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {not_images[0]}", file=sys.stderr)
     return class_names, paths, labels
 
 

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 # File names of the record. summary.json is written last: its presence means "complete".
@@ -104,20 +105,88 @@ def run_id(config):
     return f"{arch}_s{seed}_{digest.hexdigest()[:12]}"
 
 
-def is_complete(run_dir):
-    return (Path(run_dir) / SUMMARY_FILE).is_file()
-
-
 def read_json(path):
     with open(path) as handle:
         return json.load(handle)
 
 
-def run_state(run_dir):
-    """'complete', 'failed' (error.txt and no summary), 'started' (checkpoint or config) or 'missing'."""
+def read_json_object(path):
+    """The JSON object in `path`, or None when it is missing, cut short or not an object."""
+    try:
+        content = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def recorded_run_id(config, run_dir):
+    """The id a run directory claims: config.json's meta.run_id, else the folder's name."""
+    meta = config.get("meta") if isinstance(config, dict) else None
+    return (meta or {}).get("run_id") or Path(run_dir).name
+
+
+def completeness(run_dir, run_id=None):
+    """'complete', 'corrupt' or 'incomplete': the one answer to "is this run finished?".
+
+    Every caller (trainer, sweep launcher and status, analysis) asks here, so they agree.
+    complete: summary.json parses as a JSON object naming the run's id (`run_id` when
+    the caller knows it, else the one config.json records, else the folder's name), and
+    config.json, when there, parses too. corrupt: summary.json is there but one of those
+    fails (a truncated copy, a file from another run); the trainer moves such files aside
+    and retrains. incomplete: no summary.json yet.
+    """
     run_dir = Path(run_dir)
-    if is_complete(run_dir):
-        return "complete"
+    if not (run_dir / SUMMARY_FILE).is_file():
+        return "incomplete"
+    summary = read_json_object(run_dir / SUMMARY_FILE)
+    config = read_json_object(run_dir / CONFIG_FILE)
+    if summary is None or (config is None and (run_dir / CONFIG_FILE).exists()):
+        return "corrupt"
+    expected = run_id or recorded_run_id(config, run_dir)
+    return "complete" if summary.get("run_id") == expected else "corrupt"
+
+
+def is_complete(run_dir, run_id=None):
+    return completeness(run_dir, run_id) == "complete"
+
+
+def corrupt_files(run_dir, run_id):
+    """The record files of `run_id` in `run_dir` that cannot be trusted: config.json that
+    does not parse, summary.json that does not parse or names another run. A summary
+    beside a corrupt config.json goes too: the run is then redone (from its checkpoint)
+    so that its record is whole again, rather than left complete without a config."""
+    run_dir = Path(run_dir)
+    found = []
+    if (run_dir / CONFIG_FILE).is_file() and read_json_object(run_dir / CONFIG_FILE) is None:
+        found.append(CONFIG_FILE)
+    if (run_dir / SUMMARY_FILE).is_file():
+        summary = read_json_object(run_dir / SUMMARY_FILE)
+        if found or summary is None or summary.get("run_id") != run_id:
+            found.append(SUMMARY_FILE)
+    return found
+
+
+def set_aside_corrupt(run_dir, run_id, now=None):
+    """Move the corrupt record files into `<run_dir>/corrupt-<UTC time>/` (renames, so
+    nothing is deleted and nothing else is touched). Returns (names, folder) or None."""
+    names = corrupt_files(run_dir, run_id)
+    if not names:
+        return None
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S.%fZ")
+    folder = Path(run_dir) / f"corrupt-{stamp}"
+    folder.mkdir()
+    for name in names:
+        os.replace(Path(run_dir) / name, folder / name)
+    return names, folder
+
+
+def run_state(run_dir, run_id=None):
+    """'complete', 'corrupt' (see completeness), 'failed' (error.txt and no summary),
+    'started' (checkpoint or config) or 'missing'."""
+    run_dir = Path(run_dir)
+    state = completeness(run_dir, run_id)
+    if state != "incomplete":
+        return state
     if (run_dir / ERROR_FILE).is_file():
         return "failed"
     if (run_dir / CHECKPOINT_FILE).is_file() or (run_dir / CONFIG_FILE).is_file():

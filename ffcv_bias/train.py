@@ -67,6 +67,7 @@ from fastargs.decorators import param
 from tqdm import tqdm
 
 from ffcv_bias import atomic, distributed, metrics, runs
+from ffcv_bias.beton_fingerprint import current_fingerprints
 from ffcv_bias.config import ConfigError, flatten, validate_all
 from ffcv_bias.datasets import DatasetError, check_beton
 from ffcv_bias.faults import crash_point
@@ -75,7 +76,8 @@ from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize
 from ffcv_bias.models import create_model, eval_logits, weight_decay_groups
 from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
 from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
-                                    bn_weight_decay, declare_sections, is_distributed,
+                                    bn_weight_decay, check_output_folder,
+                                    check_recorded_betons, declare_sections, is_distributed,
                                     read_class_min_scale, read_keep_indices, read_sidecar,
                                     resolve_config, validate_semantics, wd_exempt)
 
@@ -620,12 +622,16 @@ def package_versions():
 
 def check_run_dir(run_dir, run_id):
     """Refuse a directory that holds another run's config; remove a stale error.txt."""
-    config_path = run_dir / runs.CONFIG_FILE
-    if config_path.is_file():
-        stored = runs.read_json(config_path)
+    stored = runs.read_json_object(run_dir / runs.CONFIG_FILE)  # None: missing or corrupt
+    if stored is not None:
         stored_id = stored.get("meta", {}).get("run_id") or runs.run_id(stored)
         if stored_id != run_id:
             raise RunDirRefused(f"run directory {run_dir} holds the config of run {stored_id}")
+    set_aside = runs.set_aside_corrupt(run_dir, run_id)
+    if set_aside:
+        names, folder = set_aside
+        print(f"run {run_id}: corrupt {', '.join(names)} moved to {folder}; training it "
+              f"again (from its checkpoint, if any)", flush=True)
     (run_dir / runs.ERROR_FILE).unlink(missing_ok=True)
     # A holder killed mid-write left its temporary files; only the lock holder writes them.
     atomic.remove_stale_temp_files(run_dir, RECORD_FILES)
@@ -635,7 +641,8 @@ def write_config(run_dir, nested, info, command):
     """config.json at the first start (a resumed run keeps the original one)."""
     path = run_dir / runs.CONFIG_FILE
     commit, dirty = git_commit()
-    meta = {"run_id": runs.run_id(nested), "git": commit, "git_dirty": dirty,
+    meta = {"run_id": runs.run_id(nested), "betons": current_fingerprints(nested),
+            "git": commit, "git_dirty": dirty,
             "versions": package_versions(), "host": socket.gethostname(),
             "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "world_size": info.world_size, "device": str(info.device),
@@ -726,7 +733,7 @@ def take_run_dir(stack, run_dir, nested, info, owns_run_dir):
         try:
             stack.enter_context(runs.run_lock(run_dir))
             check_run_dir(run_dir, runs.run_id(nested))
-            complete = runs.is_complete(run_dir)
+            complete = runs.is_complete(run_dir, runs.run_id(nested))
         except (runs.RunLockedError, RunDirRefused) as error:
             failure = str(error)
     failure, complete = distributed.broadcast_object((failure, complete), info)
@@ -754,7 +761,7 @@ def launch_spawned(nested, run_dir, command):
     world_size = nested["dist"]["world_size"]
     with runs.run_lock(run_dir):
         check_run_dir(run_dir, runs.run_id(nested))
-        if runs.is_complete(run_dir):
+        if runs.is_complete(run_dir, runs.run_id(nested)):
             print(finished_meanwhile(run_dir), flush=True)
             return EXIT_OK
         try:
@@ -791,12 +798,14 @@ def run(argv=None):
     command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
     nested = resolve_config(argv)
     validate_semantics(nested)
+    check_output_folder(nested)
     run_id = runs.run_id(nested)
     run_dir = Path(nested["logging"]["folder"]) / run_id
-    if runs.is_complete(run_dir):
+    check_betons(nested)
+    check_recorded_betons(run_dir, nested)
+    if runs.is_complete(run_dir, run_id):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
         return EXIT_OK
-    check_betons(nested)
     if distributed.launched_by_torchrun():
         return train_worker(int(os.environ["RANK"]), nested, run_dir, command,
                             owns_run_dir=True)

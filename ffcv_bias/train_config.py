@@ -81,6 +81,24 @@ WD_EXEMPT_SETS = ("norm", "norm_bias_embed")
 WD_EXEMPT_DEFAULT = "norm_bias_embed"
 
 
+# The names of ffcv_bias.models.ARCHITECTURES, kept here because this module must not
+# import torch (tests check the two agree). Checked when the config is parsed, so the
+# trainer and `sweep plan` refuse a misspelt architecture before anything is written.
+KNOWN_ARCHS = ("resnet18", "resnet50", "resnet18_cifar", "resnet50_cifar", "resnet8",
+               "resnet20", "resnet32", "resnet56", "densenet121", "convnext_tiny", "vit_small")
+
+
+class ArchName(Checker):
+    def check(self, value):
+        name = Text().check(value)
+        if name not in KNOWN_ARCHS:
+            raise ValueError(f"unknown architecture {name!r} (known: {', '.join(KNOWN_ARCHS)})")
+        return name
+
+    def help(self):
+        return "one of " + ", ".join(KNOWN_ARCHS)
+
+
 def _flag(doc, default):
     return Param(StrictBool(), doc + " (0/1)", default=default)
 
@@ -180,7 +198,7 @@ def declare_sections():
                                       "min_scale class by class; empty = off", default=""),
     )
     Section("model", "the network").params(
-        arch=Param(Text(), "architecture (ffcv_bias.models: resnet18, resnet50, resnet20, "
+        arch=Param(ArchName(), "architecture (ffcv_bias.models: resnet18, resnet50, resnet20, "
                            "resnet8, ...)", default="resnet50"),
         dropout=Param(FloatInRange(0, 1, low_inclusive=True),
                       "dropout before the classifier", default=0.0),
@@ -261,11 +279,13 @@ def bn_weight_decay(nested):
 # Small input files: per-class crop bounds and kept training indices
 # ---------------------------------------------------------------------------------------
 
-def read_number_file(path):
-    """A 1-D array from a .npy file, a .json list or a .txt file with one number per line."""
+def read_number_file(path, key=None):
+    """A 1-D array from a .npy file, a .json list or a .txt file with one number per line.
+    `key` (the config key naming the file) starts the error message when given."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"file not found: {path}")
+        what = "a directory, not a file" if path.is_dir() else "file not found"
+        raise ConfigError(f"{key + ': ' if key else ''}{what}: {path}")
     try:
         if path.suffix == ".npy":
             values = np.load(path, allow_pickle=False)
@@ -285,7 +305,7 @@ def read_number_file(path):
 
 def read_keep_indices(path, num_train):
     """The training indices of a pruned set: unique integers in [0, num_train)."""
-    values = read_number_file(path)
+    values = read_number_file(path, "data.keep_indices")
     indices = values.astype(np.int64)
     if not np.array_equal(indices, values):
         raise ConfigError(f"data.keep_indices: {path} holds non-integer values")
@@ -301,7 +321,7 @@ def read_keep_indices(path, num_train):
 def read_class_min_scale(path, num_classes):
     """Per-class crop lower bounds: num_classes floats in (0, 1]. A class whose bound is
     above augment.max_scale is cropped in [bound, bound]; 1.0 = never cropped."""
-    bounds = read_number_file(path).astype(np.float64)
+    bounds = read_number_file(path, "augment.class_min_scale").astype(np.float64)
     if len(bounds) != num_classes:
         raise ConfigError(f"augment.class_min_scale: {path} has {len(bounds)} values for "
                           f"{num_classes} classes")
@@ -332,6 +352,10 @@ def _require(condition, message):
 def _check_numbers(nested):
     training, lr, resolution = nested["training"], nested["lr"], nested["resolution"]
     _require(training["epochs"] >= 1, "training.epochs must be >= 1")
+    _require(0 <= training["seed"] < 2 ** 32,  # numpy's and torch's seeds are unsigned 32-bit
+             f"training.seed={training['seed']} must be in [0, 2**32)")
+    _require(nested["logging"]["folder"].strip() != "",
+             "logging.folder is empty: name the folder runs go to (default: runs)")
     _require(training["batch_size"] >= 1, "training.batch_size must be >= 1")
     _require(nested["validation"]["batch_size"] >= 1, "validation.batch_size must be >= 1")
     _require(lr["lr"] > 0, "lr.lr must be > 0")
@@ -401,11 +425,23 @@ def _check_datasets(nested):
     sidecars = {}
     for key in ("train_dataset", "val_dataset"):
         path = nested["data"][key]
+        _require(not Path(path).is_dir(), f"data.{key}: {path} is a directory, not a beton "
+                                          f"file")
         _require(Path(path).is_file(), f"data.{key}: no such file {path}")
         sidecars[key] = read_sidecar(path, f"data.{key}")
+    _check_not_the_training_set(nested["data"])
     _check_same_classes(nested["data"], sidecars["train_dataset"]["classes"],
                         sidecars["val_dataset"]["classes"])
     return sidecars
+
+
+def _check_not_the_training_set(data):
+    """Accuracy on the training images is no validation accuracy: a copy-paste slip in a
+    config would otherwise give a paper's table of near-100% numbers."""
+    train, val = data["train_dataset"], data["val_dataset"]
+    _require(not os.path.samefile(train, val),
+             f"data.val_dataset {val} is the training beton data.train_dataset {train}: "
+             f"validate on a held-out split")
 
 
 def _check_same_classes(data, train_classes, val_classes):
@@ -442,6 +478,7 @@ def _check_pruning(nested, num_train):
 def validate_semantics(nested):
     """Cross-field checks the per-key checkers cannot make; raises ConfigError."""
     _check_numbers(nested)
+    _check_batch_memory(nested)
     sidecars = _check_datasets(nested)
     num_classes = int(sidecars["train_dataset"]["num_classes"])
     num_train = int(sidecars["train_dataset"]["num_samples"])
@@ -455,6 +492,83 @@ def validate_semantics(nested):
                  f"({global_batch}): no step would run")
 
 
+# ---------------------------------------------------------------------------------------
+# Before anything is written: the output folder, a batch's memory, a changed beton
+# ---------------------------------------------------------------------------------------
+
+# ffcv's Loader keeps batches_ahead + 2 batch buffers of uint8 images (ffcv/loader/
+# epoch_iterator.py; ours use batches_ahead=3), and the step converts one batch to float32.
+LOADER_BATCH_BUFFERS = 5
+FLOAT32_BYTES = 4
+
+
+def batch_memory_bytes(batch_size, side):
+    """Host memory one loader's batches need: its uint8 buffers plus one float32 copy."""
+    image_bytes = side * side * 3
+    return batch_size * image_bytes * (LOADER_BATCH_BUFFERS + FLOAT32_BYTES)
+
+
+def physical_memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_batch_memory(nested):
+    """Refuse an image side or batch size whose batches cannot fit in this machine's memory
+    (validation.resolution=20000 would ask for terabytes), naming the key, before training
+    or even building the loaders. A lower bound: the model's activations come on top."""
+    available = physical_memory_bytes()
+    if not available:
+        return
+    training, validation = nested["training"], nested["validation"]
+    for side_key, side, batch_key, batch in (
+            ("resolution.max_res", nested["resolution"]["max_res"], "training.batch_size",
+             training["batch_size"]),
+            ("validation.resolution", validation["resolution"], "validation.batch_size",
+             validation["batch_size"])):
+        needed = batch_memory_bytes(batch, side)
+        _require(needed <= available,
+                 f"{side_key}={side} with {batch_key}={batch}: the loader's batches need "
+                 f"about {needed / 1e9:,.0f} GB of memory (uint8 images x {LOADER_BATCH_BUFFERS} "
+                 f"buffers + a float32 copy), this machine has {available / 1e9:,.0f} GB; "
+                 f"lower {side_key} or {batch_key}")
+
+
+def check_output_folder(nested):
+    """logging.folder must be a directory we can create run directories in."""
+    from ffcv_bias.output_paths import OutputPathError, require_creatable_dir
+    try:
+        require_creatable_dir(nested["logging"]["folder"])
+    except OutputPathError as error:
+        raise ConfigError(f"logging.folder: {error}") from None
+
+
+# How a user goes on when a run's betons changed (README, "Bad input"): the run is never
+# retrained in place, since that would overwrite a result of other data.
+CHANGED_BETON_REMEDY = ("to train on the new beton use another logging.folder (sweeps: "
+                        "--folder); to reuse the run, restore the beton it was trained on")
+
+
+def check_recorded_betons(run_dir, nested):
+    """Refuse to reuse or resume a run whose config.json records other betons than the
+    ones the config names now (records without fingerprints are not checked)."""
+    from ffcv_bias import runs
+    from ffcv_bias.beton_fingerprint import (change_message, current_fingerprints,
+                                             first_change, recorded_fingerprints)
+    recorded = recorded_fingerprints(runs.read_json_object(Path(run_dir) / runs.CONFIG_FILE))
+    if not recorded:
+        return
+    try:
+        current = current_fingerprints(nested)
+    except DatasetError:
+        return  # a beton missing now: the trainer's own checks name it, status says why not
+    change = first_change(recorded, current)
+    if change:
+        raise ConfigError(change_message(Path(run_dir), nested, change, CHANGED_BETON_REMEDY))
+
+
 def preflight(argv=None):
     """The checks that need no torch, for the CLI to run before importing the trainer:
     a bad config or an already complete run costs a fraction of a second, not the
@@ -464,12 +578,14 @@ def preflight(argv=None):
     try:
         nested = resolve_config(argv)
         validate_semantics(nested)
+        check_output_folder(nested)
+        run_id = runs.run_id(nested)
+        run_dir = Path(nested["logging"]["folder"]) / run_id
+        check_recorded_betons(run_dir, nested)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    run_id = runs.run_id(nested)
-    run_dir = Path(nested["logging"]["folder"]) / run_id
-    if runs.is_complete(run_dir):
+    if runs.is_complete(run_dir, run_id):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
         return EXIT_OK
     return None

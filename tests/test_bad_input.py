@@ -53,7 +53,7 @@ from fixtures_datasets import corrupt_folder, read_beton
 from test_train import run_dir_of, train_args
 from ffcv_bias import runs
 from ffcv_bias.analysis import make_synthetic_runs
-from ffcv_bias.train_config import EXIT_CONFIG, EXIT_FAILURE
+from ffcv_bias.train_config import EXIT_CONFIG, EXIT_FAILURE, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -322,7 +322,162 @@ def mixed_class_lists(ws):
                     ["mixed datasets: class lists of", "differ"])
 
 
+# -- issue 18: a changed beton, a corrupt record, an unknown arch, output paths --------------
+
+def record_run(ws, args, complete=True):
+    """The record a finished (or, complete=False, a started) run leaves: config.json with
+    the fingerprints of the betons the args name now, and summary.json. Made by hand, not
+    by training: these cases are about what the trainer decides before it trains."""
+    from ffcv_bias.beton_fingerprint import current_fingerprints
+    nested = resolve_config(args)
+    run_id = runs.run_id(nested)
+    run_dir = Path(nested["logging"]["folder"]) / run_id
+    run_dir.mkdir(parents=True)
+    meta = {"run_id": run_id, "betons": current_fingerprints(nested)}
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({**nested, "meta": meta}))
+    if complete:
+        (run_dir / runs.SUMMARY_FILE).write_text(json.dumps({"run_id": run_id, "top1": 0.5}))
+    return run_dir
+
+
+def rewrite_with_val_beton(train, val):
+    """data/x_train.beton rewritten under its name with other images (the 200 val ones)."""
+    shutil.copy(val, train)
+    shutil.copy(classes_json(val), classes_json(train))
+
+
+def beton_rewritten_after_run(complete):
+    def make(ws):
+        train, val = ws.copied_betons()
+        args = ws.train_args(betons=(train, val))
+        run_dir = record_run(ws, args, complete=complete)
+        rewrite_with_val_beton(train, val)
+        return BadInput(args, [f"data.train_dataset {train} is not the beton run {run_dir.name}",
+                               "now: 200 samples", "the run's: 600 samples",
+                               "use another logging.folder"])
+    return make
+
+
+def class_lists_edited_to_11(ws):
+    train, val = ws.copied_betons()
+    args = ws.train_args(betons=(train, val))
+    record_run(ws, args)
+    for beton in (train, val):  # labels 0..9 still fit: only the fingerprint sees it
+        edit_classes_json(beton, num_classes=11, classes=FASHION_CLASSES + ["Extra"])
+    return BadInput(args, ["data.train_dataset", "now: 600 samples, 11 classes",
+                           "the run's: 600 samples, 10 classes"])
+
+
+def sweep_file(ws, betons, grid):
+    train, val = betons
+    base = ws.file("base.yaml", yaml.safe_dump({
+        "data": {"train_dataset": str(train), "val_dataset": str(val)},
+        "model": {"arch": "resnet8"}, "training": {"epochs": 1, "batch_size": 32}}))
+    return ws.file("sweep.yaml", yaml.safe_dump({
+        "base": str(base), "folder": str(ws.runs), "seeds": 1, "grid": grid}))
+
+
+def planned_runs(sweep):
+    from ffcv_bias.sweep.spec import load_sweep, plan
+    return plan(load_sweep(sweep))
+
+
+def sweep_launch_after_beton_rewritten(ws):
+    train, val = ws.copied_betons()
+    sweep = sweep_file(ws, (train, val), {"augment.min_scale": [1.0, 0.5]})
+    run = planned_runs(sweep)[0]
+    record_run(ws, run.config_args)
+    rewrite_with_val_beton(train, val)
+    return BadInput(["launch", str(sweep)],
+                    ["1 runs were trained on other betons", "augment.min_scale=1.0",
+                     f"is not the beton run {run.run_id}", "--folder"])
+
+
+def analysis_over_rewritten_betons(ws):
+    def fingerprint(samples):
+        return {"size": 1000 * samples, "num_samples": samples, "num_classes": 6,
+                "classes_sha256": "c" * 16, "tables_sha256": f"{samples:016d}"}
+    for folder, seeds, samples in (("a", range(2), 600), ("b", range(2, 4), 500)):
+        make_synthetic_runs(ws.root / folder, [1.0, 0.08], seeds, num_classes=6,
+                            n_per_class=5,
+                            extra_config={"meta.betons": {"val_dataset": fingerprint(samples)}})
+    return BadInput(analysis_args(ws, ws.root / "a", ws.root / "b"),
+                    ["mixed betons: data.val_dataset", "600 samples", "500 samples",
+                     "rewritten between the runs"])
+
+
+def sweep_unknown_arch(ws):
+    sweep = sweep_file(ws, ws.good_betons(), {"model.arch": ["resnet8", "resnet9000"]})
+    return BadInput(["launch", str(sweep)],
+                    ["1 runs have a bad config", "model.arch=resnet9000",
+                     "bad value for 'model.arch': 'resnet9000'"])
+
+
+def logging_folder_under_a_file(ws):
+    blocker = ws.file("runs_is_a_file", "not a folder\n")
+    return BadInput(ws.train_args(f"--logging.folder={blocker}/runs"),
+                    [f"logging.folder: cannot create {blocker}/runs: {blocker} is a file, "
+                     "not a directory"])
+
+
+def unwritable_folder():
+    """A folder this process cannot create anything in whatever its uid (root ignores
+    permission bits): /sys refuses mkdir in containers and on most systems."""
+    folder = Path("/sys/ffcv_bias_probe")
+    from ffcv_bias.output_paths import creation_problem
+    if creation_problem(folder) is None:
+        pytest.skip("/sys is writable here: no read-only folder to test with")
+    return folder
+
+
+def logging_folder_read_only(ws):
+    folder = unwritable_folder()
+    return BadInput(ws.train_args(f"--logging.folder={folder}"),
+                    [f"logging.folder: cannot create {folder}: "])
+
+
+def analysis_out_is_a_file(ws):
+    synthetic_runs(ws.runs, num_classes=6)
+    out = ws.file("report", "an existing file, not a folder\n")
+    return BadInput(analysis_args(ws, ws.runs), [f"--out: cannot create {out}: it is a file"])
+
+
+def analysis_out_read_only(ws):
+    synthetic_runs(ws.runs, num_classes=6)
+    folder = unwritable_folder()
+    return BadInput([str(ws.runs), "--vary", "augment.min_scale", "--out", str(folder)],
+                    [f"--out: cannot create {folder}: "])
+
+
+def beton_path_is_a_directory(ws):
+    _, val = ws.good_betons()
+    folder = ws.root / "data"
+    folder.mkdir()
+    return BadInput(ws.train_args(betons=(folder, val)),
+                    [f"data.train_dataset: {folder} is a directory, not a beton file"])
+
+
+def missing_class_min_scale(ws):
+    missing = ws.root / "bounds.json"
+    return BadInput(ws.train_args(f"--augment.class_min_scale={missing}"),
+                    [f"augment.class_min_scale: file not found: {missing}"])
+
+
+def analysis_negative_top_k(ws):
+    synthetic_runs(ws.runs, num_classes=6)
+    return BadInput(analysis_args(ws, ws.runs) + ["--top-k", "-1"],
+                    ["--top-k must be >= 1, not -1"])
+
+
+def too_big_batch(override, key):
+    return config_override(override, f"{key}=", "GB of memory", "this machine has",
+                           "; lower ")
+
+
 BETON = "truncated or corrupt beton"
+CHANGED = "a beton rewritten under the same name"
+OUTPUT = "output path or batch memory"
+SMALLER = "smaller ones"
 CASES = [
     Case("truncated_train_beton", BETON, "train", truncated_train_beton, EXIT_CONFIG,
          subprocess=True),
@@ -370,6 +525,41 @@ CASES = [
          EXIT_MODULE_CLI_ERROR),
     Case("nan_loss", "NaN loss", "train", nan_loss, EXIT_FAILURE,
          then=nan_loss_is_recorded_as_failed),
+    Case("rewritten_beton_complete_run", CHANGED, "train", beton_rewritten_after_run(True),
+         EXIT_CONFIG, subprocess=True),
+    Case("rewritten_beton_started_run", CHANGED, "train", beton_rewritten_after_run(False),
+         EXIT_CONFIG),
+    Case("class_lists_edited_to_11", CHANGED, "train", class_lists_edited_to_11, EXIT_CONFIG),
+    Case("sweep_launch_rewritten_beton", CHANGED, "sweep", sweep_launch_after_beton_rewritten,
+         EXIT_MODULE_CLI_ERROR),
+    Case("analysis_rewritten_beton", CHANGED, "analysis", analysis_over_rewritten_betons,
+         EXIT_MODULE_CLI_ERROR),
+    Case("unknown_arch", "unknown model.arch", "train",
+         config_override("--model.arch=resnet9000", "bad value for 'model.arch': 'resnet9000'",
+                         "resnet50", "vit_small"), EXIT_CONFIG, subprocess=True),
+    Case("sweep_unknown_arch", "unknown model.arch", "sweep", sweep_unknown_arch,
+         EXIT_MODULE_CLI_ERROR),
+    Case("logging_folder_under_a_file", OUTPUT, "train", logging_folder_under_a_file,
+         EXIT_CONFIG),
+    Case("logging_folder_read_only", OUTPUT, "train", logging_folder_read_only, EXIT_CONFIG,
+         subprocess=True),
+    Case("analysis_out_is_a_file", OUTPUT, "analysis", analysis_out_is_a_file,
+         EXIT_MODULE_CLI_ERROR, subprocess=True),
+    Case("analysis_out_read_only", OUTPUT, "analysis", analysis_out_read_only,
+         EXIT_MODULE_CLI_ERROR),
+    Case("validation_resolution_20000", OUTPUT, "train",
+         too_big_batch("--validation.resolution=20000", "validation.resolution"),
+         EXIT_CONFIG, subprocess=True),
+    Case("training_resolution_20000", OUTPUT, "train",
+         too_big_batch("--resolution.max_res=20000", "resolution.max_res"), EXIT_CONFIG),
+    Case("training_batch_size_huge", OUTPUT, "train",
+         too_big_batch("--training.batch_size=100000000", "training.batch_size"),
+         EXIT_CONFIG),
+    Case("beton_path_is_a_directory", SMALLER, "train", beton_path_is_a_directory,
+         EXIT_CONFIG),
+    Case("missing_class_min_scale", SMALLER, "train", missing_class_min_scale, EXIT_CONFIG),
+    Case("analysis_negative_top_k", SMALLER, "analysis", analysis_negative_top_k,
+         EXIT_MODULE_CLI_ERROR),
 ]
 
 ISSUE_ITEMS = {BETON, "beton label count vs its classes.json",
@@ -378,7 +568,7 @@ ISSUE_ITEMS = {BETON, "beton label count vs its classes.json",
                "empty or missing dataset directory", "corrupt JPEG files",
                "run directory with another run's config",
                "analysis over folders with no complete run", "analysis over mixed datasets",
-               "NaN loss"}
+               "NaN loss", CHANGED, "unknown model.arch", OUTPUT, SMALLER}
 
 
 # --------------------------------------------------------------------------------------
@@ -464,3 +654,146 @@ def test_bad_input_is_one_line_non_zero_and_writes_nothing(case, tmp_path, reque
 def test_every_item_of_the_issue_has_a_case():
     assert {case.item for case in CASES} == ISSUE_ITEMS
     assert len({case.id for case in CASES}) == len(CASES)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 18 beyond the table: what a corrupt record, an old record and the registries do
+# --------------------------------------------------------------------------------------
+
+def train_in_this_process(argv, monkeypatch, capsys):
+    """(exit code, stdout, stderr) of train_imagenet.py's main(), preflight included."""
+    import train_imagenet
+    monkeypatch.setattr(sys, "argv", ["train_imagenet.py", *argv])
+    code = train_imagenet.main()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_corrupt_summary_is_moved_aside_and_the_run_retrained(tiny_fashion_betons, tmp_path,
+                                                            monkeypatch, capsys):
+    """A truncated summary.json is not "complete": the rerun moves it into corrupt-<time>/,
+    resumes from the final checkpoint and writes the same record again; nothing else of
+    the run is deleted. The first start records both betons' fingerprints."""
+    from ffcv_bias.beton_fingerprint import current_fingerprints
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = train_args(tiny_fashion_betons, tmp_path / "runs", "--training.epochs=1")
+    code, _, err = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0, err
+    run_dir = run_dir_of(args)
+    config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+    assert config["meta"]["betons"] == current_fingerprints(resolve_config(args))
+    logits = (run_dir / runs.VAL_LOGITS_FILE).read_bytes()
+    summary = (run_dir / runs.SUMMARY_FILE).read_bytes()
+    (run_dir / runs.SUMMARY_FILE).write_bytes(summary[: len(summary) // 2])
+    assert runs.run_state(run_dir) == "corrupt" and not runs.is_complete(run_dir)
+
+    code, out, err = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "corrupt summary.json moved to" in out and "already complete" not in out
+    (aside,) = run_dir.glob("corrupt-*")
+    assert (aside / runs.SUMMARY_FILE).read_bytes() == summary[: len(summary) // 2]
+    assert (run_dir / runs.SUMMARY_FILE).read_bytes() == summary
+    assert (run_dir / runs.VAL_LOGITS_FILE).read_bytes() == logits
+    assert runs.is_complete(run_dir)
+    code, out, _ = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0 and "already complete" in out
+
+
+def test_completeness_is_decided_in_one_place(tmp_path):
+    run_dir = tmp_path / "resnet8_s0_abc"
+    run_dir.mkdir()
+    assert runs.completeness(run_dir) == "incomplete" and runs.run_state(run_dir) == "missing"
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"meta": {"run_id": "resnet8_s0_abc"}}))
+    (run_dir / runs.SUMMARY_FILE).write_text(json.dumps({"run_id": "resnet8_s0_abc"}))
+    assert runs.completeness(run_dir) == "complete"
+    assert runs.completeness(run_dir, "resnet8_s0_other") == "corrupt"  # another run's
+    (run_dir / runs.CONFIG_FILE).write_text('{"meta": {"run_id": "resn')  # cut short
+    assert runs.run_state(run_dir) == "corrupt"
+    names, folder = runs.set_aside_corrupt(run_dir, "resnet8_s0_abc")
+    # the summary cannot be checked against a corrupt config: both go, the run is redone
+    assert names == [runs.CONFIG_FILE, runs.SUMMARY_FILE]
+    assert sorted(path.name for path in folder.iterdir()) == sorted(names)
+    assert runs.run_state(run_dir) == "missing"
+    (run_dir / runs.SUMMARY_FILE).write_text(json.dumps({"run_id": "resnet8_s0_abc"}))
+    assert runs.completeness(run_dir) == "complete"  # no config.json: the summary decides
+    (run_dir / runs.SUMMARY_FILE).write_text(json.dumps({"run_id": "resnet8_s0_abc"}))
+    assert runs.set_aside_corrupt(run_dir, "resnet8_s0_abc") is None  # nothing corrupt
+
+
+def test_sweep_status_reports_corrupt_and_launch_retrains_it(tiny_fashion_betons, tmp_path,
+                                                             capsys):
+    from ffcv_bias.sweep.cli import main as sweep_main
+    ws = Workspace(tmp_path, None)
+    sweep = sweep_file(ws, tiny_fashion_betons, {"augment.min_scale": [1.0, 0.5]})
+    first, second = planned_runs(sweep)
+    for run in (first, second):
+        record_run(ws, run.config_args)
+    (first.run_dir / runs.SUMMARY_FILE).write_text('{"run_id": "res')
+    capsys.readouterr()
+    assert sweep_main(["status", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: 1 complete, 1 corrupt" in out, out
+    assert first.run_id in out and "launch retrains it" in out
+    assert sweep_main(["launch", str(sweep), "--dry-run", "--gpus", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "1 to launch" in out  # the dry run prints the trainer command of the corrupt run
+    assert "--augment.min_scale=1.0" in out and "--augment.min_scale=0.5" not in out
+
+
+def test_a_record_without_fingerprints_stays_complete(tiny_fashion_betons, tmp_path,
+                                                      monkeypatch, capsys):
+    """Runs recorded before meta.betons existed are reused as before."""
+    args = train_args(tiny_fashion_betons, tmp_path / "runs")
+    run_dir = record_run(Workspace(tmp_path, None), args)
+    config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+    del config["meta"]["betons"]
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps(config))
+    code, out, err = train_in_this_process(args, monkeypatch, capsys)
+    assert code == 0 and "already complete" in out, err
+
+
+def test_fingerprint_is_the_files_not_its_path(tiny_fashion_betons, tmp_path):
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+    from ffcv_bias import beton_fingerprint
+    assert beton_fingerprint.HEADER_TYPE == HeaderType
+    assert beton_fingerprint.ALLOC_TABLE_TYPE == ALLOC_TABLE_TYPE
+    train, val = tiny_fashion_betons
+    copy = tmp_path / "elsewhere.beton"
+    shutil.copy(train, copy)
+    shutil.copy(classes_json(train), classes_json(copy))
+    assert beton_fingerprint.fingerprint(copy) == beton_fingerprint.fingerprint(train)
+    assert beton_fingerprint.fingerprint(val) != beton_fingerprint.fingerprint(train)
+    assert beton_fingerprint.fingerprint(train)["num_samples"] == 600
+
+
+def test_known_archs_are_the_model_registry():
+    from ffcv_bias.models import ARCHITECTURES
+    from ffcv_bias.train_config import KNOWN_ARCHS
+    assert sorted(KNOWN_ARCHS) == sorted(ARCHITECTURES)
+
+
+def test_sweep_plan_names_the_folder_when_every_run_is_invalid(tiny_fashion_betons, tmp_path,
+                                                               capsys):
+    from ffcv_bias.sweep.cli import main as sweep_main
+    ws = Workspace(tmp_path, None)
+    sweep = sweep_file(ws, tiny_fashion_betons, {"model.arch": ["resnet9000"]})
+    assert sweep_main(["plan", str(sweep)]) == 1
+    out = capsys.readouterr().out
+    assert f"runs in {ws.runs}" in out and "None" not in out, out
+    assert not ws.runs.exists()
+
+
+def test_image_folder_says_how_many_files_are_not_images(tmp_path, capsys):
+    from fixtures_datasets import make_image_folder
+    from ffcv_bias.datasets import list_image_folder
+    make_image_folder(tmp_path / "train")
+    (tmp_path / "train" / "moth" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "zebra" / ".DS_Store").write_bytes(b"\0")
+    capsys.readouterr()
+    _, paths, _ = list_image_folder(tmp_path / "train")
+    err = capsys.readouterr().err
+    files = [path for path in (tmp_path / "train").rglob("*") if path.is_file()]
+    not_images = len(files) - len(paths)  # the fixture's own notes.txt, and the two above
+    assert not_images >= 3 and err.count("skipping") == 1, err
+    assert f"skipping {not_images} files that are not images" in err
+    assert not any(path.endswith((".txt", ".DS_Store")) for path in paths)

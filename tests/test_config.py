@@ -190,7 +190,8 @@ def test_preflight_answers_bad_configs_and_complete_runs_without_torch(fake_beto
     args = small_args(fake_betons, f"--logging.folder={tmp_path}")
     run_dir = tmp_path / runs.run_id(resolve_config(args))
     run_dir.mkdir()
-    (run_dir / runs.SUMMARY_FILE).write_text("{}")
+    # complete = summary.json parses and names the run (runs.completeness)
+    (run_dir / runs.SUMMARY_FILE).write_text('{"run_id": "%s"}' % run_dir.name)
     code = ("import sys; from ffcv_bias.train_config import preflight; "
             "code = preflight(sys.argv[1:]); print(code, 'torch' in sys.modules)")
     complete = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,

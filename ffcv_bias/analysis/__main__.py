@@ -6,6 +6,7 @@ from pathlib import Path
 from ffcv_bias.analysis.analyze import run_analysis
 from ffcv_bias.analysis.records import AnalysisError
 from ffcv_bias.analysis.report import summary_text
+from ffcv_bias.output_paths import OutputPathError, require_creatable_dir
 
 
 def build_parser():
@@ -38,9 +39,20 @@ def build_parser():
     return parser
 
 
+def check_args(args):
+    """The checks argparse cannot make; AnalysisError before anything is read or written."""
+    if args.top_k < 1:
+        raise AnalysisError(f"--top-k must be >= 1, not {args.top_k}")
+    try:
+        require_creatable_dir(args.out)
+    except OutputPathError as error:
+        raise AnalysisError(f"--out: {error}") from None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
                               out_dir=args.out, ignore_keys=args.ignore_key, top_k=args.top_k,
                               make_plots=not args.no_figures,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ffcv_bias import metrics
 from ffcv_bias import runs as run_record
+from ffcv_bias.beton_fingerprint import describe, recorded_fingerprints
 
 
 class AnalysisError(Exception):
@@ -102,10 +103,28 @@ def _first_line(path):
         return ""
 
 
+def _is_number_or_none(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def is_run_summary(summary):
+    """A summary the tables can use: top1 a number, per_class_acc (when there) a list of
+    numbers or None (a hand-edited or foreign file would otherwise end in a traceback)."""
+    if not isinstance(summary, dict) or not _is_number_or_none(summary.get("top1", "")):
+        return False
+    if summary.get("top1") is None:
+        return False
+    per_class = summary.get("per_class_acc", [])
+    return isinstance(per_class, list) and all(map(_is_number_or_none, per_class))
+
+
 def _skip_reason(run_dir):
     state = run_record.run_state(run_dir)
     if state == "failed":
         return state, "failed: " + _first_line(run_dir / run_record.ERROR_FILE)
+    if state == "corrupt":
+        return state, ("summary.json cut short or naming another run (a relaunch moves it "
+                       "aside and retrains)")
     if run_record.is_locked(run_dir):
         return "running", "training now (its lock is held)"
     return state, "no summary.json (killed or not finished; a relaunch resumes it)"
@@ -130,7 +149,7 @@ def read_records(roots):
             skipped.append(SkippedRun(run_dir, run_dir.name, state, reason, config))
             continue
         summary = _read_json_or_none(run_dir / run_record.SUMMARY_FILE)
-        if not isinstance(summary, dict) or "top1" not in summary:
+        if not is_run_summary(summary):
             skipped.append(SkippedRun(run_dir, run_dir.name, "unreadable",
                                       "summary.json is not a run summary", config))
             continue
@@ -314,6 +333,23 @@ def check_one_dataset(runs):
     return [f"class_{i}" for i in range(num_classes)]
 
 
+def check_same_betons(runs):
+    """Raise AnalysisError if two runs name a beton by the same file name but recorded
+    different fingerprints (config.json meta.betons): the file was rewritten between
+    them, so they were trained or evaluated on different data. Runs recorded before
+    fingerprints existed are not checked."""
+    first_seen = {}   # (dataset key, file name) -> (fingerprint, run)
+    for run in runs:
+        for key, recorded in sorted(recorded_fingerprints(run.config).items()):
+            name = Path(str(dotted_get(run.config, f"data.{key}", ""))).name
+            fingerprint, first = first_seen.setdefault((key, name), (recorded, run))
+            if fingerprint != recorded:
+                raise AnalysisError(
+                    f"mixed betons: data.{key} {name} of {first.run_dir} ({describe(fingerprint)}) "
+                    f"is not the one of {run.run_dir} ({describe(recorded)}): the file was "
+                    f"rewritten between the runs; analyse them separately")
+
+
 def _class_counts(runs, num_classes, n_val):
     """Val images per class from the first run that kept val_labels.npy; None if none did."""
     for run in runs:
@@ -337,6 +373,7 @@ def load_runs(roots):
         raise AnalysisError(f"no complete run (summary.json) under {', '.join(map(str, roots))}"
                             f" ({len(skipped)} incomplete)")
     class_names = check_one_dataset(runs)
+    check_same_betons(runs)
     per_class_acc = np.array([r.summary["per_class_acc"] for r in runs], dtype=np.float64)
     top1 = np.array([r.summary["top1"] for r in runs], dtype=np.float64)
     top5 = np.array([r.summary.get("top5", np.nan) for r in runs], dtype=np.float64)

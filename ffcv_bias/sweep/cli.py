@@ -7,13 +7,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import (TrainerPool, available_cores, default_train_script,
                                     detect_gpus, parse_gpus)
 from ffcv_bias.sweep.spec import (SweepError, describe, load_sweep, plan, slurm_settings,
                                   world_size)
-from ffcv_bias.sweep.status import (TODO_STATES, count_states, counts_line, plan_table,
-                                    run_state, status_report)
+from ffcv_bias.sweep.status import (TODO_STATES, beton_change_message, count_states,
+                                    counts_line, plan_table, run_state, status_report)
 
 BACKENDS = ("local", "slurm", "submitit-local")
 SLURM_FLAGS = ("partition", "account", "qos", "constraint", "time", "gpus_per_node",
@@ -78,10 +79,16 @@ def runs_folder(planned):
     return None
 
 
+def planned_folder(sweep, args):
+    """The run folder as the sweep names it, for when no run resolved (all invalid)."""
+    named = args.folder or sweep.folder
+    return Path(named).resolve() if named else "(none: every run's config is invalid)"
+
+
 def cmd_plan(args):
     sweep, planned, states, folder = load_and_plan(args)
     print(f"sweep {sweep.name}: base {sweep.base}")
-    print(f"runs in {folder}\n")
+    print(f"runs in {folder or planned_folder(sweep, args)}\n")
     print(plan_table(planned, states))
     print("\n" + counts_line(count_states(states)))
     return 1 if "invalid" in states else 0
@@ -113,6 +120,10 @@ def cmd_launch(args):
         # Refuse the whole sweep: a typo in one grid value should cost no cluster time.
         raise SweepError(f"{len(invalid)} runs have a bad config, e.g. {describe(invalid[0])}: "
                          f"{invalid[0].config_error}")
+    refuse_changed_betons(planned, states)
+    problem = creation_problem(folder)
+    if problem:
+        raise SweepError(f"cannot create {folder}: {problem}")
     todo = [run for run, state in zip(planned, states) if state in TODO_STATES]
     print(counts_line(count_states(states)) + f"; {len(todo)} to launch")
     if not todo:
@@ -123,6 +134,15 @@ def cmd_launch(args):
     if args.backend == "local":
         return launch_local(todo, sweep, args, train_script)
     return launch_submitit(todo, sweep, args, train_script, folder)
+
+
+def refuse_changed_betons(planned, states):
+    """Runs recorded on other betons are neither complete nor to be retrained in place."""
+    changed = [run for run, state in zip(planned, states) if state == "changed"]
+    if changed:
+        raise SweepError(f"{len(changed)} runs were trained on other betons than the sweep "
+                         f"names now, e.g. {describe(changed[0])}: "
+                         f"{beton_change_message(changed[0])}")
 
 
 def launch_local(todo, sweep, args, train_script):

@@ -124,7 +124,7 @@ class TrainerPool:
     def _train(self, run, gpus, threads):
         if run.config_error:
             return Outcome(run, "failed", message=run.config_error)
-        if runs.is_complete(run.run_dir):
+        if runs.is_complete(run.run_dir, run.run_id):
             return Outcome(run, "complete", message="already complete")
         if runs.is_locked(run.run_dir):
             return Outcome(run, "running elsewhere", message="another process holds its lock")
@@ -178,7 +178,7 @@ class TrainerPool:
     def _outcome(self, run, returncode, stderr_tail, started):
         seconds = time.time() - started
         if returncode == 0:
-            if runs.is_complete(run.run_dir):
+            if runs.is_complete(run.run_dir, run.run_id):
                 return Outcome(run, "complete", seconds)
             return self._failed(run, seconds, "trainer exited 0 but wrote no summary.json",
                                 stderr_tail)

@@ -2,7 +2,12 @@
 
 States, in the order they are decided:
     invalid   the trainer's parser refused the run's arguments (nothing can run)
-    complete  summary.json exists
+    changed   its config.json records other betons than the ones named now (a file
+              rewritten under the same name): launch refuses the sweep, see
+              train_config.CHANGED_BETON_REMEDY
+    complete  summary.json parses and names the run (runs.completeness)
+    corrupt   summary.json (or config.json) is there but cut short or of another run:
+              launch retrains it, the trainer moving the corrupt files aside
     running   some process holds the run's lock (training now, here or on another node)
     queued    a submitted SLURM job that will train it is still in the queue
     failed    error.txt exists (and no summary): the last attempt failed
@@ -14,26 +19,45 @@ from collections import Counter
 from ffcv_bias import runs
 from ffcv_bias.sweep.spec import format_value
 
-STATES = ("complete", "running", "queued", "failed", "started", "missing", "invalid")
-TODO_STATES = ("failed", "started", "missing")
+STATES = ("complete", "running", "queued", "corrupt", "failed", "started", "missing",
+          "changed", "invalid")
+TODO_STATES = ("corrupt", "failed", "started", "missing")
 
 
 def run_state(run, queued_ids=frozenset()):
     if run.config_error:
         return "invalid"
-    if runs.is_complete(run.run_dir):
+    if beton_change_message(run):
+        return "changed"
+    if runs.is_complete(run.run_dir, run.run_id):
         return "complete"
     if runs.is_locked(run.run_dir):
         return "running"
     if run.run_id in queued_ids:
         return "queued"
-    return runs.run_state(run.run_dir)  # failed / started / missing
+    return runs.run_state(run.run_dir, run.run_id)  # corrupt / failed / started / missing
+
+
+def beton_change_message(run):
+    """The trainer's refusal when the run's recorded betons differ from the named ones."""
+    from ffcv_bias.train_config import ConfigError, check_recorded_betons
+    try:
+        check_recorded_betons(run.run_dir, run.config)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def error_line(run):
-    """The first line of a failed run's error.txt: the one-line error (details follow)."""
+    """Why a run cannot be counted: the config error, the changed beton, the corrupt
+    record, or the first line of error.txt (the one-line error; details follow)."""
     if run.config_error:
         return run.config_error
+    change = beton_change_message(run)
+    if change:
+        return change
+    if runs.completeness(run.run_dir, run.run_id) == "corrupt":
+        return "summary.json or config.json is cut short or of another run: launch retrains it"
     path = run.run_dir / runs.ERROR_FILE
     try:
         lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
@@ -106,7 +130,7 @@ def status_report(planned, states):
     if planned and planned[0].values:
         lines += ["", settings_table(planned, states)]
     broken = [(run, state) for run, state in zip(planned, states)
-              if state in ("failed", "invalid")]
+              if state in ("failed", "invalid", "corrupt", "changed")]
     if broken:
         lines += ["", "failed runs:"]
         rows = [[run.run_id or "-", _values_text(run), state, error_line(run)]
