@@ -30,6 +30,7 @@ NON_RESULT_SECTIONS = {"logging", "dist", "meta"}
 NON_RESULT_KEYS = {
     ("data", "num_workers"),
     ("data", "in_memory"),
+    ("training", "restart"),   # what to do with an unreadable checkpoint, not what to compute
 }
 # Keys added to the trainer after runs were already being recorded, with the default that
 # reproduces the behaviour from before they existed. Such a key enters the run_id (and the
@@ -44,6 +45,8 @@ LATER_KEY_DEFAULTS = {
     ("training", "adam_eps"): 1e-8,
     ("training", "grad_clip_norm"): 0.0,
     ("model", "drop_path"): 0.0,
+    ("training", "compile"): 0,
+    ("training", "fused_optimizer"): 0,
 }
 # Config values that name files: the run_id uses the file's name for datasets (moving a
 # data directory must not orphan finished runs) and the content for small input files

@@ -80,6 +80,24 @@ def available_cores():
         return os.cpu_count() or 1
 
 
+def loader_threads_for(cpu_share):
+    """ffcv loader threads of a process with `cpu_share` CPUs: one is left to the
+    training loop (its Python thread and the CUDA launches)."""
+    return max(1, int(cpu_share) - 1)
+
+
+def loader_thread_args(run, cpu_share):
+    """`--data.num_workers=N` that keeps a run's loader inside its CPU share: the auto
+    default (0) and a count above the share (the ImageNet recipes' 12 per GPU on an
+    80-CPU node of 8 GPUs) are replaced; a smaller explicit count is kept. num_workers
+    is not part of the run_id, so this never renames a run."""
+    share = loader_threads_for(cpu_share)
+    configured = (getattr(run, "config", None) or {}).get("data", {}).get("num_workers", 0)
+    if 0 < configured <= share:
+        return []
+    return [f"--data.num_workers={share}"]
+
+
 @dataclass
 class Outcome:
     run: object            # the PlannedRun
@@ -102,8 +120,12 @@ class TrainerPool:
 
     # ---- one run ------------------------------------------------------------------------
 
-    def command(self, run):
-        return [self.python, self.train_script] + list(run.config_args) + self.extra_args
+    def command(self, run, threads=None):
+        """The trainer's command line; with `threads` (the CPU share of each of the run's
+        processes) its loader threads are sized to that share."""
+        sized = loader_thread_args(run, threads) if threads else []
+        return ([self.python, self.train_script] + list(run.config_args) + sized
+                + self.extra_args)
 
     def train(self, run, gpus=None, threads=None):
         """Train one run to completion (resuming it if it has a checkpoint): an Outcome.
@@ -144,10 +166,13 @@ class TrainerPool:
         if threads:
             for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[name] = str(threads)
+            # numba's pool (ffcv's decoding threads) would otherwise size itself to every
+            # core of the node, in every slot.
+            env["NUMBA_NUM_THREADS"] = str(loader_threads_for(threads))
         return env
 
     def _run_child(self, run, gpus, threads):
-        command = self.command(run)
+        command = self.command(run, threads)
         log_path = run.run_dir / TRAIN_LOG_FILE
         tail = collections.deque(maxlen=ERROR_TAIL_LINES)
         with open(log_path, "a", buffering=1) as log:
@@ -213,7 +238,8 @@ class TrainerPool:
 
         A run has `processes_per_run` processes (its dist.world_size). With GPUs, parallel
         slot i gets that many GPUs, round-robin; every process gets an equal share of the
-        cores as OMP_NUM_THREADS (the trainer sizes its torch threads by it).
+        cores as OMP_NUM_THREADS (the trainer sizes its torch threads by it) and that
+        share minus one as its loader threads (--data.num_workers, NUMBA_NUM_THREADS).
         `on_done(outcome)` is called from the calling thread as runs finish.
         """
         gpus = list(gpus)
