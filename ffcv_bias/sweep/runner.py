@@ -73,6 +73,25 @@ def parse_gpus(text):
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def requested_gpus(text):
+    """--gpus parsed and checked against the GPUs this machine has (detect_gpus): ids not
+    among them would silently train on the CPU (CUDA_VISIBLE_DEVICES naming no GPU).
+    Raises ValueError with a one-line message."""
+    requested = parse_gpus(text)
+    if not requested:
+        return requested
+    visible = detect_gpus()
+    if not visible:
+        raise ValueError(f"--gpus {text}: this machine has no CUDA GPU (no "
+                         f"CUDA_VISIBLE_DEVICES, and nvidia-smi lists none); use --gpus none "
+                         f"to train on the CPU")
+    unknown = [gpu for gpu in requested if gpu not in visible]
+    if unknown:
+        raise ValueError(f"--gpus {text}: GPU {','.join(unknown)} is not one of this "
+                         f"machine's GPUs ({','.join(visible)})")
+    return requested
+
+
 def available_cores():
     try:
         return len(os.sched_getaffinity(0))
