@@ -383,3 +383,16 @@ def test_ddp_keeps_its_gradient_bucket_views(tiny_fashion_betons, tmp_path, monk
     trainer.info.group_running = False
     train.Trainer.train_step(trainer, images, torch.zeros(2, dtype=torch.long), 0.1)
     assert calls == [False, True]
+
+
+def test_global_pool_is_adaptive_avg_pool_off_cuda_and_a_mean_in_deterministic_cuda():
+    """adaptive_avg_pool2d's CUDA backward has no deterministic kernel (training.deterministic=1
+    would stop with an error); elsewhere the models compute exactly what they did."""
+    from ffcv_bias.models import create_model
+    from ffcv_bias.models.layers import global_avg_pool
+    x = torch.randn(2, 8, 5, 7)
+    assert torch.equal(global_avg_pool(x), torch.nn.functional.adaptive_avg_pool2d(x, 1))
+    on_meta = torch.randn(2, 8, 5, 7, device="meta")
+    assert global_avg_pool(on_meta).shape == (2, 8, 1, 1)
+    model = create_model("resnet8", 10)
+    assert not any(isinstance(m, torch.nn.AdaptiveAvgPool2d) for m in model.modules())
