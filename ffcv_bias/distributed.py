@@ -4,13 +4,17 @@ Two ways to start N processes, both supported:
 - `torchrun --nproc_per_node=N train_imagenet.py ...` (or SLURM + torchrun across nodes):
   RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT come from the environment (env://);
 - `python train_imagenet.py --dist.world_size=N ...`: this module spawns N processes
-  (torch.multiprocessing, start method 'spawn') meeting at dist.address:dist.port.
+  (torch.multiprocessing, start method 'spawn') meeting at dist.address:dist.port. The
+  default port `auto` is a free port picked by the parent and passed down, so that two
+  spawned runs on one node (a shared node, a local run beside a sweep) neither collide
+  ("address in use") nor join each other's group.
 
 NCCL on GPUs, gloo on CPU. Every helper also works in a single, non-distributed process,
 so the trainer has one code path.
 """
 import os
 import signal
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +23,27 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+AUTO_PORT = "auto"
+# Signals the spawning parent passes on to its workers: SIGTERM (preemption, scancel) and
+# SIGUSR2 (submitit's warning before the time limit), which would otherwise kill the
+# parent and leave the workers to be torn down mid-checkpoint.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+def rendezvous_port(configured, address="localhost"):
+    """dist.port as a port number: `auto` picks one the OS reports free on `address`.
+
+    The port is released again before the workers bind it (rank 0's TCP store), so another
+    process could take it in between; the OS hands out ephemeral ports in rotation, which
+    makes that unlikely, unlike a fixed port that every run of the node shares."""
+    text = str(configured).strip()
+    if text != AUTO_PORT:
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise ValueError(f"dist.port={configured!r} must be 'auto' or a port in 1..65535")
+        return text
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address if address not in ("localhost", "") else "127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -60,7 +85,7 @@ def pick_device(local_rank):
 
 
 def setup(rank, world_size, local_rank, local_world_size, *, start_group, address="localhost",
-          port="12355"):
+          port=AUTO_PORT):
     """Pick the device and, when `start_group`, join the process group."""
     device = pick_device(local_rank)
     if start_group:
@@ -68,6 +93,7 @@ def setup(rank, world_size, local_rank, local_world_size, *, start_group, addres
         if launched_by_torchrun():
             dist.init_process_group(backend, init_method="env://")
         else:
+            port = rendezvous_port(port, address)  # a single process may still say auto
             dist.init_process_group(backend, init_method=f"tcp://{address}:{port}",
                                     rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, local_world_size, device, start_group)
@@ -160,21 +186,22 @@ def _all_gather_padded(tensor, info):
 def spawn(worker, world_size, args):
     """Run `worker(rank, *args)` in `world_size` new processes and wait for all of them.
 
-    A SIGTERM sent to this (parent) process is passed on to the workers, so `kill <pid>`
-    stops them the way SLURM preemption (which signals every process) does. Raises
+    A SIGTERM or SIGUSR2 sent to this (parent) process is passed on to the workers, so
+    `kill <pid>` stops them the way SLURM preemption (which signals every process) does. Raises
     torch.multiprocessing's ProcessRaisedException / ProcessExitedException on a failure.
     """
     context = torch_mp.start_processes(worker, args=args, nprocs=world_size, join=False,
                                        start_method="spawn")
 
-    def forward_sigterm(signum, frame):
+    def forward(signum, frame):
         for process in context.processes:
             if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, signum)
 
-    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
     try:
         while not context.join():
             pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -1,4 +1,4 @@
-"""The two places where ffcv 1.0.2 itself must be changed, patched at import of our loaders.
+"""The places where ffcv 1.0.2 itself must be changed, patched at import of our loaders.
 
 Kept in one module so they are easy to audit and to drop once upstream fixes them.
 `apply()` is idempotent.
@@ -16,6 +16,19 @@ Kept in one module so they are easy to audit and to drop once upstream fixes the
    the first stage it does `current_front = next_front` without making a new `next_front`,
    so both names point to one set; a node deferred to the next stage is added back to the
    set being drained and popped again forever. Our version starts a fresh set per stage.
+
+3. (CUDA only) `EpochIterator.run`, ffcv's loader thread, never selects a GPU: a new
+   thread's current device is 0, so leaving `torch.cuda.stream(slot_stream)` resets
+   device 0's stream and creates a CUDA context on GPU 0 in every rank (~0.5 GB each on
+   GPU 0 with 8 ranks). Ours first selects the device of the iterator's streams.
+
+4. (CUDA only) ffcv waits for a batch slot's earlier GPU work with `event.wait()`, which
+   orders *streams*, not the loader thread's numba writes into the slot's pinned host
+   buffer: with the GPU behind, the host buffer can be overwritten while the previous
+   non-blocking copy out of it is still queued. Ours records an event on the slot's
+   stream after each batch is submitted and makes the loader thread wait for it
+   (`synchronize`) before decoding into that slot again. It costs nothing while the GPU
+   keeps up, and throttles the loader (instead of corrupting a batch) when it does not.
 """
 import numba
 import torch
@@ -24,8 +37,12 @@ import torch
 # Remember torch's count first (when ffcv was not imported yet) and restore it.
 _TORCH_THREADS_BEFORE_FFCV = torch.get_num_threads()
 
+from ffcv.loader import epoch_iterator  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.graph import Graph  # noqa: E402
+
+_ORIGINAL_RUN = epoch_iterator.EpochIterator.run
+_ORIGINAL_RUN_PIPELINE = epoch_iterator.EpochIterator.run_pipeline
 
 _APPLIED = {"done": False}
 
@@ -57,10 +74,39 @@ def _group_operations(self):
     return stages
 
 
+def _streams_device(iterator):
+    """The GPU of the iterator's batch-slot streams, or None without CUDA."""
+    streams = [stream for stream in getattr(iterator, "cuda_streams", []) if stream is not None]
+    return streams[0].device if (epoch_iterator.IS_CUDA and streams) else None
+
+
+def _run_on_streams_device(self):
+    device = _streams_device(self)
+    if device is not None:
+        torch.cuda.set_device(device)  # per thread: the loader thread starts on GPU 0
+    return _ORIGINAL_RUN(self)
+
+
+def _run_pipeline_after_slot_copy(self, b_ix, batch_indices, batch_slot, cuda_event):
+    if not epoch_iterator.IS_CUDA:
+        return _ORIGINAL_RUN_PIPELINE(self, b_ix, batch_indices, batch_slot, cuda_event)
+    copies_done = self.__dict__.setdefault("_slot_copies_done", {})
+    previous = copies_done.pop(batch_slot, None)
+    if previous is not None:
+        previous.synchronize()  # the slot's host buffer is read by no queued copy any more
+    result = _ORIGINAL_RUN_PIPELINE(self, b_ix, batch_indices, batch_slot, cuda_event)
+    done = torch.cuda.Event()
+    done.record(self.cuda_streams[batch_slot])
+    copies_done[batch_slot] = done
+    return result
+
+
 def apply():
     if _APPLIED["done"]:
         return
     Compiler.set_num_threads = classmethod(_set_numba_threads_only)
     Graph.group_operations = _group_operations
+    epoch_iterator.EpochIterator.run = _run_on_streams_device
+    epoch_iterator.EpochIterator.run_pipeline = _run_pipeline_after_slot_copy
     torch.set_num_threads(_TORCH_THREADS_BEFORE_FFCV)
     _APPLIED["done"] = True

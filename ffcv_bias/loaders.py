@@ -7,10 +7,19 @@
         for images, labels in train:     # images: uint8 [B,3,H,W] channels_last, reused!
             x = normalize(images, device)  # float, on device
 
-Pipelines end in torch (uint8 NCHW channels-last tensors); normalization and the move to
-the GPU happen in `normalize`, in the training step. That keeps the pipeline JIT -> torch
-(no JIT stage after a torch stage: upstream issue 396, and no cupy on CPU) and costs
-nothing on a GPU, where the float conversion runs on the device.
+Pipelines end in torch (uint8 NCHW channels-last tensors); normalization happens in
+`normalize`, in the training step. That keeps the pipeline JIT -> torch (no JIT stage
+after a torch stage: upstream issue 396, and no cupy on CPU) and costs nothing on a GPU,
+where the float conversion runs on the device.
+
+On CUDA (`device=` a CUDA device) the pipelines copy each batch to the GPU themselves
+(ffcv's ToDevice after ToTensor, as ffcv-imagenet does), on the batch slot's own stream
+right after decoding: the loader then yields GPU tensors. Copying later, in the training
+step, would read ffcv's pinned host buffer asynchronously on the compute stream, behind
+the queued steps, while the loader thread is already decoding a later batch into that
+same buffer: a step could see another batch's pixels with this batch's labels.
+`ffcv_patches` also makes the loader thread wait for a slot's copy before reusing its
+host buffer. On CPU the pipelines are unchanged.
 
 The loaders reuse their batch buffers: an image tensor yielded here is overwritten a few
 batches later. Labels are copied before they are yielded; images are not (too costly):
@@ -29,7 +38,7 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
-from ffcv.transforms import Squeeze, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
 from ffcv_bias.augment import SeededRandomResizedCropDecoder, per_sample_min_scale  # noqa: E402
 
@@ -113,19 +122,28 @@ class SeededLoader:
             yield images, labels.clone()
 
 
-def _label_pipeline():
-    return [IntDecoder(), ToTensor(), Squeeze(1)]
+def _to_device_ops(device):
+    """[ToDevice] for a CUDA device, [] for the CPU (or None): where the copy to the GPU
+    sits in a pipeline, right after ToTensor (see the module docstring)."""
+    if device is None or torch.device(device).type != "cuda":
+        return []
+    return [ToDevice(torch.device(device), non_blocking=True)]
 
 
-def _image_tail():
-    return [ToTensor(), ToTorchImage(channels_last=True)]
+def _label_pipeline(device=None):
+    return [IntDecoder(), ToTensor(), Squeeze(1)] + _to_device_ops(device)
+
+
+def _image_tail(device=None):
+    return [ToTensor()] + _to_device_ops(device) + [ToTorchImage(channels_last=True)]
 
 
 def create_train_loader(path, *, batch_size, resolution, seed, min_scale=0.08, max_scale=1.0,
                         ratio=(3 / 4, 4 / 3), flip=True, class_min_scale=None, num_workers=2,
                         distributed=False, indices=None, in_memory=True, drop_last=True,
-                        batches_ahead=3):
+                        batches_ahead=3, device=None):
     """Training loader: random order seeded by (seed, epoch), seeded crop + flip.
+    `device`: a CUDA device makes it yield tensors already on that GPU.
 
     `class_min_scale`: None, or a vector of per-class lower bounds (looked up through each
     sample's label; 1.0 = that class is never cropped). `indices`: train on a subset.
@@ -142,19 +160,22 @@ def create_train_loader(path, *, batch_size, resolution, seed, min_scale=0.08, m
                     order=OrderOption.RANDOM, os_cache=in_memory, distributed=distributed,
                     seed=int(seed), indices=None if indices is None else np.asarray(indices),
                     drop_last=drop_last, batches_ahead=batches_ahead,
-                    pipelines={"image": [decoder] + _image_tail(), "label": _label_pipeline()})
+                    pipelines={"image": [decoder] + _image_tail(device),
+                               "label": _label_pipeline(device)})
     return SeededLoader(loader, crop_decoder=decoder)
 
 
 def create_val_loader(path, *, batch_size, resolution, crop_ratio=DEFAULT_CROP_RATIO,
-                      num_workers=2, distributed=False, in_memory=True, batches_ahead=3):
+                      num_workers=2, distributed=False, in_memory=True, batches_ahead=3,
+                      device=None):
     """Validation loader: beton order, centre crop of `crop_ratio` of the short side, no drop."""
     open_reader(path)
     decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=OrderOption.SEQUENTIAL, os_cache=in_memory, distributed=distributed,
                     seed=0, drop_last=False, batches_ahead=batches_ahead,
-                    pipelines={"image": [decoder] + _image_tail(), "label": _label_pipeline()})
+                    pipelines={"image": [decoder] + _image_tail(device),
+                               "label": _label_pipeline(device)})
     return SeededLoader(loader, resolution_decoder=decoder)
 
 
@@ -162,7 +183,11 @@ _NORMALIZERS = {}
 
 
 def normalize(images, device, channels_last=True, dtype=torch.float32):
-    """uint8 [B,3,H,W] -> normalized float on `device` (ImageNet mean/std, 0-255 scale)."""
+    """uint8 [B,3,H,W] -> normalized float on `device` (ImageNet mean/std, 0-255 scale).
+
+    The loaders built with a CUDA device yield GPU tensors, so `.to` below is a no-op and
+    this is a device-side float conversion; a CPU tensor given for a CUDA device is copied
+    synchronously (its host buffer may be reused by the loader right after this returns)."""
     device = torch.device(device)
     key = (device, dtype)
     if key not in _NORMALIZERS:
@@ -170,7 +195,7 @@ def normalize(images, device, channels_last=True, dtype=torch.float32):
         std = torch.tensor(IMAGENET_STD, device=device, dtype=torch.float32).view(1, 3, 1, 1)
         _NORMALIZERS[key] = (mean, 1.0 / std)
     mean, inv_std = _NORMALIZERS[key]
-    images = images.to(device, non_blocking=True)
+    images = images.to(device, non_blocking=False)
     out = (images.float() - mean) * inv_std
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)

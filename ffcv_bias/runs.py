@@ -34,6 +34,7 @@ NON_RESULT_SECTIONS = {"logging", "dist", "meta"}
 NON_RESULT_KEYS = {
     ("data", "num_workers"),
     ("data", "in_memory"),
+    ("training", "restart"),   # what to do with an unreadable checkpoint, not what to compute
 }
 # Keys added to the trainer after runs were already being recorded, with the default that
 # reproduces the behaviour from before they existed. Such a key enters the run_id (and the
@@ -49,6 +50,8 @@ LATER_KEY_DEFAULTS = {
     ("training", "grad_clip_norm"): 0.0,
     ("model", "drop_path"): 0.0,
     ("training", "wd_exempt"): "norm_bias_embed",   # every bias etc. exempt, as before
+    ("training", "compile"): 0,
+    ("training", "fused_optimizer"): 0,
 }
 # Config values that name files: the run_id uses the file's name for datasets (moving a
 # data directory must not orphan finished runs) and the content for small input files

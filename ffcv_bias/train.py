@@ -21,8 +21,9 @@ Life of a run, in `<logging.folder>/<run_id>/`:
   from which every accuracy derives), val_labels.npy, then summary.json (last).
 
 Stopping:
-- SIGTERM (SLURM preemption, `scancel`, the sweep launcher): the run stops after the
-  current step and exits with EXIT_PREEMPTED (75). Nothing is written mid-epoch: the
+- SIGTERM (SLURM preemption, `scancel`, the sweep launcher) or SIGUSR2 (submitit's
+  warning before the time limit): the run stops after the current step and exits with
+  EXIT_PREEMPTED (75). Nothing is written mid-epoch: the
   resume point is the last checkpoint (the last epoch boundary with the default
   checkpoint_every=1), because only an epoch boundary can be resumed bit for bit (the
   loader cannot start an epoch half-way). A SIGTERM that arrives during validation or
@@ -33,6 +34,9 @@ Stopping:
   a new start removes a stale one.
 - A full disk: "no space left on device while writing <file>", exit 1; the file it was
   replacing (the previous checkpoint) stays whole.
+- An unreadable checkpoint.pt (truncated copy, damaged disk): "cannot read checkpoint
+  <path> (truncated?) ...", exit 1, nothing touched; training.restart=1 moves it aside
+  to checkpoint.pt.unreadable and trains from scratch.
 - SIGKILL, the OOM killer, a lost node: every file of the record is written to a temporary
   name and renamed, so each file present is whole; the rerun resumes from the last
   checkpoint and removes the temporaries the dead process left (tests/test_faults.py
@@ -109,30 +113,51 @@ class Preempted(Exception):
     """SIGTERM arrived: stop, keep the last checkpoint, exit EXIT_PREEMPTED."""
 
 
+class CheckpointUnreadable(RunDirRefused):
+    """checkpoint.pt exists but cannot be loaded: resuming is impossible, and the choice to
+    start over is the user's (training.restart=1), so nothing is written (no error.txt)."""
+
+
+# Where training.restart=1 moves an unreadable checkpoint (never deleted: it may be
+# recoverable, and it is evidence of what went wrong).
+UNREADABLE_CHECKPOINT_SUFFIX = ".unreadable"
+
+
 # ---------------------------------------------------------------------------------------
 # Signals, seeds, threads
 # ---------------------------------------------------------------------------------------
 
+# Signals that mean "stop and keep the checkpoint": SIGTERM (scancel, preemption, the sweep
+# launcher) and SIGUSR2, which submitit's `--signal=USR2@90` asks SLURM to send before the
+# time limit; SLURM delivers it to every process of the step, trainers included, and
+# USR2's default action would kill them (reported as failed instead of requeued).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
 class StopRequest:
-    """Set by SIGTERM; read by the training loop between steps."""
+    """Set by SIGTERM or SIGUSR2; read by the training loop between steps."""
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.signal_name = "SIGTERM"
+        self.previous = {}
 
     def __enter__(self):
-        # Python lets only the main thread install handlers; elsewhere SIGTERM keeps its
-        # default meaning (the process dies; the last checkpoint is still the resume point).
+        # Python lets only the main thread install handlers; elsewhere the signals keep
+        # their default meaning (the process dies; the last checkpoint is still the resume
+        # point).
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {number: signal.signal(number, self._handle)
+                             for number in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
 
 
 def rank_seed(seed, rank):
@@ -145,7 +170,10 @@ def set_determinism(device, deterministic):
         # cuBLAS reads this when it starts (the model's first matmul comes later).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device.type == "cpu" or deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # training.deterministic=1 promises bit-identical reruns: an op without a
+        # deterministic kernel must stop the run, not print a warning and break the promise.
+        # CPU runs without the flag keep warn_only (every CPU op used here is deterministic).
+        torch.use_deterministic_algorithms(True, warn_only=not deterministic)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = bool(deterministic)
@@ -165,6 +193,18 @@ def choose_torch_threads(local_world_size):
     return max(1, cores // local_world_size)
 
 
+def choose_loader_threads(configured, local_world_size):
+    """data.num_workers, or for 0 (auto) this process's share of the CPUs it may use minus
+    one (left to the training loop), within NUMBA_NUM_THREADS when the launcher set it."""
+    if configured > 0:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, cores // local_world_size - 1)
+    if os.environ.get("NUMBA_NUM_THREADS", "").isdigit():
+        threads = min(threads, max(1, int(os.environ["NUMBA_NUM_THREADS"])))
+    return threads
+
+
 def rng_state(device):
     """Every random stream the run draws from, in a form torch.load(weights_only) accepts."""
     numpy_state = np.random.get_state()
@@ -179,11 +219,15 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
+    """Restore rng_state(); its tensors must be CPU tensors (torch.set_rng_state and
+    torch.cuda.set_rng_state take only a CPU ByteTensor), whatever device they were
+    loaded to: `.cpu()` is a no-op for a checkpoint read with read_checkpoint()."""
+    torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
     name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss,
+                         cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -233,6 +277,8 @@ class Trainer:
     @param("training.deterministic")
     def setup_process(self, seed, deterministic):
         torch.set_num_threads(choose_torch_threads(self.info.local_world_size))
+        self.loader_threads = choose_loader_threads(self.nested["data"]["num_workers"],
+                                                    self.info.local_world_size)
         set_determinism(self.device, deterministic)
         np.random.seed(seed)
         random.seed(seed)
@@ -259,8 +305,9 @@ class Trainer:
         return create_train_loader(
             train_dataset, batch_size=batch_size, resolution=self.resolution(0), seed=seed,
             min_scale=min_scale, max_scale=max_scale, flip=flip,
-            class_min_scale=class_bounds, num_workers=num_workers,
-            distributed=self.info.group_running, indices=indices, in_memory=in_memory)
+            class_min_scale=class_bounds, num_workers=self.loader_threads,
+            distributed=self.info.group_running, indices=indices, in_memory=in_memory,
+            device=self.device)
 
     @param("data.val_dataset")
     @param("data.num_workers")
@@ -271,8 +318,9 @@ class Trainer:
     def create_val_loader(self, val_dataset, num_workers, in_memory, batch_size, resolution,
                           crop_ratio):
         return create_val_loader(val_dataset, batch_size=batch_size, resolution=resolution,
-                                 crop_ratio=crop_ratio, num_workers=num_workers,
-                                 distributed=self.info.group_running, in_memory=in_memory)
+                                 crop_ratio=crop_ratio, num_workers=self.loader_threads,
+                                 distributed=self.info.group_running, in_memory=in_memory,
+                                 device=self.device)
 
     @param("model.arch")
     @param("model.dropout")
@@ -328,12 +376,26 @@ class Trainer:
         return resolution_at_epoch(epoch, min_res=min_res, max_res=max_res,
                                    start_ramp=start_ramp, end_ramp=end_ramp)
 
-    def wrap_distributed(self):
-        if not self.info.group_running:
-            return self.model
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
-                                                         gradient_as_bucket_view=True)
+    @param("training.compile")
+    def wrap_distributed(self, compile):
+        """The module the training step calls: DDP around the model when a group runs,
+        then torch.compile when training.compile=1 (DDP first, so that dynamo splits the
+        graph at DDP's buckets). Validation and the record use self.model, uncompiled:
+        the training shapes alone are compiled, one graph per resolution of the ramp."""
+        wrapped = self.model
+        if self.info.group_running:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # The gradients are views into DDP's all-reduce buckets; train_step keeps them
+            # (zero_grad(set_to_none=False)) so that no step reallocates and copies them.
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                wrapped, device_ids=device_ids, gradient_as_bucket_view=True)
+        if compile:
+            wrapped = compile_for_resolutions(wrapped, self.training_resolutions())
+        return wrapped
+
+    @param("training.epochs")
+    def training_resolutions(self, epochs):
+        return sorted({self.resolution(epoch) for epoch in range(epochs)})
 
     # -- training --------------------------------------------------------------------
 
@@ -369,7 +431,10 @@ class Trainer:
                     if self.amp_dtype else nullcontext())
         with autocast:
             loss = self.train_loss_fn(self.ddp_model(inputs), targets)
-        self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are bucket views: zeroing them in place keeps the views
+        # (set_to_none would drop them, and every step would allocate new gradients and
+        # copy them into the buckets). Alone, None is cheapest. Same values either way.
+        self.optimizer.zero_grad(set_to_none=not self.info.group_running)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.clip_gradients()
@@ -498,29 +563,37 @@ class Trainer:
               flush=True)
 
     def save_checkpoint(self, epochs_done):
-        """Everything needed to continue bit for bit after `epochs_done` epochs."""
+        """Everything needed to continue bit for bit after `epochs_done` epochs.
+
+        Every rank waits at a barrier until rank 0 has written the file: a preempted rank
+        that exited at once would make the spawn join (or torchrun) kill rank 0 mid-write,
+        and the epoch would be lost."""
         rng_states = distributed.all_gather_objects(rng_state(self.device), self.info)
-        if not self.info.is_main:
-            return
-        atomic.torch_save(self.run_dir / runs.CHECKPOINT_FILE, {
-            "format": CHECKPOINT_FORMAT, "run_id": self.run_id, "epoch": epochs_done,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_states, "train_seconds": self.train_seconds,
-        })
+        if self.info.is_main:
+            atomic.torch_save(self.run_dir / runs.CHECKPOINT_FILE, {
+                "format": CHECKPOINT_FORMAT, "run_id": self.run_id, "epoch": epochs_done,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rng_states, "train_seconds": self.train_seconds,
+            })
+        distributed.barrier(self.info)
 
     @param("training.seed")
-    def resume_from_checkpoint(self, seed):
+    @param("training.restart")
+    def resume_from_checkpoint(self, seed, restart):
         """(first epoch to train, training seconds so far), loading checkpoint.pt if any."""
         path = self.run_dir / runs.CHECKPOINT_FILE
-        if not path.is_file():
+        state = None
+        if path.is_file():
+            state = read_checkpoint(path, restart_allowed=bool(restart),
+                                    move_aside=self.info.is_main)
+        if state is None:
             if self.info.is_main:
                 # A run killed after logging its first epoch, before checkpointing it,
                 # restarts from scratch: that line is redone too.
                 truncate_log(self.run_dir / runs.LOG_FILE, 0)
             torch.manual_seed(rank_seed(seed, self.info.rank))  # dropout streams per rank
             return 0, 0.0
-        state = torch.load(path, map_location=self.device, weights_only=True)
         if state.get("run_id") != self.run_id:
             raise RunError(f"{path} belongs to run {state.get('run_id')}, not {self.run_id}")
         self.model.load_state_dict(state["model"])
@@ -560,20 +633,81 @@ class Trainer:
         return summary
 
 
+def read_checkpoint(path, restart_allowed=False, move_aside=True):
+    """checkpoint.pt loaded to the CPU, or None when it is unreadable and the user allowed
+    a restart (it is then moved aside, not deleted).
+
+    To the CPU, not to the run's device: the RNG states must stay CPU ByteTensors
+    (torch.set_rng_state refuses a CUDA tensor), and load_state_dict copies the model's
+    and the optimizer's tensors to their parameters' device anyway."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - zip, pickle and OS errors alike
+        if not restart_allowed:
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise CheckpointUnreadable(
+                f"cannot read checkpoint {path} (truncated?): {reason}; the run cannot "
+                f"resume from it: rerun with --training.restart=1 to move it aside to "
+                f"{path.name}{UNREADABLE_CHECKPOINT_SUFFIX} and train the run from "
+                f"scratch") from None
+    if move_aside:
+        aside = unused_name(path.with_name(path.name + UNREADABLE_CHECKPOINT_SUFFIX))
+        os.replace(path, aside)
+        print(f"training.restart=1: moved the unreadable {path} to {aside}; training "
+              f"from scratch", flush=True)
+    return None
+
+
+def unused_name(path):
+    """`path`, or `path.1`, `path.2`, ...: the first name not taken (never overwrite)."""
+    candidate, number = path, 0
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
+
+
 def build_optimizer(name, groups, training):
     """The optimizer over weight-decay `groups`, with lr 0: the trainer sets lr at every
     step from the precomputed schedule. `training` is the config's training section.
 
     adamw is torch's AdamW: decoupled weight decay, each step shrinking the weights by
     lr * weight_decay (the convention of the ConvNeXt and DeiT recipes, whose 0.05 assumes
-    it), applied only to the "decay" group."""
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=training["momentum"],
-                               nesterov=bool(training["nesterov"]))
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, eps=training["adam_eps"],
-                                 betas=(training["adam_beta1"], training["adam_beta2"]))
+    it), applied only to the "decay" group.
+
+    training.fused_optimizer=1 asks torch for its fused kernel (one launch for all
+    parameters instead of a loop of small ones: the GPU lever); the default 0 keeps
+    the for-each implementation the finished runs used (fused rounds differently)."""
+    fused = {"fused": True} if training.get("fused_optimizer", 0) else {}
+    try:
+        if name == "sgd":
+            return torch.optim.SGD(groups, lr=0.0, momentum=training["momentum"],
+                                   nesterov=bool(training["nesterov"]), **fused)
+        if name == "adamw":
+            return torch.optim.AdamW(groups, lr=0.0, eps=training["adam_eps"],
+                                     betas=(training["adam_beta1"], training["adam_beta2"]),
+                                     **fused)
+    except (RuntimeError, ValueError) as error:
+        if fused:
+            raise ConfigError(f"training.fused_optimizer=1: torch {torch.__version__} has "
+                              f"no fused {name} for these parameters: {error}") from None
+        raise
     raise ConfigError(f"training.optimizer: unknown optimizer {name!r}")
+
+
+def compile_for_resolutions(module, resolutions):
+    """torch.compile(module) with room for one graph per training resolution.
+
+    Each progressive-resizing resolution is a new input shape: with dynamic=False dynamo
+    compiles one static graph per resolution (fast kernels, no shape guards in them) and
+    must not hit its recompile limit (8 by default) half-way through the ramp, where it
+    would fall back to eager silently."""
+    import torch._dynamo.config as dynamo_config
+    needed = len(resolutions) + 2  # + margin for a guard failure (e.g. train/eval mode)
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
+            setattr(dynamo_config, name, needed)
+    return torch.compile(module, dynamic=False)
 
 
 def truncate_log(log_path, epochs_done):
@@ -646,7 +780,9 @@ def write_config(run_dir, nested, info, command):
             "versions": package_versions(), "host": socket.gethostname(),
             "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "world_size": info.world_size, "device": str(info.device),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "loader_threads": choose_loader_threads(nested["data"]["num_workers"],
+                                                    info.local_world_size)}
     if not path.is_file():
         atomic.write_json(path, {**nested, "meta": meta})
     print(f"run {meta['run_id']}: {run_dir}\ngit {commit}{' (dirty)' if dirty else ''}\n"
@@ -709,7 +845,8 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
                 write_config(run_dir, nested, info, command)
             summary = Trainer(nested, run_dir, info, stop).fit()
         except Preempted:
-            print(f"stopped by SIGTERM; resume from {run_dir / runs.CHECKPOINT_FILE}",
+            print(f"stopped by {stop.signal_name}; resume from "
+                  f"{run_dir / runs.CHECKPOINT_FILE}",
                   file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         except RunDirRefused:
@@ -756,9 +893,15 @@ def spawned_worker(rank, nested, run_dir, command):
 
 
 def launch_spawned(nested, run_dir, command):
-    """--dist.world_size=N without torchrun: this process locks the run and spawns N."""
+    """--dist.world_size=N without torchrun: this process locks the run and spawns N,
+    all told the same rendezvous port (a free one for dist.port=auto)."""
     import torch.multiprocessing as torch_mp
     world_size = nested["dist"]["world_size"]
+    try:
+        port = distributed.rendezvous_port(nested["dist"]["port"], nested["dist"]["address"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    nested = {**nested, "dist": {**nested["dist"], "port": port}}
     with runs.run_lock(run_dir):
         check_run_dir(run_dir, runs.run_id(nested))
         if runs.is_complete(run_dir, runs.run_id(nested)):

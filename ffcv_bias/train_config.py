@@ -112,7 +112,9 @@ def declare_sections():
     Section("data", "the datasets (FFCV betons with a .classes.json sidecar)").params(
         train_dataset=Param(Text(), "training beton", required=True),
         val_dataset=Param(Text(), "validation beton", required=True),
-        num_workers=Param(Integer(), "loader threads per process", default=2),
+        num_workers=Param(Integer(), "loader threads per process (0 = auto: the CPUs this "
+                                     "process may use, shared among the node's processes, "
+                                     "minus one for the training loop)", default=0),
         in_memory=_flag("read the whole beton into RAM (1) or page it from disk (0)", 1),
         keep_indices=Param(Text(), "file of training-set indices to train on (.npy, .json "
                                    "list or .txt one per line; empty = the whole set); "
@@ -186,6 +188,13 @@ def declare_sections():
                             "are always deterministic)", 0),
         checkpoint_every=Param(Integer(), "write checkpoint.pt every this many epochs "
                                           "(and after the last)", default=1),
+        compile=_flag("torch.compile the training step's model (one graph per "
+                      "resolution of the ramp; validation stays eager)", 0),
+        fused_optimizer=_flag("torch's fused SGD / AdamW kernel (one launch for all "
+                              "parameters; rounds differently from the default)", 0),
+        restart=_flag("a checkpoint.pt that cannot be read is moved aside to "
+                      "checkpoint.pt.unreadable and the run trains from scratch (a readable "
+                      "one is always resumed); not part of the run_id", 0),
     )
     Section("augment", "training augmentation").params(
         min_scale=Param(FloatInRange(0, 1), "random-resized-crop lower bound tau on the "
@@ -229,7 +238,8 @@ def declare_sections():
         world_size=Param(Integer(), "processes (GPUs) to train with; > 1 spawns them",
                          default=1),
         address=Param(Text(), "rendezvous address", default="localhost"),
-        port=Param(Text(), "rendezvous port", default="12355"),
+        port=Param(Text(), "rendezvous port; auto: a free port picked by the launching "
+                           "process (torchrun uses its own MASTER_PORT)", default="auto"),
     )
 
 
@@ -381,7 +391,7 @@ def _check_numbers(nested):
     _check_optimizer(training)
     _check_warmup(lr, training["epochs"])
     _check_drop_path(nested["model"])
-    _require(nested["data"]["num_workers"] >= 1, "data.num_workers must be >= 1")
+    _require(nested["data"]["num_workers"] >= 0, "data.num_workers must be >= 0 (0 = auto)")
     _require(nested["logging"]["log_level"] in (0, 1), "logging.log_level must be 0 or 1")
 
 

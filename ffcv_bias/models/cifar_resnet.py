@@ -12,7 +12,7 @@ paper's "0.27M"). Module names follow torchvision's ResNet (`conv1`, `bn1`,
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import linear_drop_path_rates
+from .layers import GlobalAvgPool, linear_drop_path_rates
 from .resnet import BasicBlock, init_resnet_weights
 
 
@@ -62,7 +62,7 @@ class CifarResNet(nn.Module):
                 in_channels = width
             setattr(self, f"layer{stage_index + 1}", nn.Sequential(*blocks))
 
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
         init_resnet_weights(self, zero_init_residual)

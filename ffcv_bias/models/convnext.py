@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, linear_drop_path_rates
+from .layers import DropPath, GlobalAvgPool, linear_drop_path_rates
 
 LAYER_NORM_EPS = 1e-6
 
@@ -82,7 +82,7 @@ class ConvNeXt(nn.Module):
                     LayerNorm2d(width, eps=LAYER_NORM_EPS),
                     nn.Conv2d(width, widths[stage_index + 1], kernel_size=2, stride=2)))
         self.features = nn.Sequential(*stages)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.classifier = nn.Sequential(LayerNorm2d(widths[-1], eps=LAYER_NORM_EPS),
                                         nn.Flatten(1),
                                         nn.Linear(widths[-1], num_classes))

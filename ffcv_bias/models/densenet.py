@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import global_avg_pool
+
 
 class DenseLayer(nn.Module):
     def __init__(self, in_channels, growth_rate, bn_size):
@@ -111,7 +113,7 @@ class DenseNet(nn.Module):
             raise ValueError(f"input {tuple(x.shape[-2:])} is too small for DenseNet: the "
                              "last transition would pool a 1x1 map (use >= 29 px)")
         x = F.relu(self.features(x))  # norm5 is not followed by a ReLU inside `features`
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return global_avg_pool(x).flatten(1)
 
     def forward(self, x):
         return self.classifier(self.dropout(self.forward_features(x)))

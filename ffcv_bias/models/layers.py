@@ -35,3 +35,22 @@ def linear_drop_path_rates(max_rate, num_blocks):
     if num_blocks == 1:
         return [0.0]
     return [max_rate * index / (num_blocks - 1) for index in range(num_blocks)]
+
+
+def global_avg_pool(x):
+    """[B, C, H, W] -> [B, C, 1, 1], the mean over each feature map.
+
+    On CUDA under torch.use_deterministic_algorithms (training.deterministic=1) it is a
+    mean, whose backward is deterministic: adaptive_avg_pool2d's CUDA backward has no
+    deterministic kernel and would stop such a run with an error. Everywhere else it is
+    adaptive_avg_pool2d, bit for bit what every run recorded so far computed."""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return x.mean(dim=(2, 3), keepdim=True)
+    return nn.functional.adaptive_avg_pool2d(x, 1)
+
+
+class GlobalAvgPool(nn.Module):
+    """nn.AdaptiveAvgPool2d(1) that stays usable in deterministic CUDA runs."""
+
+    def forward(self, x):
+        return global_avg_pool(x)

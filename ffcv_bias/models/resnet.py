@@ -18,7 +18,7 @@ Extras, none of which adds a state_dict key:
 """
 from torch import nn
 
-from .layers import DropPath, linear_drop_path_rates
+from .layers import DropPath, GlobalAvgPool, linear_drop_path_rates
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -109,7 +109,7 @@ class ResNet(nn.Module):
             setattr(self, f"layer{stage_index + 1}", stage)
             in_channels = width * block.expansion
 
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
         self._init_weights(zero_init_residual)

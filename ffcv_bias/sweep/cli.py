@@ -10,7 +10,7 @@ from tqdm import tqdm
 from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import (TrainerPool, available_cores, default_train_script,
-                                    detect_gpus, parse_gpus)
+                                    detect_gpus, requested_gpus)
 from ffcv_bias.sweep.spec import (SweepError, describe, load_sweep, plan, slurm_settings,
                                   world_size)
 from ffcv_bias.sweep.status import (TODO_STATES, beton_change_message, count_states,
@@ -114,6 +114,7 @@ def cmd_status(args):
 def cmd_launch(args):
     if args.max_parallel is not None and args.max_parallel < 1:
         raise SweepError(f"--max-parallel must be >= 1, not {args.max_parallel}")
+    gpus = check_gpus_flag(args) if args.backend == "local" else []
     sweep, planned, states, folder = load_and_plan(args)
     invalid = [run for run, state in zip(planned, states) if state == "invalid"]
     if invalid:
@@ -132,7 +133,7 @@ def cmd_launch(args):
     if not train_script.is_file():
         raise SweepError(f"train script not found: {train_script}")
     if args.backend == "local":
-        return launch_local(todo, sweep, args, train_script)
+        return launch_local(todo, sweep, args, train_script, gpus)
     return launch_submitit(todo, sweep, args, train_script, folder)
 
 
@@ -145,8 +146,18 @@ def refuse_changed_betons(planned, states):
                          f"{beton_change_message(changed[0])}")
 
 
-def launch_local(todo, sweep, args, train_script):
-    gpus = parse_gpus(args.gpus) if args.gpus is not None else detect_gpus()
+def check_gpus_flag(args):
+    """The local GPUs to use: --gpus checked against this machine's (before anything is
+    printed or planned), else every GPU detected."""
+    if args.gpus is None:
+        return detect_gpus()
+    try:
+        return requested_gpus(args.gpus)
+    except ValueError as error:
+        raise SweepError(str(error)) from None
+
+
+def launch_local(todo, sweep, args, train_script, gpus):
     # A DDP run (dist.world_size > 1) takes that many GPUs; its world size is part of its
     # run_id, so it cannot be shrunk to fit.
     processes_per_run = max(world_size(run) for run in todo)

@@ -73,11 +73,48 @@ def parse_gpus(text):
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def requested_gpus(text):
+    """--gpus parsed and checked against the GPUs this machine has (detect_gpus): ids not
+    among them would silently train on the CPU (CUDA_VISIBLE_DEVICES naming no GPU).
+    Raises ValueError with a one-line message."""
+    requested = parse_gpus(text)
+    if not requested:
+        return requested
+    visible = detect_gpus()
+    if not visible:
+        raise ValueError(f"--gpus {text}: this machine has no CUDA GPU (no "
+                         f"CUDA_VISIBLE_DEVICES, and nvidia-smi lists none); use --gpus none "
+                         f"to train on the CPU")
+    unknown = [gpu for gpu in requested if gpu not in visible]
+    if unknown:
+        raise ValueError(f"--gpus {text}: GPU {','.join(unknown)} is not one of this "
+                         f"machine's GPUs ({','.join(visible)})")
+    return requested
+
+
 def available_cores():
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def loader_threads_for(cpu_share):
+    """ffcv loader threads of a process with `cpu_share` CPUs: one is left to the
+    training loop (its Python thread and the CUDA launches)."""
+    return max(1, int(cpu_share) - 1)
+
+
+def loader_thread_args(run, cpu_share):
+    """`--data.num_workers=N` that keeps a run's loader inside its CPU share: the auto
+    default (0) and a count above the share (the ImageNet recipes' 12 per GPU on an
+    80-CPU node of 8 GPUs) are replaced; a smaller explicit count is kept. num_workers
+    is not part of the run_id, so this never renames a run."""
+    share = loader_threads_for(cpu_share)
+    configured = (getattr(run, "config", None) or {}).get("data", {}).get("num_workers", 0)
+    if 0 < configured <= share:
+        return []
+    return [f"--data.num_workers={share}"]
 
 
 @dataclass
@@ -102,8 +139,12 @@ class TrainerPool:
 
     # ---- one run ------------------------------------------------------------------------
 
-    def command(self, run):
-        return [self.python, self.train_script] + list(run.config_args) + self.extra_args
+    def command(self, run, threads=None):
+        """The trainer's command line; with `threads` (the CPU share of each of the run's
+        processes) its loader threads are sized to that share."""
+        sized = loader_thread_args(run, threads) if threads else []
+        return ([self.python, self.train_script] + list(run.config_args) + sized
+                + self.extra_args)
 
     def train(self, run, gpus=None, threads=None):
         """Train one run to completion (resuming it if it has a checkpoint): an Outcome.
@@ -144,10 +185,13 @@ class TrainerPool:
         if threads:
             for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[name] = str(threads)
+            # numba's pool (ffcv's decoding threads) would otherwise size itself to every
+            # core of the node, in every slot.
+            env["NUMBA_NUM_THREADS"] = str(loader_threads_for(threads))
         return env
 
     def _run_child(self, run, gpus, threads):
-        command = self.command(run)
+        command = self.command(run, threads)
         log_path = run.run_dir / TRAIN_LOG_FILE
         tail = collections.deque(maxlen=ERROR_TAIL_LINES)
         with open(log_path, "a", buffering=1) as log:
@@ -213,7 +257,8 @@ class TrainerPool:
 
         A run has `processes_per_run` processes (its dist.world_size). With GPUs, parallel
         slot i gets that many GPUs, round-robin; every process gets an equal share of the
-        cores as OMP_NUM_THREADS (the trainer sizes its torch threads by it).
+        cores as OMP_NUM_THREADS (the trainer sizes its torch threads by it) and that
+        share minus one as its loader threads (--data.num_workers, NUMBA_NUM_THREADS).
         `on_done(outcome)` is called from the calling thread as runs finish.
         """
         gpus = list(gpus)

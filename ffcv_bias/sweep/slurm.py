@@ -124,6 +124,17 @@ def job_layout(todo, settings, cluster="slurm"):
     return [todo[start:start + size] for start in range(0, len(todo), size)]
 
 
+def check_resources(settings):
+    """A SLURM job must say how many CPUs and how much memory it needs: SLURM's defaults
+    (often 1 CPU and a few GB) would be shared by every run and loader of the node."""
+    missing = [key for key in ("cpus_per_task", "mem") if getattr(settings, key) is None]
+    if missing:
+        raise SweepError(f"a SLURM sweep needs {' and '.join('slurm.' + key for key in missing)}"
+                         f" (e.g. 'slurm: {{cpus_per_task: 80, mem: 480G}}' for 8 GPUs, or "
+                         f"--cpus-per-task / --mem): SLURM's default CPU and memory would be "
+                         f"shared by all the node's runs")
+
+
 def executor_parameters(settings, name, max_parallel, cluster):
     """submitit AutoExecutor parameters of one sweep job."""
     timeout = settings.time
@@ -132,6 +143,8 @@ def executor_parameters(settings, name, max_parallel, cluster):
             raise SweepError("a SLURM sweep needs a time limit: 'slurm: {time: MINUTES}' "
                              "in the sweep file or --time")
         timeout = DEFAULT_LOCAL_TIMEOUT_MIN
+    if cluster == "slurm":
+        check_resources(settings)
     params = {"name": name, "timeout_min": timeout, "nodes": 1, "tasks_per_node": 1,
               "gpus_per_node": job_gpus(settings, cluster)}
     if settings.cpus_per_task:
