@@ -30,6 +30,9 @@ NON_RESULT_SECTIONS = {"logging", "dist", "meta"}
 NON_RESULT_KEYS = {
     ("data", "num_workers"),
     ("data", "in_memory"),
+    # Extra test protocols evaluate the final model and leave the training alone; a
+    # finished run gains them later (python -m ffcv_bias.evaluate) under the same id.
+    ("validation", "protocols"),
 }
 # Keys added to the trainer after runs were already being recorded, with the default that
 # reproduces the behaviour from before they existed. Such a key enters the run_id (and the
@@ -44,6 +47,7 @@ LATER_KEY_DEFAULTS = {
     ("training", "adam_eps"): 1e-8,
     ("training", "grad_clip_norm"): 0.0,
     ("model", "drop_path"): 0.0,
+    ("validation", "protocols"): "",  # also in NON_RESULT_KEYS: never in the run_id
 }
 # Config values that name files: the run_id uses the file's name for datasets (moving a
 # data directory must not orphan finished runs) and the content for small input files

@@ -65,13 +65,14 @@ from fastargs import get_current_config
 from fastargs.decorators import param
 from tqdm import tqdm
 
-from ffcv_bias import atomic, distributed, runs
+from ffcv_bias import atomic, distributed, evaluate, runs
 from ffcv_bias.config import ConfigError, flatten, validate_all
 from ffcv_bias.datasets import DatasetError, check_beton
 from ffcv_bias.faults import crash_point
 from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize,
                                read_labels)
 from ffcv_bias.models import create_model, weight_decay_groups
+from ffcv_bias.protocol_spec import complete_run_hint, parse_protocols
 from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
 from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
                                     bn_weight_decay, declare_sections, is_distributed,
@@ -357,7 +358,7 @@ class Trainer:
                 final_logits, validated_last_epoch = logits, True
         if not validated_last_epoch:  # resumed after the last epoch, before the record
             final_logits = self.validate()
-        return self.write_record(final_logits)
+        return self.write_record(final_logits, self.evaluate_extra_protocols())
 
     def train_step(self, images, labels, lr):
         for group in self.optimizer.param_groups:
@@ -470,6 +471,24 @@ class Trainer:
         local = torch.cat(rows)
         return distributed.gather_rows_by_index(local, order, len(self.val_labels), self.info)
 
+    @param("validation.protocols")
+    @param("validation.batch_size")
+    @param("validation.lr_tta")
+    @param("data.val_dataset")
+    @param("data.num_workers")
+    @param("data.in_memory")
+    def evaluate_extra_protocols(self, protocols, batch_size, lr_tta, val_dataset, num_workers,
+                                 in_memory):
+        """validation.protocols on the final model (rank 0): their files, and the summary's
+        `protocols` entry (ffcv_bias/evaluate.py; the same as evaluating weights.pt later)."""
+        if not protocols or not self.info.is_main:
+            return None
+        return evaluate.evaluate_protocols(
+            self.model, self.run_dir, parse_protocols(protocols), val_dataset=val_dataset,
+            labels=self.val_labels, num_classes=self.num_classes, batch_size=batch_size,
+            num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta, device=self.device,
+            amp_dtype=self.amp_dtype)
+
     # -- the record ------------------------------------------------------------------
 
     def log(self, epoch, train_stats, logits):
@@ -535,7 +554,7 @@ class Trainer:
 
     @param("training.epochs")
     @param("data.val_dataset")
-    def write_record(self, logits, epochs, val_dataset):
+    def write_record(self, logits, protocols, epochs, val_dataset):
         """weights, logits and labels, then summary.json last (its presence = complete)."""
         if not self.info.is_main:
             return None
@@ -553,6 +572,8 @@ class Trainer:
                    "epochs": epochs, "train_seconds": round(self.train_seconds, 3),
                    "num_classes": self.num_classes, "val_dataset": val_dataset,
                    "val_loss": metrics["loss"], "classes": self.sidecar.get("classes")}
+        if protocols:
+            summary["protocols"] = protocols
         atomic.write_json(self.run_dir / runs.SUMMARY_FILE, summary)
         return summary
 
@@ -794,6 +815,7 @@ def run(argv=None):
     run_dir = Path(nested["logging"]["folder"]) / run_id
     if runs.is_complete(run_dir):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
+        print_if_any(complete_run_hint(run_dir, nested))
         return EXIT_OK
     check_betons(nested)
     if distributed.launched_by_torchrun():
@@ -802,6 +824,11 @@ def run(argv=None):
     if nested["dist"]["world_size"] > 1:
         return launch_spawned(nested, run_dir, command)
     return train_worker(0, nested, run_dir, command, owns_run_dir=True)
+
+
+def print_if_any(line):
+    if line:
+        print(line, flush=True)
 
 
 def main(argv=None):

@@ -33,6 +33,8 @@ from fastargs.validation import Checker
 from ffcv_bias.config import (ConfigError, FloatInRange, OneOf, StrictBool, config_to_dict,
                               parse_config)
 from ffcv_bias.datasets import DatasetError, read_classes
+from ffcv_bias.protocol_spec import ProtocolError, complete_run_hint
+from ffcv_bias.protocol_spec import canonical as canonical_protocols
 
 DESCRIPTION = "Train one classifier on FFCV betons and write its run record."
 
@@ -71,6 +73,20 @@ class Text(Checker):
 
     def help(self):
         return "a string"
+
+
+class ProtocolList(Checker):
+    """validation.protocols: a comma-separated string or a YAML list of RES@CROP_RATIO,
+    stored as the canonical comma-separated string."""
+
+    def check(self, value):
+        try:
+            return canonical_protocols(value)
+        except ProtocolError as error:
+            raise ValueError(str(error)) from None
+
+    def help(self):
+        return "comma-separated RESOLUTION@CROP_RATIO test protocols (e.g. 40@1.0,32@0.875)"
 
 
 def _flag(doc, default):
@@ -186,6 +202,10 @@ def declare_sections():
         crop_ratio=Param(FloatInRange(0, 1), "side of the centre crop / shorter image side",
                          default=224 / 256),
         lr_tta=_flag("average the logits of each image and its mirror image", 1),
+        protocols=Param(ProtocolList(), "extra test protocols RES@CROP_RATIO, comma-separated "
+                                        "(e.g. 40@1.0,32@0.875): the final model is also "
+                                        "evaluated under each (not part of the run_id)",
+                        default=""),
     )
     Section("logging", "where and how much to write (not part of the run_id)").params(
         folder=Param(Text(), "runs go to <folder>/<run_id>/", default="runs"),
@@ -452,5 +472,8 @@ def preflight(argv=None):
     run_dir = Path(nested["logging"]["folder"]) / run_id
     if runs.is_complete(run_dir):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
+        hint = complete_run_hint(run_dir, nested)
+        if hint:
+            print(hint, flush=True)
         return EXIT_OK
     return None
