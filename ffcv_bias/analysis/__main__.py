@@ -31,6 +31,10 @@ def build_parser():
     parser.add_argument("--top-k", type=int, default=5,
                         help="classes that lose / gain most drawn in the curves figure")
     parser.add_argument("--no-figures", action="store_true", help="tables and HTML only")
+    parser.add_argument("--protocol", default=None, metavar="RES@CROP_RATIO",
+                        help="analyse the runs under this test protocol (summary.json's "
+                             "protocols entries, see python -m ffcv_bias.evaluate); default: "
+                             "each run's main protocol")
     return parser
 
 
@@ -39,7 +43,7 @@ def main(argv=None):
     try:
         frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
                               out_dir=args.out, ignore_keys=args.ignore_key, top_k=args.top_k,
-                              make_plots=not args.no_figures)
+                              make_plots=not args.no_figures, protocol=args.protocol)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

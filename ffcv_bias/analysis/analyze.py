@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ffcv_bias.analysis import report, stats, tables
+from ffcv_bias.analysis import protocols, report, stats, tables
 from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
                                         dotted_get, load_runs)
 from ffcv_bias.atomic import atomic_path
@@ -99,6 +99,11 @@ def _write_group(frames, data, out_dir, make_plots, top_k, context):
     for name in FRAME_NAMES:
         write_csv(frames[name], out_dir / f"{name}.csv")
     figure_files = {}
+    if frames.get("protocols_by") is not None:   # analysis/protocols.py
+        figure = protocols.write_protocol_outputs(frames, frames["protocols_by"], out_dir,
+                                                  make_plots, write_csv)
+        if figure:
+            figure_files["protocols"] = figure
     if make_plots:
         from ffcv_bias.analysis.figures import make_figures  # matplotlib only when drawing
         suffix = f" ({context['group_label']})" if context.get("group_label") else ""
@@ -108,7 +113,7 @@ def _write_group(frames, data, out_dir, make_plots, top_k, context):
 
 
 def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), top_k=5,
-                 make_plots=True):
+                 make_plots=True, protocol=None):
     """Analyse every run record under `run_dirs`; returns {name: DataFrame}.
 
     run_dirs: a folder or a list of folders, searched recursively for run directories.
@@ -121,11 +126,17 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
     ignore_keys: config keys allowed to differ between pooled runs.
     Returned frames: runs, settings, per_class, welch, table1, oracle, oracle_per_class,
     selection, skipped; with two keys, each has a leading column named after the second.
+    protocol: analyse the runs under this test protocol (RES@CROP_RATIO, see
+        analysis/protocols.py); None = each run's main protocol. Runs sharing >= 2
+        protocols also get the protocol tables (protocols, protocol_choice,
+        protocol_per_class) and protocols.png.
     Raises AnalysisError on bad input (no complete run, mixed datasets, unpoolable runs).
     """
     roots = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     vary_keys = [vary] if isinstance(vary, str) else list(vary)
     run_set = load_runs(roots)
+    if protocol is not None:
+        run_set = protocols.select_protocol(run_set, protocol)
     _check_vary_keys(run_set, vary_keys)
     check_poolable(run_set.runs, vary_keys, ignore_keys)
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -145,6 +156,9 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
             raise AnalysisError(f"{error} (in the runs with {vary_keys[1]} = "
                                 f"{tables.format_setting(group_value)})") from None
         frames, class_means, class_stds = analyse_settings(data)
+        protocol_frames, by_protocol = protocols.protocol_analysis(
+            run_set, rows, vary_keys[0], data.reference)
+        frames.update(protocol_frames or {})
         per_group.append((group_value, frames))
         if out_dir is None:
             continue
@@ -157,7 +171,8 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
                                  skipped=_skipped_in_group(skipped, vary_keys[1], group_value),
                                  n_complete=len(rows))
             links.append((label, folder))
-        frames_with_arrays = dict(frames, class_means=class_means, class_stds=class_stds)
+        frames_with_arrays = dict(frames, class_means=class_means, class_stds=class_stds,
+                                  protocols_by=by_protocol)
         _write_group(frames_with_arrays, data, group_dir, make_plots, top_k, group_context)
 
     combined = _combine(per_group, vary_keys)
@@ -179,7 +194,10 @@ def _combine(per_group, vary_keys):
     if len(vary_keys) == 1:
         return dict(per_group[0][1])
     combined = {}
-    for name in FRAME_NAMES:
+    names = list(FRAME_NAMES)
+    if all("protocols" in frames for _, frames in per_group):
+        names += protocols.PROTOCOL_FRAME_NAMES
+    for name in names:
         parts = []
         for group_value, frames in per_group:
             part = frames[name].copy()
