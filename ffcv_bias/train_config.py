@@ -336,9 +336,7 @@ def _check_numbers(nested):
     _require(training["batch_size"] >= 1, "training.batch_size must be >= 1")
     _require(nested["validation"]["batch_size"] >= 1, "validation.batch_size must be >= 1")
     _require(lr["lr"] > 0, "lr.lr must be > 0")
-    _require(lr["lr_peak_epoch"] < training["epochs"] or lr["lr_schedule_type"] == "step",
-             f"lr.lr_peak_epoch={lr['lr_peak_epoch']} must be < training.epochs="
-             f"{training['epochs']}")
+    _check_peak_epoch(lr, training["epochs"])
     _require(lr["step_length"] >= 1, "lr.step_length must be >= 1")
     _require(0 <= training["momentum"] < 1, "training.momentum must be in [0, 1)")
     _require(training["weight_decay"] >= 0, "training.weight_decay must be >= 0")
@@ -360,6 +358,29 @@ def _check_numbers(nested):
     _check_drop_path(nested["model"])
     _require(nested["data"]["num_workers"] >= 1, "data.num_workers must be >= 1")
     _require(nested["logging"]["log_level"] in (0, 1), "logging.log_level must be 0 or 1")
+
+
+def _check_peak_epoch(lr, epochs):
+    """The warm-up must end before the run does; the message names the flags to change.
+    The cyclic schedule is interpolated between epoch boundaries (ffcv-imagenet's), so in a
+    1-epoch run a peak inside the epoch is never reached: the rate would stay ~lr * 1e-4."""
+    peak, schedule = lr["lr_peak_epoch"], lr["lr_schedule_type"]
+    if schedule == "step":
+        return
+    if schedule == "cyclic" and epochs == 1 and peak > 0:
+        raise ConfigError(
+            f"lr.lr_peak_epoch={peak} with training.epochs=1: the cyclic schedule changes "
+            f"only at epoch boundaries, so a 1-epoch run cannot warm up; set "
+            f"--lr.lr_schedule_type=cosine --lr.lr_peak_epoch=0.3 (a per-step warm-up "
+            f"over 30% of the run) or --lr.lr_peak_epoch=0 (no warm-up)")
+    _require(peak < epochs,
+             f"lr.lr_peak_epoch={peak} must be < training.epochs={epochs}: set "
+             f"--lr.lr_peak_epoch={_suggested_peak(peak, epochs)} or more epochs")
+
+
+def _suggested_peak(peak, epochs):
+    """The same share of a shorter run (the CPU config warms up over 1 of 3 epochs)."""
+    return f"{epochs / 3:.2g}" if epochs > 1 else "0"
 
 
 def _check_optimizer(training):
