@@ -361,26 +361,20 @@ def _check_numbers(nested):
 
 
 def _check_peak_epoch(lr, epochs):
-    """The warm-up must end before the run does; the message names the flags to change.
-    The cyclic schedule is interpolated between epoch boundaries (ffcv-imagenet's), so in a
-    1-epoch run a peak inside the epoch is never reached: the rate would stay ~lr * 1e-4."""
+    """The warm-up must end before the run does; the message names the flags to change."""
     peak, schedule = lr["lr_peak_epoch"], lr["lr_schedule_type"]
-    if schedule == "step":
+    if schedule == "step" or peak < epochs:
         return
-    if schedule == "cyclic" and epochs == 1 and peak > 0:
+    if schedule == "cyclic" and epochs == 1:
+        # The cyclic schedule is interpolated between epoch boundaries (ffcv-imagenet's):
+        # a peak inside a 1-epoch run is never reached (the rate stays ~lr * 1e-4).
         raise ConfigError(
-            f"lr.lr_peak_epoch={peak} with training.epochs=1: the cyclic schedule changes "
-            f"only at epoch boundaries, so a 1-epoch run cannot warm up; set "
-            f"--lr.lr_schedule_type=cosine --lr.lr_peak_epoch=0.3 (a per-step warm-up "
-            f"over 30% of the run) or --lr.lr_peak_epoch=0 (no warm-up)")
-    _require(peak < epochs,
-             f"lr.lr_peak_epoch={peak} must be < training.epochs={epochs}: set "
-             f"--lr.lr_peak_epoch={_suggested_peak(peak, epochs)} or more epochs")
-
-
-def _suggested_peak(peak, epochs):
-    """The same share of a shorter run (the CPU config warms up over 1 of 3 epochs)."""
-    return f"{epochs / 3:.2g}" if epochs > 1 else "0"
+            f"lr.lr_peak_epoch={peak} must be < training.epochs=1, and the cyclic schedule "
+            f"changes only at epoch boundaries: for 1 epoch set --lr.lr_schedule_type=cosine "
+            f"--lr.lr_peak_epoch=0.3 (a per-step warm-up over 30% of the run) or "
+            f"--lr.lr_peak_epoch=0 (no warm-up)")
+    raise ConfigError(f"lr.lr_peak_epoch={peak} must be < training.epochs={epochs}: set "
+                      f"--lr.lr_peak_epoch={epochs / 3:.2g} or more epochs")
 
 
 def _check_optimizer(training):
