@@ -170,6 +170,11 @@ def declare_sections():
                             "are always deterministic)", 0),
         checkpoint_every=Param(Integer(), "write checkpoint.pt every this many epochs "
                                           "(and after the last)", default=1),
+        bn_recompute_batches=Param(Integer(), "after the last step, replace BatchNorm's "
+                                              "running statistics by exact averages over "
+                                              "this many training batches under the final "
+                                              "weights (0 = keep the running averages)",
+                                   default=0),
     )
     Section("augment", "training augmentation").params(
         min_scale=Param(FloatInRange(0, 1), "random-resized-crop lower bound tau on the "
@@ -343,6 +348,8 @@ def _check_numbers(nested):
     _require(training["label_smoothing"] < 1, "training.label_smoothing must be < 1")
     _require(nested["model"]["dropout"] < 1, "model.dropout must be < 1")
     _require(training["checkpoint_every"] >= 1, "training.checkpoint_every must be >= 1")
+    _require(training["bn_recompute_batches"] >= 0,
+             "training.bn_recompute_batches must be >= 0")
     _require(0 < resolution["min_res"] <= resolution["max_res"],
              f"resolution.min_res={resolution['min_res']} must be in "
              f"(0, max_res={resolution['max_res']}]")
