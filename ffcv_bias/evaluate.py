@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffcv_bias import atomic, runs
+from ffcv_bias import atomic, metrics, runs
 from ffcv_bias.loaders import BetonError, create_val_loader, normalize, read_labels
+from ffcv_bias.models import create_model, eval_logits
 from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
                                      preds_file)
 
@@ -38,28 +39,6 @@ class EvaluateError(RuntimeError):
     """A run that cannot be evaluated; the message is one line."""
 
 
-def predictions_from_logits(logits):
-    """argmax per row of float32 logits, ties to the lowest index (numpy's argmax rule);
-    int16 when the class count fits, else int32 (a tenth of the logits' size)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    dtype = np.int16 if logits.shape[1] <= np.iinfo(np.int16).max else np.int32
-    return logits.argmax(axis=1).astype(dtype)
-
-
-def protocol_metrics(logits, preds, labels, num_classes):
-    """top1 / per_class_acc from the preds, top5 from the float32 logits."""
-    labels = np.asarray(labels, dtype=np.int64)
-    correct = preds.astype(np.int64) == labels
-    k = min(5, num_classes)
-    top_k = np.argpartition(-np.asarray(logits, dtype=np.float32), k - 1, axis=1)[:, :k]
-    counts = np.bincount(labels, minlength=num_classes)
-    hits = np.bincount(labels[correct], minlength=num_classes)
-    per_class = [float(h) / float(c) if c > 0 else None for h, c in zip(hits, counts)]
-    return {"top1": float(correct.mean()),
-            "top5": float((top_k == labels[:, None]).any(axis=1).mean()),
-            "per_class_acc": per_class}
-
-
 def protocol_logits(model, val_dataset, protocol, *, batch_size, num_workers=1,
                     in_memory=True, lr_tta=True, device=torch.device("cpu"), amp_dtype=None):
     """float32 [N, C] logits of `model` on every image of `val_dataset` (beton order),
@@ -68,28 +47,27 @@ def protocol_logits(model, val_dataset, protocol, *, batch_size, num_workers=1,
                                resolution=protocol.resolution, crop_ratio=protocol.crop_ratio,
                                num_workers=num_workers, in_memory=in_memory)
     model.eval()
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else torch.autocast(device.type, enabled=False))
     rows = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         for images, _ in loader:
             inputs = normalize(images, device, channels_last=True,
                                dtype=amp_dtype or torch.float32)
-            logits = model(inputs).float()
+            logits = eval_logits(model, inputs, amp_dtype)   # the head in float32
             if lr_tta:
-                logits = (logits + model(torch.flip(inputs, dims=[3])).float()) / 2
+                logits = (logits + eval_logits(model, torch.flip(inputs, dims=[3]),
+                                               amp_dtype)) / 2
             rows.append(logits.cpu())
     return torch.cat(rows).numpy()
 
 
 def write_protocol_files(run_dir, protocol, logits, labels, num_classes, lr_tta):
-    """Both files of one protocol (atomically); returns its summary entry."""
-    preds = predictions_from_logits(logits)
-    atomic.save_npy(run_dir / logits_file(protocol.name), logits.astype(np.float16))
-    atomic.save_npy(run_dir / preds_file(protocol.name), preds)
+    """Both files of one protocol (atomically, metrics.write_predictions: the same rules as
+    the main files); returns its summary entry."""
+    preds = metrics.write_predictions(run_dir, logits, protocol=protocol.name)
     return {"resolution": protocol.resolution, "crop_ratio": protocol.crop_ratio,
             "lr_tta": bool(lr_tta), "n_val": int(len(labels)),
-            **protocol_metrics(logits, preds, labels, num_classes),
+            **metrics.accuracy_from_predictions(preds, labels, num_classes),
+            "top5": metrics.topk_accuracy(np.asarray(logits).astype(np.float16), labels),
             "logits_file": logits_file(protocol.name), "preds_file": preds_file(protocol.name)}
 
 
@@ -119,7 +97,6 @@ def evaluate_protocols(model, run_dir, protocols, *, val_dataset, labels, num_cl
 
 def load_run_model(run_dir, config, summary, device):
     """The run's architecture with weights.pt loaded, on `device`, in eval mode."""
-    from ffcv_bias.models import create_model
     weights_path = run_dir / runs.WEIGHTS_FILE
     if not weights_path.is_file():
         raise EvaluateError(f"{run_dir}: no {runs.WEIGHTS_FILE} (nothing to evaluate)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ffcv_bias import runs
+from ffcv_bias.metrics import protocol_file
 
 
 class ProtocolError(ValueError):
@@ -82,11 +83,11 @@ def main_protocol(nested):
 
 
 def logits_file(name):
-    return runs.VAL_LOGITS_FILE.replace(".npy", f".{name}.npy")
+    return protocol_file(runs.VAL_LOGITS_FILE, name)
 
 
 def preds_file(name):
-    return f"val_preds.{name}.npy"
+    return protocol_file(runs.VAL_PREDS_FILE, name)
 
 
 def missing_protocols(run_dir, nested):
