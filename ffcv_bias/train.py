@@ -531,9 +531,9 @@ class Trainer:
                 f"{check['n_images']} training images {running:.1%} with them, "
                 f"{recomputed:.1%} with statistics recomputed under the final weights. The "
                 f"run made {steps} SGD steps ({epochs} epochs x {len(self.train_loader)}), "
-                f"too few for BatchNorm's running averages to follow the weights; set "
-                f"--training.bn_recompute_batches=20 or train more steps (more epochs or "
-                f"images, a smaller training.batch_size)")
+                f"too few for BatchNorm's running averages to follow the weights (and for "
+                f"much learning): train more steps (a smaller --training.batch_size, more "
+                f"epochs or images) and/or set --training.bn_recompute_batches=20")
             print(f"warning: {check['warning']}", file=sys.stderr, flush=True)
         return check
 
