@@ -35,6 +35,9 @@ NON_RESULT_KEYS = {
     ("data", "num_workers"),
     ("data", "in_memory"),
     ("training", "restart"),   # what to do with an unreadable checkpoint, not what to compute
+    # Extra test protocols evaluate the final model and leave the training alone; a
+    # finished run gains them later (python -m ffcv_bias.evaluate) under the same id.
+    ("validation", "protocols"),
 }
 # Keys added to the trainer after runs were already being recorded, with the default that
 # reproduces the behaviour from before they existed. Such a key enters the run_id (and the
@@ -52,6 +55,8 @@ LATER_KEY_DEFAULTS = {
     ("training", "wd_exempt"): "norm_bias_embed",   # every bias etc. exempt, as before
     ("training", "compile"): 0,
     ("training", "fused_optimizer"): 0,
+    ("validation", "protocols"): "",  # also in NON_RESULT_KEYS: never in the run_id
+    ("training", "bn_recompute_batches"): 0,
 }
 # Config values that name files: the run_id uses the file's name for datasets (moving a
 # data directory must not orphan finished runs) and the content for small input files

@@ -70,7 +70,8 @@ from fastargs import get_current_config
 from fastargs.decorators import param
 from tqdm import tqdm
 
-from ffcv_bias import atomic, distributed, metrics, runs
+from ffcv_bias import atomic, distributed, evaluate, metrics, runs
+from ffcv_bias.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
 from ffcv_bias.beton_fingerprint import current_fingerprints
 from ffcv_bias.config import ConfigError, flatten, validate_all
 from ffcv_bias.datasets import DatasetError, check_beton
@@ -78,6 +79,7 @@ from ffcv_bias.faults import crash_point
 from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize,
                                read_labels)
 from ffcv_bias.models import create_model, eval_logits, weight_decay_groups
+from ffcv_bias.protocol_spec import complete_run_hint, parse_protocols
 from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
 from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
                                     bn_weight_decay, check_output_folder,
@@ -94,6 +96,10 @@ RECORD_FILES = (runs.CONFIG_FILE, runs.LOG_FILE, runs.CHECKPOINT_FILE, runs.WEIG
 # How often (in steps) the GPU is asked whether the loss is finite and whether a rank was
 # told to stop. Each check waits for the GPU to catch up; on CPU it costs nothing.
 CUDA_CHECK_EVERY_STEPS = 25
+# The end-of-run BatchNorm check: training batches it evaluates, and the top-1 gap between
+# recomputed and running statistics above which it warns (a healthy run: a few points).
+BN_CHECK_BATCHES = 4
+BN_MISMATCH_WARNING = 0.15
 
 
 class RunError(RuntimeError):
@@ -408,6 +414,8 @@ class Trainer:
         for epoch in range(self.start_epoch, epochs):
             train_stats = self.train_epoch(epoch)
             last_epoch = epoch == epochs - 1
+            if last_epoch:
+                self.recompute_batchnorm()
             logits = self.validate() if (log_level > 0 or last_epoch) else None
             self.log(epoch, train_stats, logits)
             stop_now = self.stop_requested()
@@ -419,7 +427,7 @@ class Trainer:
                 final_logits, validated_last_epoch = logits, True
         if not validated_last_epoch:  # resumed after the last epoch, before the record
             final_logits = self.validate()
-        return self.write_record(final_logits)
+        return self.write_record(final_logits, self.record_extras())
 
     def train_step(self, images, labels, lr):
         for group in self.optimizer.param_groups:
@@ -535,6 +543,93 @@ class Trainer:
         local = torch.cat(rows)
         return distributed.gather_rows_by_index(local, order, len(self.val_labels), self.info)
 
+    # -- BatchNorm statistics (ffcv_bias/batchnorm.py) -----------------------------------
+
+    def forked_rng(self):
+        """Dropout draws made here must not move the run's random streams."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
+                                     else [])
+
+    def autocast(self):
+        return (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                else nullcontext())
+
+    def training_inputs(self, epoch, max_batches):
+        """Up to `max_batches` normalized training batches of `epoch` (seeded crops), with
+        their labels; copies, since the loader reuses its buffers."""
+        loader = self.train_loader
+        loader.set_epoch(epoch)
+        batches = []
+        for images, labels in loader:
+            batches.append((normalize(images, self.device, channels_last=True,
+                                      dtype=self.amp_dtype or torch.float32), labels))
+            if len(batches) >= max_batches:
+                break
+        return batches
+
+    @param("training.bn_recompute_batches")
+    @param("training.epochs")
+    def recompute_batchnorm(self, bn_recompute_batches, epochs):
+        """training.bn_recompute_batches > 0: exact BatchNorm statistics of the final
+        weights, on the batches of one more (seeded) epoch; every rank on its own shard
+        (validation then uses rank 0's, as always)."""
+        if bn_recompute_batches <= 0:
+            return
+        batches = self.training_inputs(epochs, bn_recompute_batches)
+        with self.forked_rng(), self.autocast():
+            recompute_bn_statistics(self.model, (inputs for inputs, _ in batches))
+
+    @param("training.epochs")
+    @param("training.bn_recompute_batches")
+    def check_batchnorm(self, epochs, bn_recompute_batches):
+        """Top-1 on a few training batches with the running BatchNorm statistics and with
+        recomputed ones (on a copy: the model is unchanged). A large gap means the
+        evaluated network is not the trained one: say why and what to set."""
+        if not self.info.is_main or not batchnorm_layers(self.model):
+            return None
+        batches = self.training_inputs(epochs, BN_CHECK_BATCHES)
+        with self.forked_rng(), self.autocast():
+            running, recomputed = bn_mismatch(self.model, batches)
+        check = {"train_top1_running_stats": running, "train_top1_recomputed_stats": recomputed,
+                 "n_images": int(sum(len(labels) for _, labels in batches))}
+        if recomputed - running > BN_MISMATCH_WARNING and bn_recompute_batches == 0:
+            steps = epochs * len(self.train_loader)
+            check["warning"] = (
+                f"BatchNorm running statistics do not match the final weights: top-1 on "
+                f"{check['n_images']} training images {running:.1%} with them, "
+                f"{recomputed:.1%} with statistics recomputed under the final weights. The "
+                f"run made {steps} SGD steps ({epochs} epochs x {len(self.train_loader)}), "
+                f"too few for BatchNorm's running averages to follow the weights (and for "
+                f"much learning): train more steps (a smaller --training.batch_size, more "
+                f"epochs or images) and/or set --training.bn_recompute_batches=20")
+            print(f"warning: {check['warning']}", file=sys.stderr, flush=True)
+        return check
+
+    def record_extras(self):
+        """summary.json entries beyond the main metrics: the BatchNorm check and the extra
+        test protocols."""
+        extras = {"bn_check": self.check_batchnorm()}
+        extras["protocols"] = self.evaluate_extra_protocols()
+        return {key: value for key, value in extras.items() if value}
+
+    @param("validation.protocols")
+    @param("validation.batch_size")
+    @param("validation.lr_tta")
+    @param("data.val_dataset")
+    @param("data.num_workers")
+    @param("data.in_memory")
+    def evaluate_extra_protocols(self, protocols, batch_size, lr_tta, val_dataset, num_workers,
+                                 in_memory):
+        """validation.protocols on the final model (rank 0): their files, and the summary's
+        `protocols` entry (ffcv_bias/evaluate.py; the same as evaluating weights.pt later)."""
+        if not protocols or not self.info.is_main:
+            return None
+        return evaluate.evaluate_protocols(
+            self.model, self.run_dir, parse_protocols(protocols), val_dataset=val_dataset,
+            labels=self.val_labels, num_classes=self.num_classes, batch_size=batch_size,
+            num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta, device=self.device,
+            amp_dtype=self.amp_dtype)
+
     # -- the record ------------------------------------------------------------------
 
     def log(self, epoch, train_stats, logits):
@@ -611,9 +706,10 @@ class Trainer:
 
     @param("training.epochs")
     @param("data.val_dataset")
-    def write_record(self, logits, epochs, val_dataset):
+    def write_record(self, logits, extras, epochs, val_dataset):
         """weights, logits, predictions and labels, then summary.json last (its presence =
-        complete). top1 / per_class_acc come from val_preds.npy (the float32 argmax)."""
+        complete). top1 / per_class_acc come from val_preds.npy (the float32 argmax).
+        `extras`: further summary entries (record_extras: bn_check, protocols)."""
         if not self.info.is_main:
             return None
         weights = {name: tensor.detach().cpu().contiguous()
@@ -629,6 +725,7 @@ class Trainer:
                    "epochs": epochs, "train_seconds": round(self.train_seconds, 3),
                    "num_classes": self.num_classes, "val_dataset": val_dataset,
                    "val_loss": final["loss"], "classes": self.sidecar.get("classes")}
+        summary.update(extras or {})
         atomic.write_json(self.run_dir / runs.SUMMARY_FILE, summary)
         return summary
 
@@ -948,6 +1045,7 @@ def run(argv=None):
     check_recorded_betons(run_dir, nested)
     if runs.is_complete(run_dir, run_id):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
+        print_if_any(complete_run_hint(run_dir, nested))
         return EXIT_OK
     if distributed.launched_by_torchrun():
         return train_worker(int(os.environ["RANK"]), nested, run_dir, command,
@@ -955,6 +1053,11 @@ def run(argv=None):
     if nested["dist"]["world_size"] > 1:
         return launch_spawned(nested, run_dir, command)
     return train_worker(0, nested, run_dir, command, owns_run_dir=True)
+
+
+def print_if_any(line):
+    if line:
+        print(line, flush=True)
 
 
 def main(argv=None):

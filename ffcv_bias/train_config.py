@@ -33,6 +33,8 @@ from fastargs.validation import Checker
 from ffcv_bias.config import (ConfigError, FloatInRange, OneOf, StrictBool, config_to_dict,
                               parse_config)
 from ffcv_bias.datasets import DatasetError, read_classes
+from ffcv_bias.protocol_spec import ProtocolError, complete_run_hint
+from ffcv_bias.protocol_spec import canonical as canonical_protocols
 
 DESCRIPTION = "Train one classifier on FFCV betons and write its run record."
 
@@ -97,6 +99,20 @@ class ArchName(Checker):
 
     def help(self):
         return "one of " + ", ".join(KNOWN_ARCHS)
+
+
+class ProtocolList(Checker):
+    """validation.protocols: a comma-separated string or a YAML list of RES@CROP_RATIO,
+    stored as the canonical comma-separated string."""
+
+    def check(self, value):
+        try:
+            return canonical_protocols(value)
+        except ProtocolError as error:
+            raise ValueError(str(error)) from None
+
+    def help(self):
+        return "comma-separated RESOLUTION@CROP_RATIO test protocols (e.g. 40@1.0,32@0.875)"
 
 
 def _flag(doc, default):
@@ -195,6 +211,11 @@ def declare_sections():
         restart=_flag("a checkpoint.pt that cannot be read is moved aside to "
                       "checkpoint.pt.unreadable and the run trains from scratch (a readable "
                       "one is always resumed); not part of the run_id", 0),
+        bn_recompute_batches=Param(Integer(), "after the last step, replace BatchNorm's "
+                                              "running statistics by exact averages over "
+                                              "this many training batches under the final "
+                                              "weights (0 = keep the running averages)",
+                                   default=0),
     )
     Section("augment", "training augmentation").params(
         min_scale=Param(FloatInRange(0, 1), "random-resized-crop lower bound tau on the "
@@ -227,6 +248,10 @@ def declare_sections():
         crop_ratio=Param(FloatInRange(0, 1), "side of the centre crop / shorter image side",
                          default=224 / 256),
         lr_tta=_flag("average the logits of each image and its mirror image", 1),
+        protocols=Param(ProtocolList(), "extra test protocols RES@CROP_RATIO, comma-separated "
+                                        "(e.g. 40@1.0,32@0.875): the final model is also "
+                                        "evaluated under each (not part of the run_id)",
+                        default=""),
     )
     Section("logging", "where and how much to write (not part of the run_id)").params(
         folder=Param(Text(), "runs go to <folder>/<run_id>/", default="runs"),
@@ -369,15 +394,15 @@ def _check_numbers(nested):
     _require(training["batch_size"] >= 1, "training.batch_size must be >= 1")
     _require(nested["validation"]["batch_size"] >= 1, "validation.batch_size must be >= 1")
     _require(lr["lr"] > 0, "lr.lr must be > 0")
-    _require(lr["lr_peak_epoch"] < training["epochs"] or lr["lr_schedule_type"] == "step",
-             f"lr.lr_peak_epoch={lr['lr_peak_epoch']} must be < training.epochs="
-             f"{training['epochs']}")
+    _check_peak_epoch(lr, training["epochs"])
     _require(lr["step_length"] >= 1, "lr.step_length must be >= 1")
     _require(0 <= training["momentum"] < 1, "training.momentum must be in [0, 1)")
     _require(training["weight_decay"] >= 0, "training.weight_decay must be >= 0")
     _require(training["label_smoothing"] < 1, "training.label_smoothing must be < 1")
     _require(nested["model"]["dropout"] < 1, "model.dropout must be < 1")
     _require(training["checkpoint_every"] >= 1, "training.checkpoint_every must be >= 1")
+    _require(training["bn_recompute_batches"] >= 0,
+             "training.bn_recompute_batches must be >= 0")
     _require(0 < resolution["min_res"] <= resolution["max_res"],
              f"resolution.min_res={resolution['min_res']} must be in "
              f"(0, max_res={resolution['max_res']}]")
@@ -393,6 +418,23 @@ def _check_numbers(nested):
     _check_drop_path(nested["model"])
     _require(nested["data"]["num_workers"] >= 0, "data.num_workers must be >= 0 (0 = auto)")
     _require(nested["logging"]["log_level"] in (0, 1), "logging.log_level must be 0 or 1")
+
+
+def _check_peak_epoch(lr, epochs):
+    """The warm-up must end before the run does; the message names the flags to change."""
+    peak, schedule = lr["lr_peak_epoch"], lr["lr_schedule_type"]
+    if schedule == "step" or peak < epochs:
+        return
+    if schedule == "cyclic" and epochs == 1:
+        # The cyclic schedule is interpolated between epoch boundaries (ffcv-imagenet's):
+        # a peak inside a 1-epoch run is never reached (the rate stays ~lr * 1e-4).
+        raise ConfigError(
+            f"lr.lr_peak_epoch={peak} must be < training.epochs=1, and the cyclic schedule "
+            f"changes only at epoch boundaries: for 1 epoch set --lr.lr_schedule_type=cosine "
+            f"--lr.lr_peak_epoch=0.3 (a per-step warm-up over 30% of the run) or "
+            f"--lr.lr_peak_epoch=0 (no warm-up)")
+    raise ConfigError(f"lr.lr_peak_epoch={peak} must be < training.epochs={epochs}: set "
+                      f"--lr.lr_peak_epoch={epochs / 3:.2g} or more epochs")
 
 
 def _check_optimizer(training):
@@ -597,5 +639,8 @@ def preflight(argv=None):
         return EXIT_CONFIG
     if runs.is_complete(run_dir, run_id):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
+        hint = complete_run_hint(run_dir, nested)
+        if hint:
+            print(hint, flush=True)
         return EXIT_OK
     return None

@@ -36,6 +36,10 @@ def build_parser():
                         help="folds of the cross-fitted oracle and selection: each class's "
                              "setting is chosen on K-1 blocks of seeds and scored on the "
                              "remaining one (default 2: halves)")
+    parser.add_argument("--protocol", default=None, metavar="RES@CROP_RATIO",
+                        help="analyse the runs under this test protocol (summary.json's "
+                             "protocols entries, see python -m ffcv_bias.evaluate); default: "
+                             "each run's main protocol")
     return parser
 
 
@@ -56,7 +60,7 @@ def main(argv=None):
         frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
                               out_dir=args.out, ignore_keys=args.ignore_key, top_k=args.top_k,
                               make_plots=not args.no_figures,
-                              crossfit_folds=args.crossfit_folds)
+                              crossfit_folds=args.crossfit_folds, protocol=args.protocol)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

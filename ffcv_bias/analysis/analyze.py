@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ffcv_bias.analysis import confusion, crossfit, paired, power, report, stats, tables
+from ffcv_bias.analysis import confusion, crossfit, paired, power, protocols, report, stats, tables
 from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
                                         dotted_get, load_runs)
 from ffcv_bias.atomic import atomic_path
@@ -125,6 +125,11 @@ def _write_group(frames, data, out_dir, make_plots, top_k, context):
     for name in FRAME_NAMES:
         write_csv(frames[name], out_dir / f"{name}.csv")
     figure_files = {}
+    if frames.get("protocols_by") is not None:   # analysis/protocols.py
+        figure = protocols.write_protocol_outputs(frames, frames["protocols_by"], out_dir,
+                                                  make_plots, write_csv)
+        if figure:
+            figure_files["protocols"] = figure
     if make_plots:
         from ffcv_bias.analysis.figures import make_figures  # matplotlib only when drawing
         suffix = f" ({context['group_label']})" if context.get("group_label") else ""
@@ -144,7 +149,7 @@ def confusion_figure(data, frames, out_dir, suffix):
 
 
 def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), top_k=5,
-                 make_plots=True, crossfit_folds=crossfit.DEFAULT_FOLDS):
+                 make_plots=True, crossfit_folds=crossfit.DEFAULT_FOLDS, protocol=None):
     """Analyse every run record under `run_dirs`; returns {name: DataFrame}.
 
     run_dirs: a folder or a list of folders, searched recursively for run directories.
@@ -160,6 +165,10 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
     selection, paired, table1_paired, power, confusion, confusion_flows
     (analysis/confusion.py), skipped; with two keys, each has a leading column named
     after the second.
+    protocol: analyse the runs under this test protocol (RES@CROP_RATIO, see
+        analysis/protocols.py); None = each run's main protocol. Runs sharing >= 2
+        protocols also get the protocol tables (protocols, protocol_choice,
+        protocol_per_class) and protocols.png.
     Raises AnalysisError on bad input (no complete run, mixed datasets, unpoolable runs).
     """
     if not isinstance(crossfit_folds, int) or crossfit_folds < 2:
@@ -168,6 +177,8 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
     roots = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     vary_keys = [vary] if isinstance(vary, str) else list(vary)
     run_set = load_runs(roots)
+    if protocol is not None:
+        run_set = protocols.select_protocol(run_set, protocol)
     _check_vary_keys(run_set, vary_keys)
     check_poolable(run_set.runs, vary_keys, ignore_keys)
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -187,6 +198,9 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
             raise AnalysisError(f"{error} (in the runs with {vary_keys[1]} = "
                                 f"{tables.format_setting(group_value)})") from None
         frames, class_means, class_stds = analyse_settings(data, crossfit_folds)
+        protocol_frames, by_protocol = protocols.protocol_analysis(
+            run_set, rows, vary_keys[0], data.reference)
+        frames.update(protocol_frames or {})
         per_group.append((group_value, frames))
         if out_dir is None:
             continue
@@ -199,7 +213,8 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
                                  skipped=_skipped_in_group(skipped, vary_keys[1], group_value),
                                  n_complete=len(rows))
             links.append((label, folder))
-        frames_with_arrays = dict(frames, class_means=class_means, class_stds=class_stds)
+        frames_with_arrays = dict(frames, class_means=class_means, class_stds=class_stds,
+                                  protocols_by=by_protocol)
         _write_group(frames_with_arrays, data, group_dir, make_plots, top_k, group_context)
 
     combined = _combine(per_group, vary_keys)
@@ -221,7 +236,10 @@ def _combine(per_group, vary_keys):
     if len(vary_keys) == 1:
         return dict(per_group[0][1])
     combined = {}
-    for name in FRAME_NAMES:
+    names = list(FRAME_NAMES)
+    if all("protocols" in frames for _, frames in per_group):
+        names += protocols.PROTOCOL_FRAME_NAMES
+    for name in names:
         parts = []
         for group_value, frames in per_group:
             part = frames[name].copy()

@@ -1,7 +1,9 @@
 """The report's figures (PNG, matplotlib's Agg backend: no display needed).
 
 1. accuracy_curves.png: mean top-1 vs the varied value, and the per-class curves of the k
-   classes that lose most and the k that gain most (the paper's Figs. 2-4).
+   classes with the largest significant loss (one-sided Welch p < 0.05) at ANY setting and
+   the k that gain most at the compared setting (the paper's Figs. 2-4); each line's label
+   gives both its change at the compared setting and its largest significant loss.
 2. class_spread.png: standard deviation of per-class accuracy and worst-class accuracy
    vs the varied value.
 3. change_histogram.png: per-class change between the reference and the compared setting.
@@ -35,6 +37,49 @@ def compared_index(data):
     """Index of the compared setting (see module docstring)."""
     return tables.compared_index(data.settings, data.reference,
                                  [t.mean() for t in data.top1])
+
+
+def largest_losses(data, class_means, welch, alpha=0.05):
+    """Per class: (the most negative change from the reference over all settings among the
+    significant ones, p_less < alpha; NaN if none), its setting, and its p_less."""
+    worst = np.full(data.num_classes, np.nan)
+    where = np.full(data.num_classes, None, dtype=object)
+    p_values = np.full(data.num_classes, np.nan)
+    if welch is None or welch.empty:
+        return worst, where, p_values
+    for _, row in welch.iterrows():
+        c = int(row["class"])
+        if row["p_less"] < alpha and row["diff"] < 0 and not (row["diff"] >= worst[c]):
+            worst[c], where[c], p_values[c] = row["diff"], row["setting"], row["p_less"]
+    return worst, where, p_values
+
+
+def classes_to_draw(data, class_means, welch, k, alpha=0.05):
+    """(losers, gainers): the k classes with the largest significant loss at ANY setting
+    (then, if fewer lose significantly, the largest changes at the compared setting), and
+    the k that gain most at the compared setting. Ranking by the compared setting alone
+    could draw a class that collapses at another setting as a "gainer"."""
+    k = max(1, min(k, data.num_classes // 2))
+    change = class_means[compared_index(data)] - class_means[data.reference_index]
+    worst, _, _ = largest_losses(data, class_means, welch, alpha)
+    significant = np.flatnonzero(~np.isnan(worst))
+    losers = list(significant[np.argsort(worst[significant], kind="stable")][:k])
+    for class_index in np.argsort(change, kind="stable"):
+        if len(losers) >= k:
+            break
+        if class_index not in losers:
+            losers.append(int(class_index))
+    gainers = [int(c) for c in np.argsort(change, kind="stable")[::-1] if c not in losers][:k]
+    return np.array(losers, dtype=int), np.array(gainers, dtype=int)
+
+
+def curve_label(data, class_index, change, compared, worst, where, p_values):
+    """'Shirt: at 0.65 +3.0; worst -10.2 at 0.3 (p=0.003)' (or 'no significant loss')."""
+    text = f"{_short(data.class_names[class_index], 20)}: at {compared} {change:+.1f}"
+    if np.isnan(worst[class_index]):
+        return text + "; no sig. loss"
+    return (text + f"; worst {100 * worst[class_index]:+.1f} at "
+            f"{format_setting(where[class_index])} (p={p_values[class_index]:.2g})")
 
 
 def losers_and_gainers(data, class_means, k):
@@ -77,11 +122,11 @@ def _short(name, width=28):
     return name if len(name) <= width else name[:width - 1] + "…"
 
 
-def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix=""):
+def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix="", welch=None):
     x = np.arange(len(data.settings))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(16, 5))
     # Fixed margins (room for the legend on the right): a layout engine costs ~1 s a figure.
-    figure.subplots_adjust(left=0.05, right=0.82, bottom=0.2, top=0.86, wspace=0.22)
+    figure.subplots_adjust(left=0.05, right=0.75, bottom=0.2, top=0.86, wspace=0.22)
     mean, sd = _seed_mean_sd(data.top1)
     _band(left, x, mean, sd, color="tab:blue", label="mean top-1")
     left.set_ylabel("top-1 accuracy (%)")
@@ -89,9 +134,10 @@ def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix=""):
     left.legend(loc="best")
     _settings_axis(left, data)
 
-    losers, gainers = losers_and_gainers(data, class_means, k)
-    # Labelled with the signed change: with few classes, the "k that gain most" may
-    # still lose a little, and calling them gainers would misreport them.
+    losers, gainers = classes_to_draw(data, class_means, welch, k)
+    worst, where, p_values = largest_losses(data, class_means, welch)
+    # Labelled with the signed change at the compared setting and the largest significant
+    # loss anywhere: with few classes, the "k that gain most" may still lose a little.
     change = 100 * (class_means[compared_index(data)] - class_means[data.reference_index])
     compared = format_setting(data.settings[compared_index(data)])
     reds = plt.cm.Reds(np.linspace(0.95, 0.5, len(losers)))
@@ -102,13 +148,14 @@ def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix=""):
             _band(right, x, 100 * class_means[:, class_index], 100 * std, band_alpha=0.07,
                   color=colour,
                   linestyle="-" if kind == "loses" else "--",
-                  label=f"{_short(data.class_names[class_index])} "
-                        f"({change[class_index]:+.1f} pts)")
+                  label=curve_label(data, class_index, change[class_index], compared,
+                                    worst, where, p_values))
     right.plot(x, mean, color="black", linewidth=2, alpha=0.6, label="mean top-1")
     right.set_ylabel("per-class accuracy (%)")
-    right.set_title(f"The {len(losers)} classes that fare worst (solid) and {len(gainers)} best "
-                    f"(dashed); change ref -> {compared}")
-    right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    right.set_title(f"Solid: the {len(losers)} largest significant losses at any setting "
+                    f"(p<0.05);\ndashed: the {len(gainers)} largest gains at {compared} "
+                    f"(change in pts vs ref)", fontsize=10)
+    right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     _settings_axis(right, data)
     figure.suptitle(f"Accuracy vs {data.key}{title_suffix}")
     _save(figure, path)
@@ -179,7 +226,7 @@ def make_figures(data, class_means, class_stds, welch, out_dir, k=5, title_suffi
     """Write the figures into out_dir; returns {name: file name} of those written."""
     written = {}
     accuracy_curves(data, class_means, class_stds, out_dir / FIGURE_FILES["accuracy_curves"],
-                    k=k, title_suffix=title_suffix)
+                    k=k, title_suffix=title_suffix, welch=welch)
     written["accuracy_curves"] = FIGURE_FILES["accuracy_curves"]
     class_spread(data, out_dir / FIGURE_FILES["class_spread"], title_suffix=title_suffix)
     written["class_spread"] = FIGURE_FILES["class_spread"]

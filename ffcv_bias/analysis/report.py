@@ -166,6 +166,9 @@ def write_group_index(out_dir, data, frames, figure_files, context):
     body.append("<h2>Model selection: the price of fairness</h2>"
                 f"<p class='note'>{SELECTION_NOTE} {trust_report.SELECTION_CROSSFIT_NOTE}</p>"
                 + _display(frames["selection"]))
+    if "protocols" in frames:
+        from ffcv_bias.analysis.protocols import protocol_section
+        body.append(protocol_section(frames, figure_files, _display))
     compared = html.escape(format_setting(setting))
     body.append(f"<h2>Classes hurt most at {compared} (smallest p_less)</h2>"
                 f"<p class='note'>{WELCH_NOTE}</p>" + _display(losers))
@@ -295,6 +298,9 @@ def _summary_of_group(frames, n_losers=5):
                       f"({100 * row['cost_top1']:+.2f} pts)"
                       for _, row in frames["selection"].iterrows())
     lines.append(f"  selection: {picks}")
+    if "protocols" in frames:
+        from ffcv_bias.analysis.protocols import summary_lines
+        lines += summary_lines(frames)
     lines += [f"  warning: {w}" for w in _warnings(settings)]
     return lines
 

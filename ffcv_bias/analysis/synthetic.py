@@ -329,3 +329,33 @@ def _write_prediction_run(out_dir, setting, replicate_seed, labels, predictions,
                "num_classes": num_classes, "val_dataset": str(val_dataset)}
     (run_dir / run_record.SUMMARY_FILE).write_text(json.dumps(summary))
     return run_dir
+
+
+def add_synthetic_protocol(result, name, accuracy_change, vary_key="augment.min_scale",
+                           noise_std=0.02, seed=1):
+    """Give every run of `make_synthetic_runs`'s `result` a summary.json `protocols`
+    entry `name` (as python -m ffcv_bias.evaluate writes), with true accuracy
+    true_acc[setting] + accuracy_change[setting] (a scalar or one value per class;
+    settings absent from accuracy_change: no change), the same seed and binomial noise
+    model as the main protocol. Summaries only (no logits files)."""
+    rng = np.random.default_rng(seed)
+    class_counts = result["class_counts"]
+    for run_dir in result["run_dirs"]:
+        config = json.loads((run_dir / run_record.CONFIG_FILE).read_text())
+        setting = config
+        for part in vary_key.split("."):
+            setting = setting[part]
+        change = np.broadcast_to(np.asarray(accuracy_change.get(setting, 0.0), dtype=float),
+                                 class_counts.shape)
+        probability = np.clip(result["true_acc"][setting] + change
+                              + rng.normal(0.0, noise_std, len(class_counts)), 0.0, 1.0)
+        correct = rng.binomial(class_counts, probability)
+        summary_path = run_dir / run_record.SUMMARY_FILE
+        summary = json.loads(summary_path.read_text())
+        n_val = int(class_counts.sum())
+        in_top5 = correct.sum() + rng.binomial(class_counts - correct, 0.8).sum()
+        summary.setdefault("protocols", {})[name] = {
+            "top1": float(correct.sum() / n_val), "top5": float(in_top5 / n_val),
+            "n_val": n_val,
+            "per_class_acc": (correct / class_counts).tolist()}
+        summary_path.write_text(json.dumps(summary))

@@ -1,0 +1,220 @@
+"""Evaluate a trained model under extra test protocols (see ffcv_bias/protocol_spec.py).
+
+    python -m ffcv_bias.evaluate RUN_DIR [RUN_DIR ...] --protocols 40@1.0,32@0.875
+
+For each finished run (summary.json present) this loads weights.pt, evaluates it on the
+run's validation beton under each protocol the summary does not have yet (all of them with
+--force), and writes, beside the main val_logits.npy (which it never touches):
+
+    val_logits.<P>.npy   float16 [N, C], the (mirror-averaged with lr_tta) logits
+    val_preds.<P>.npy    argmax of the float32 logits (ties to the lowest class index),
+                         int16 when C <= 32767, else int32
+
+then adds summary.json's `protocols` entry: {P: {resolution, crop_ratio, lr_tta, n_val,
+top1, top5, per_class_acc, logits_file, preds_file}}, computed from those float32 logits
+(top1 and per_class_acc from the preds file exactly). Each file is written atomically,
+summary.json last, under the run's lock. Old runs work too: only weights.pt, config.json,
+summary.json and val_labels.npy are needed.
+
+The trainer calls `evaluate_protocols` on its final model, so a run with
+`validation.protocols` set gets the same files and entry when it finishes.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ffcv_bias import atomic, metrics, runs
+from ffcv_bias.loaders import BetonError, create_val_loader, normalize, read_labels
+from ffcv_bias.models import create_model, eval_logits
+from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
+                                     preds_file)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class EvaluateError(RuntimeError):
+    """A run that cannot be evaluated; the message is one line."""
+
+
+def protocol_logits(model, val_dataset, protocol, *, batch_size, num_workers=1,
+                    in_memory=True, lr_tta=True, device=torch.device("cpu"), amp_dtype=None):
+    """float32 [N, C] logits of `model` on every image of `val_dataset` (beton order),
+    shown as `protocol` says; the same computation as the trainer's validation."""
+    loader = create_val_loader(val_dataset, batch_size=batch_size,
+                               resolution=protocol.resolution, crop_ratio=protocol.crop_ratio,
+                               num_workers=num_workers, in_memory=in_memory)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for images, _ in loader:
+            inputs = normalize(images, device, channels_last=True,
+                               dtype=amp_dtype or torch.float32)
+            logits = eval_logits(model, inputs, amp_dtype)   # the head in float32
+            if lr_tta:
+                logits = (logits + eval_logits(model, torch.flip(inputs, dims=[3]),
+                                               amp_dtype)) / 2
+            rows.append(logits.cpu())
+    return torch.cat(rows).numpy()
+
+
+def write_protocol_files(run_dir, protocol, logits, labels, num_classes, lr_tta):
+    """Both files of one protocol (atomically, metrics.write_predictions: the same rules as
+    the main files); returns its summary entry."""
+    preds = metrics.write_predictions(run_dir, logits, protocol=protocol.name)
+    return {"resolution": protocol.resolution, "crop_ratio": protocol.crop_ratio,
+            "lr_tta": bool(lr_tta), "n_val": int(len(labels)),
+            **metrics.accuracy_from_predictions(preds, labels, num_classes),
+            "top5": metrics.topk_accuracy(np.asarray(logits).astype(np.float16), labels),
+            "logits_file": logits_file(protocol.name), "preds_file": preds_file(protocol.name)}
+
+
+def evaluate_protocols(model, run_dir, protocols, *, val_dataset, labels, num_classes,
+                       batch_size, num_workers=1, in_memory=True, lr_tta=True,
+                       device=torch.device("cpu"), amp_dtype=None, progress=print):
+    """Evaluate `model` under each protocol, write its files; {name: summary entry}."""
+    entries = {}
+    for protocol in protocols:
+        logits = protocol_logits(model, val_dataset, protocol, batch_size=batch_size,
+                                 num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta,
+                                 device=device, amp_dtype=amp_dtype)
+        if len(logits) != len(labels):
+            raise EvaluateError(f"{val_dataset} gave {len(logits)} images, the run's "
+                                f"val_labels.npy has {len(labels)}")
+        entries[protocol.name] = write_protocol_files(Path(run_dir), protocol, logits, labels,
+                                                      num_classes, lr_tta)
+        if progress:
+            progress(f"  protocol {protocol.name}: top1 {entries[protocol.name]['top1']:.4f}"
+                     f"  ({len(labels)} images)")
+    return entries
+
+
+# ---------------------------------------------------------------------------------------
+# A finished run's record -> model, val set
+# ---------------------------------------------------------------------------------------
+
+def load_run_model(run_dir, config, summary, device):
+    """The run's architecture with weights.pt loaded, on `device`, in eval mode."""
+    weights_path = run_dir / runs.WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise EvaluateError(f"{run_dir}: no {runs.WEIGHTS_FILE} (nothing to evaluate)")
+    model_config, training = config.get("model", {}), config.get("training", {})
+    model = create_model(model_config["arch"], int(summary["num_classes"]),
+                         dropout=model_config.get("dropout", 0.0),
+                         use_blurpool=bool(training.get("use_blurpool", 0)),
+                         drop_path=model_config.get("drop_path", 0.0))
+    try:
+        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    except Exception as error:
+        raise EvaluateError(f"{weights_path} cannot be loaded into {model_config['arch']}: "
+                            f"{str(error).splitlines()[0]}") from None
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def run_val_labels(run_dir, val_dataset):
+    """The run's val_labels.npy, checked against the beton: the same images, same order."""
+    labels_path = run_dir / runs.VAL_LABELS_FILE
+    if not labels_path.is_file():
+        raise EvaluateError(f"{run_dir}: no {runs.VAL_LABELS_FILE}")
+    labels = np.load(labels_path).astype(np.int64)
+    try:
+        beton_labels = read_labels(val_dataset)
+    except BetonError as error:
+        raise EvaluateError(f"{error} (pass --val-dataset if it moved)") from None
+    if not np.array_equal(labels, beton_labels):
+        raise EvaluateError(f"{val_dataset} does not hold the images {run_dir} was validated "
+                            f"on (its labels differ from {runs.VAL_LABELS_FILE})")
+    return labels
+
+
+def read_finished_run(run_dir):
+    """(config, summary) of a complete run, or EvaluateError saying why not."""
+    if not (run_dir / runs.CONFIG_FILE).is_file():
+        raise EvaluateError(f"{run_dir} is not a run directory (no {runs.CONFIG_FILE})")
+    if not runs.is_complete(run_dir):
+        raise EvaluateError(f"{run_dir} is not finished (no {runs.SUMMARY_FILE}): train it "
+                            f"first")
+    try:
+        return runs.read_json(run_dir / runs.CONFIG_FILE), runs.read_json(
+            run_dir / runs.SUMMARY_FILE)
+    except (OSError, ValueError) as error:
+        raise EvaluateError(f"{run_dir}: unreadable record: {error}") from None
+
+
+def evaluate_run(run_dir, protocols, *, val_dataset=None, force=False, batch_size=None,
+                 device=None):
+    """Add `protocols` to one finished run. Returns the names evaluated (skips those the
+    summary already has unless `force`)."""
+    run_dir = Path(run_dir)
+    config, summary = read_finished_run(run_dir)
+    todo = [p for p in protocols if force or p.name not in summary.get("protocols", {})]
+    if not todo:
+        print(f"{run_dir.name}: already has {', '.join(p.name for p in protocols)}")
+        return []
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    validation = config.get("validation", {})
+    val_dataset = val_dataset or config["data"]["val_dataset"]
+    with runs.run_lock(run_dir):
+        names = [logits_file(p.name) for p in todo] + [preds_file(p.name) for p in todo]
+        atomic.remove_stale_temp_files(run_dir, names + [runs.SUMMARY_FILE])
+        labels = run_val_labels(run_dir, val_dataset)
+        model = load_run_model(run_dir, config, summary, device)
+        amp_dtype = None
+        if device.type == "cuda":
+            amp_dtype = (torch.bfloat16 if config.get("training", {}).get("amp_dtype", "bf16")
+                         == "bf16" else torch.float16)
+        print(f"{run_dir.name}: evaluating {', '.join(p.name for p in todo)}", flush=True)
+        entries = evaluate_protocols(
+            model, run_dir, todo, val_dataset=val_dataset, labels=labels,
+            num_classes=int(summary["num_classes"]),
+            batch_size=batch_size or int(validation.get("batch_size", 512)),
+            lr_tta=bool(validation.get("lr_tta", 1)), device=device, amp_dtype=amp_dtype)
+        # Read again under the lock: another evaluation may have added entries meanwhile.
+        summary = runs.read_json(run_dir / runs.SUMMARY_FILE)
+        summary["protocols"] = {**summary.get("protocols", {}), **entries}
+        atomic.write_json(run_dir / runs.SUMMARY_FILE, summary)
+    return [p.name for p in todo]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m ffcv_bias.evaluate",
+        description="Evaluate finished runs' weights.pt under extra test protocols "
+                    "(no retraining); adds val_logits.<P>.npy, val_preds.<P>.npy and "
+                    "summary.json's protocols entry.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--protocols", required=True,
+                        help="comma-separated RESOLUTION@CROP_RATIO, e.g. 40@1.0,32@0.875")
+    parser.add_argument("--val-dataset", default=None,
+                        help="the validation beton, if it is no longer at the config's path")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: the run's validation.batch_size")
+    parser.add_argument("--force", action="store_true",
+                        help="re-evaluate protocols the summary already has")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        protocols = parse_protocols(args.protocols)
+    except ProtocolError as error:
+        print(f"error: --protocols: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not protocols:
+        print("error: --protocols: no protocol given", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        for run_dir in args.run_dirs:
+            evaluate_run(run_dir, protocols, val_dataset=args.val_dataset, force=args.force,
+                         batch_size=args.batch_size)
+    except (EvaluateError, runs.RunLockedError, atomic.NoRoomError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
