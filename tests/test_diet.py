@@ -1,4 +1,4 @@
-"""Data diet (ffcv_bias/studies/diet.py): scores, pruning, pruned training, figures.
+"""Data diet (ffcv_bias/studies/diet/): scores, pruning, pruned training, figures.
 
 The per-sample scores are checked against direct computations (EL2N by hand, GraNd against
 one backward pass per sample); the score command runs end to end on the tiny Fashion-MNIST
