@@ -30,8 +30,8 @@ import numpy as np
 from fastargs import Param, Section, get_current_config
 from fastargs.validation import Checker
 
-from ffcv_bias.config import (ConfigError, FloatInRange, OneOf, StrictBool, config_to_dict,
-                              parse_config)
+from ffcv_bias.config import (ConfigError, EpochList, FloatInRange, OneOf, StrictBool,
+                              config_to_dict, parse_config)
 from ffcv_bias.datasets import DatasetError, read_classes
 
 DESCRIPTION = "Train one classifier on FFCV betons and write its run record."
@@ -154,6 +154,9 @@ def declare_sections():
                             "are always deterministic)", 0),
         checkpoint_every=Param(Integer(), "write checkpoint.pt every this many epochs "
                                           "(and after the last)", default=1),
+        save_weights_at=Param(EpochList(), "also keep the weights after these epochs of the "
+                                           "normal schedule as weights_epoch<k>.pt (e.g. 20 "
+                                           "for data-diet scores; empty = none)", default=""),
     )
     Section("augment", "training augmentation").params(
         min_scale=Param(FloatInRange(0, 1), "random-resized-crop lower bound tau on the "
@@ -325,6 +328,9 @@ def _check_numbers(nested):
     _require(training["label_smoothing"] < 1, "training.label_smoothing must be < 1")
     _require(nested["model"]["dropout"] < 1, "model.dropout must be < 1")
     _require(training["checkpoint_every"] >= 1, "training.checkpoint_every must be >= 1")
+    _require(not training["save_weights_at"] or max(training["save_weights_at"])
+             <= training["epochs"], f"training.save_weights_at={training['save_weights_at']} "
+             f"names an epoch after training.epochs={training['epochs']}")
     _require(0 < resolution["min_res"] <= resolution["max_res"],
              f"resolution.min_res={resolution['min_res']} must be in "
              f"(0, max_res={resolution['max_res']}]")
