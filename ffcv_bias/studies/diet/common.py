@@ -9,7 +9,11 @@ import numpy as np
 from ffcv_bias import atomic
 from ffcv_bias.config import ConfigError
 
-SCORE_NAMES = ("el2n", "grand", "random")
+# Scores a score directory can hold (el2n_init / grand_init only with --also-init;
+# input_norm since the input-norm baseline exists), then the policies prune offers.
+SCORE_NAMES = ("el2n", "grand", "random", "input_norm", "el2n_init", "grand_init")
+CLASS_QUOTA = "class-quota"
+PRUNE_CHOICES = SCORE_NAMES + (CLASS_QUOTA,)
 GRAND_PARAMS = ("all", "last")
 
 

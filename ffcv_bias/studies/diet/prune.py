@@ -1,5 +1,8 @@
 """The prune command: kept indices per sparsity, the keep-ratio table and figure, the sweep."""
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +11,12 @@ import yaml
 
 from ffcv_bias import atomic
 from ffcv_bias.config import ConfigError
-from ffcv_bias.studies.diet.common import (SCORE_NAMES, DietError, format_sparsity,
+from ffcv_bias.studies.diet import quota
+from ffcv_bias.studies.diet.common import (CLASS_QUOTA, SCORE_NAMES, DietError, format_sparsity,
                                            load_scores, parse_seeds, resolve_trainer_config,
                                            trainer_args)
+
+PRUNE_META_FILE = "prune.json"
 
 
 def parse_sparsities(text):
@@ -119,21 +125,28 @@ def write_sweep(out, points, base, overrides, seeds, folder, name, max_parallel)
     return path
 
 
-def check_sweep(path):
-    """Plan the sweep with the sweep package; check each run with the trainer's checks."""
+def check_sweep(path, shown=None):
+    """Plan the sweep with the sweep package; check each run with the trainer's checks.
+    shown=(staging, final): messages name the final paths, not the staging folder."""
     from ffcv_bias.sweep import SweepError, load_sweep, plan
     from ffcv_bias.train_config import validate_semantics
+
+    def refuse(message):
+        if shown:
+            message = message.replace(str(shown[0]), str(shown[1]))
+        raise DietError(message)
+
     try:
         planned = plan(load_sweep(path))
     except SweepError as error:
-        raise DietError(f"{path}: {error}") from None
+        refuse(f"{path}: {error}")
     for run in planned:
         if run.config_error:
-            raise DietError(f"{path}: the trainer refuses a run: {run.config_error}")
+            refuse(f"{path}: the trainer refuses a run: {run.config_error}")
         try:
             validate_semantics(run.config)
         except ConfigError as error:
-            raise DietError(f"{path}: {error}") from None
+            refuse(f"{path}: {error}")
     return planned
 
 
@@ -181,11 +194,68 @@ def check_same_training_set(config_files, overrides, arrays):
                         f"images, or other labels)")
 
 
-def run_prune(options):
-    """The prune command: kept indices, keep ratio table and figure, the sweep."""
+def kept_sets(policy, arrays, meta, sparsities):
+    """({sparsity: kept indices}, notes for prune.json) of a policy, all in memory:
+    score-top for a score (el2n, grand, input_norm, ...; `random` is random pruning),
+    or class quotas from the scores' held-out recalls."""
+    if policy == CLASS_QUOTA:
+        recall_info = meta.get("class_quota")
+        if not recall_info:
+            raise DietError(f"the scores hold no held-out class recalls for {CLASS_QUOTA}: "
+                            f"rerun `python -m ffcv_bias.studies.diet score ... "
+                            f"--quota-val-fraction 0.1` (a split of the training set)")
+        kept, quotas = {}, {}
+        for sparsity in sparsities:
+            count = kept_count(len(arrays["labels"]), sparsity)
+            if count < 1:
+                raise DietError(f"sparsity {sparsity} keeps no image of {len(arrays['labels'])}")
+            kept[sparsity], class_quota = quota.quota_keep_indices(
+                arrays["labels"], recall_info["recall"], arrays["random"], count)
+            quotas[format_sparsity(sparsity)] = [int(q) for q in class_quota]
+        return kept, {"class_quota": {**recall_info, "quotas": quotas,
+                                      "within_class": "random (the scores' random column)"}}
+    if policy not in arrays:
+        raise DietError(f"the scores hold no {policy!r} score (they hold "
+                        f"{', '.join(n for n in SCORE_NAMES if n in arrays)}): rerun "
+                        f"`python -m ffcv_bias.studies.diet score` to add it")
+    return {sparsity: keep_indices(arrays[policy], sparsity) for sparsity in sparsities}, {}
+
+
+def write_prune_files(directory, options, arrays, meta, kept_by_sparsity, notes):
+    """Every file of a prune into `directory`: keep files, keep_ratio.csv/png, prune.json.
+    Returns {sparsity: keep file}."""
     from ffcv_bias.studies.diet.figures import plot_keep_ratio  # figures imports this module
-    if options.score not in SCORE_NAMES:
-        raise DietError(f"--score must be one of {', '.join(SCORE_NAMES)}")
+    sparsities = sorted(kept_by_sparsity)
+    keep_files = {}
+    for sparsity, kept in kept_by_sparsity.items():
+        keep_files[sparsity] = directory / f"keep_{options.score}_{format_sparsity(sparsity)}.npy"
+        atomic.save_npy(keep_files[sparsity], kept)
+    class_names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
+    table = keep_ratio_table(arrays["labels"], class_names, kept_by_sparsity)
+    with atomic.atomic_path(directory / "keep_ratio.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    plot_keep_ratio(table, sparsities, directory / "keep_ratio.png",
+                    title=f"class-wise keep ratio ({options.score})")
+    atomic.write_json(directory / PRUNE_META_FILE, {
+        "policy": options.score, "scores": str(Path(options.scores).resolve()),
+        "sparsities": sparsities, "num_samples": int(len(arrays["labels"])),
+        "kept": {format_sparsity(s): int(len(k)) for s, k in kept_by_sparsity.items()},
+        "score_epochs": meta.get("epochs"), **notes})
+    return keep_files
+
+
+def publish(staging, out):
+    """Move every staged file onto its final name (one rename each, same file system)."""
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out / path.name)
+
+
+def run_prune(options):
+    """The prune command: kept indices, keep ratio table and figure, the sweep.
+
+    Everything is checked before anything in OUT changes: the files are written to a
+    hidden staging folder inside OUT, the sweep planned there with the trainer's checks,
+    and only then renamed onto their names (a refused prune leaves OUT as it was)."""
     sparsities = parse_sparsities(options.sparsity)
     seeds = parse_seeds(options.seeds)
     arrays, meta = load_scores(options.scores)
@@ -194,27 +264,36 @@ def run_prune(options):
     if base is not None and not base.is_file():
         raise DietError(f"base config not found: {base}")
     check_same_training_set([base] if base else [], overrides, arrays)
-    base = base or write_empty_base(out)
-    kept_by_sparsity, keep_files = {}, {}
-    for sparsity in sparsities:
-        kept = keep_indices(arrays[options.score], sparsity)
-        path = out / f"keep_{options.score}_{format_sparsity(sparsity)}.npy"
-        atomic.save_npy(path, kept)
-        kept_by_sparsity[sparsity], keep_files[sparsity] = kept, path
-
-    class_names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
-    table = keep_ratio_table(arrays["labels"], class_names, kept_by_sparsity)
-    with atomic.atomic_path(out / "keep_ratio.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
-    plot_keep_ratio(table, sparsities, out / "keep_ratio.png",
-                    title=f"class-wise keep ratio ({options.score})")
-
-    points = sweep_points(options.score, sparsities, keep_files)
+    kept_by_sparsity, notes = kept_sets(options.score, arrays, meta, sparsities)
     folder = Path(options.folder) if options.folder else out / "runs"
     name = options.name or f"diet_{options.score}"
-    sweep_path = write_sweep(out, points, base, overrides, seeds, folder, name,
-                             options.max_parallel)
-    planned = check_sweep(sweep_path)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".prune.", suffix=".tmp", dir=out))
+    except OSError as error:
+        raise DietError(f"cannot create {out}: {error.strerror}") from None
+    published = False
+    try:
+        def staged_sweep(directory, keep_files, base_file):
+            points = sweep_points(options.score, sparsities, keep_files)
+            return points, write_sweep(directory, points, base_file, overrides, seeds,
+                                       folder, name, options.max_parallel)
+
+        keep_files = write_prune_files(staging, options, arrays, meta, kept_by_sparsity, notes)
+        staged_base = base or write_empty_base(staging)
+        _, staged_path = staged_sweep(staging, keep_files, staged_base)
+        planned = check_sweep(staged_path, shown=(staging, out))
+        # The same sweep naming the final paths (same bytes in the keep files: same runs).
+        final_keep = {s: out / path.name for s, path in keep_files.items()}
+        points, _ = staged_sweep(staging, final_keep, base or out / staged_base.name)
+        publish(staging, out)
+        published = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not published:
+            shutil.rmtree(out, ignore_errors=True)  # ours, and empty but for the staging
+    sweep_path = out / "sweep.yaml"
     print(f"{len(sparsities)} pruned sets of {len(arrays['labels'])} images by "
           f"{options.score} in {out}; {sweep_path.name}: {len(points)} points x "
           f"{len(seeds)} seed(s) = {len(planned)} runs in {folder}\n"

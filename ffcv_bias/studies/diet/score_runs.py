@@ -1,70 +1,55 @@
-"""The score command: train the score runs, score every training image, write the files."""
-import os
-import subprocess
-import sys
+"""The score command: train the score runs on their normal schedule, score every training
+image from the weights each run kept at the scoring epoch, add the baselines (input norm,
+random), the rank correlations between all scores and, on request, the held-out class
+recalls of class-quota pruning."""
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ffcv_bias import atomic, runs
+from ffcv_bias.studies.diet import quota
 from ffcv_bias.studies.diet.common import (DietError, TrainingFailed, _save_npz,
                                            parse_seeds, resolve_trainer_config, trainer_args)
 from ffcv_bias.studies.diet.scores import (build_model, default_grand_chunk,
-                                           grand_parameter_names, score_dataset)
+                                           grand_parameter_names, input_norms, predict,
+                                           score_dataset, spearman_matrix)
 
 # Keys the score command sets itself; in the user's overrides they would be overwritten.
-RESERVED_SCORE_KEYS = {"training.epochs": "--epochs", "training.seed": "--seeds",
+RESERVED_SCORE_KEYS = {"training.save_weights_at": "--epochs", "training.seed": "--seeds",
                        "logging.folder": "--out"}
-TRAIN_SCRIPT = Path(__file__).resolve().parents[3] / "train_imagenet.py"
+# Column order of scores.csv and of the correlation table.
+PER_RUN_SCORES = ("el2n", "grand", "el2n_init", "grand_init")
+BASELINE_SCORES = ("input_norm", "random")
+CORRELATIONS_FILE = "correlations.csv"
 
 
-def score_run_args(base_args, epochs, seed, runs_folder):
-    return base_args + [f"--training.epochs={epochs}", f"--training.seed={seed}",
+@dataclass
+class ScoreRun:
+    """One run the score command needs: the fields TrainerPool reads (index, config_args,
+    run_dir, config_error) and what scoring needs (seed, config, purpose)."""
+    index: int
+    seed: int
+    config_args: list
+    config: dict
+    run_dir: Path
+    purpose: str = "score"        # "score" or quota.HOLDOUT_SCORE
+    config_error: str = ""
+
+
+def weights_at(run, epoch):
+    """The weights a score run kept after `epoch` epochs of its normal schedule."""
+    return run.run_dir / runs.epoch_weights_file(epoch)
+
+
+def score_run_args(base_args, epoch, seed, runs_folder):
+    """A score run is a run of the config's own schedule that also keeps its weights after
+    epoch `epoch` (nothing extra for epoch 0: those networks are never trained)."""
+    args = base_args + [f"--training.seed={seed}",
                         f"--logging.folder={Path(runs_folder).resolve()}"]
-
-
-def check_schedule_prefix(full_config, epochs):
-    """A note when the T-epoch score runs do not follow the full run's first T epochs.
-
-    The trainer stretches its schedule over training.epochs: a cyclic or cosine schedule
-    of a T-epoch run is not the start of the full run's. A step schedule whose first step
-    comes after T differs only in its last epoch (the trainer slides the rate to 0 there).
-    """
-    from ffcv_bias.schedules import lr_per_iteration
-    lr, full_epochs = full_config["lr"], full_config["training"]["epochs"]
-    if epochs >= full_epochs:
-        return None
-    options = dict(lr=lr["lr"], iters_per_epoch=8, lr_peak_epoch=lr["lr_peak_epoch"],
-                   step_ratio=lr["step_ratio"], step_length=lr["step_length"])
-    short = lr_per_iteration(lr["lr_schedule_type"], epochs=epochs, **options)
-    full = lr_per_iteration(lr["lr_schedule_type"], epochs=full_epochs, **options)[:len(short)]
-    differs = ~np.isclose(short, full, rtol=1e-9, atol=0)
-    if not differs.any():
-        return None
-    first_epoch = int(np.argmax(differs)) // 8
-    return (f"note: the {epochs}-epoch score runs' learning rate departs from the first "
-            f"{epochs} epochs of the {full_epochs}-epoch run from epoch {first_epoch} on "
-            f"(lr.lr_schedule_type={lr['lr_schedule_type']}); "
-            + ("only the last epoch differs (the trainer slides the rate to 0 in a run's "
-               "final epoch)" if lr["lr_schedule_type"] == "step" and first_epoch == epochs - 1
-               else "the scores come from networks trained on a compressed schedule"))
-
-
-def train_score_run(args, run_dir):
-    """Train one score run in a child trainer (it resumes a started run)."""
-    if runs.is_complete(run_dir):
-        return
-    command = [sys.executable, str(TRAIN_SCRIPT), *args]
-    print(f"training score run {run_dir.name}", flush=True)
-    returncode = subprocess.call(command, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    if returncode != 0 or not runs.is_complete(run_dir):
-        error_file = run_dir / runs.ERROR_FILE
-        reason = error_file.read_text().splitlines()[0] if error_file.is_file() else ""
-        raise TrainingFailed(f"score run {run_dir} did not finish (trainer exit status "
-                             f"{returncode}){': ' + reason if reason else ''}; rerun the "
-                             f"same command to resume it")
+    return args + ([f"--training.save_weights_at={epoch}"] if epoch > 0 else [])
 
 
 def score_resolution(nested, epochs):
@@ -77,17 +62,21 @@ def score_resolution(nested, epochs):
                                end_ramp=resolution["end_ramp"])
 
 
+def _sha256(path):
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _weights_identity(weights_path):
     """sha256 of a run's weights.pt ('init' for a fresh network): a retrained run's new
     weights must not reuse the old scores."""
     if weights_path is None:
         return "init"
-    import hashlib
-    digest = hashlib.sha256()
-    with open(weights_path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _sha256(weights_path)
 
 
 def _load_cached_scores(path, grand_params, num_samples, weights_id):
@@ -150,103 +139,248 @@ def _check_score_options(options, overrides):
         raise DietError(f"--batch-size must be >= 1, not {options.batch_size}")
     if options.grand_chunk is not None and options.grand_chunk < 1:
         raise DietError(f"--grand-chunk must be >= 1, not {options.grand_chunk}")
+    if options.max_parallel < 1:
+        raise DietError(f"--max-parallel must be >= 1, not {options.max_parallel}")
+    if options.quota_val_fraction and not 0 < options.quota_val_fraction < 1:
+        raise DietError(f"--quota-val-fraction must be in (0, 1), not "
+                        f"{options.quota_val_fraction}")
     if not options.config_file and "data.train_dataset" not in overrides:
         raise DietError("give the trainer's config: --config-file FILE and/or "
                         "--section.key=value overrides")
 
 
+def _planned_run(index, seed, args, runs_folder, purpose="score"):
+    nested = resolve_trainer_config(args)
+    return ScoreRun(index=index, seed=seed, config_args=args, config=nested,
+                    run_dir=Path(runs_folder).resolve() / runs.run_id(nested), purpose=purpose)
+
+
 def plan_score_runs(options, overrides, seeds):
-    """[(seed, trainer args, nested config, run_dir)] of the score runs, checked."""
+    """(trainer args of the config, [ScoreRun]) of the score runs, each config checked."""
     base_args = trainer_args(options.config_file, overrides)
     runs_folder = Path(options.out) / "runs"
     planned = []
-    for seed in seeds:
-        # --epochs 0 trains nothing; the config is checked as a 1-epoch run.
-        args = score_run_args(base_args, max(options.epochs, 1), seed, runs_folder)
-        nested = resolve_trainer_config(args)
-        if nested["data"]["keep_indices"]:
+    for index, seed in enumerate(seeds):
+        run = _planned_run(index, seed, score_run_args(base_args, options.epochs, seed,
+                                                       runs_folder), runs_folder)
+        if run.config["data"]["keep_indices"]:
             raise DietError("scores must cover the whole training set: the score runs' "
                             "config sets data.keep_indices")
-        planned.append((seed, args, nested, runs_folder.resolve() / runs.run_id(nested)))
+        planned.append(run)
     return base_args, planned
 
 
-def train_score_runs(options, planned, full_config):
-    """Train the score runs that are not complete (none for --epochs 0)."""
-    if options.epochs == 0:
+def plan_holdout_run(options, base_args, seed, labels, index):
+    """The run behind class-quota pruning: the score config trained on the training set
+    minus a stratified held-out split (written to OUT as two index files), whose recalls
+    on that split set the quotas. The test set plays no part."""
+    out = Path(options.out)
+    train, val = quota.holdout_split(labels, options.quota_val_fraction, options.random_seed)
+    out.mkdir(parents=True, exist_ok=True)
+    # Same labels, fraction and seed give the same bytes, so a rerun finds the same run.
+    atomic.save_npy(out / quota.TRAIN_INDICES_FILE, train)
+    atomic.save_npy(out / quota.VAL_INDICES_FILE, val)
+    args = base_args + [f"--data.keep_indices={(out / quota.TRAIN_INDICES_FILE).resolve()}",
+                        f"--data.sparsity={len(val) / len(labels)!r}",
+                        f"--data.score={quota.HOLDOUT_SCORE}"]
+    args = score_run_args(args, 0, seed, out / "runs")
+    return _planned_run(index, seed, args, out / "runs", purpose=quota.HOLDOUT_SCORE), val
+
+
+def _missing_weights(options, run):
+    """The weights file scoring needs from this run and does not find (None if there)."""
+    if run.purpose == quota.HOLDOUT_SCORE:
+        needed = run.run_dir / runs.WEIGHTS_FILE
+    elif options.epochs == 0:
+        return None
+    else:
+        needed = weights_at(run, options.epochs)
+    return None if needed.is_file() else needed
+
+
+def check_runs_can_give_weights(options, planned):
+    """Before training anything: a complete run without the needed weights cannot make
+    them (it trained without training.save_weights_at), and --no-train trains nothing."""
+    for run in planned:
+        missing = _missing_weights(options, run)
+        if missing is None:
+            continue
+        if options.no_train:
+            raise DietError(f"--no-train: score run {run.run_dir} is not complete "
+                            f"(no {missing.name})")
+        if runs.is_complete(run.run_dir):
+            raise DietError(f"score run {run.run_dir} is complete but kept no {missing.name} "
+                            f"(trained without training.save_weights_at={options.epochs}): "
+                            f"move it aside to retrain it, or score another epoch")
+
+
+def train_score_runs(options, planned):
+    """Train the runs whose weights are missing, --max-parallel at a time, through the
+    sweep's TrainerPool (resumable, one lock per run, train.log in each run)."""
+    from ffcv_bias.sweep.runner import TrainerPool, detect_gpus
+    check_runs_can_give_weights(options, planned)
+    to_train = [run for run in planned if _missing_weights(options, run) is not None]
+    if not to_train:
         return
-    note = check_schedule_prefix(full_config, options.epochs)
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    for _, args, _, run_dir in planned:
-        if options.no_train and not runs.is_complete(run_dir):
-            raise DietError(f"--no-train: score run {run_dir} is not complete")
-        train_score_run(args, run_dir)
+
+    def report(outcome):
+        print(f"{outcome.run.purpose} run {outcome.run.run_dir.name}: {outcome.status}"
+              f"{' (' + outcome.message + ')' if outcome.message else ''}", flush=True)
+
+    print(f"training {len(to_train)} run(s), {options.max_parallel} at a time", flush=True)
+    outcomes = TrainerPool().train_all(to_train, options.max_parallel, gpus=detect_gpus(),
+                                       on_done=report)
+    failed = [outcome for outcome in outcomes if outcome.status != "complete"]
+    if failed:
+        first = failed[0]
+        raise TrainingFailed(f"{len(failed)} of {len(to_train)} run(s) did not finish, e.g. "
+                             f"{first.run.run_dir} ({first.status}: {first.message}); rerun "
+                             f"the same command to resume them")
+
+
+def _score_label(run, epoch, grand_params):
+    return (f"init_{run.run_dir.name}" if epoch == 0
+            else f"{run.run_dir.name}_epoch{epoch}") + f"_grand-{grand_params}"
 
 
 def score_all_runs(options, planned, setup, cache_dir):
-    """(EL2N [K, N], GraNd [K, N], run ids) of the K score runs."""
-    el2n_runs, grand_runs, run_ids = [], [], []
-    for seed, _, run_nested, run_dir in planned:
-        if options.epochs == 0:
-            label, weights, init_seed = f"init_{run_dir.name}", None, seed
-        else:
-            label, weights, init_seed = run_dir.name, run_dir / runs.WEIGHTS_FILE, None
-        label = f"{label}_grand-{options.grand_params}"
-        el2n, grand = score_one_model(label, run_nested, weights, init_seed, setup, cache_dir)
-        el2n_runs.append(el2n)
-        grand_runs.append(grand)
-        run_ids.append(run_dir.name)
-    return np.stack(el2n_runs), np.stack(grand_runs), run_ids
+    """{score name: [K, N]} of the K score runs: EL2N and GraNd at --epochs (at
+    initialisation for 0), and with --also-init those of the same seeds' initial networks."""
+    wanted = [(options.epochs, "")]
+    if options.also_init and options.epochs > 0:
+        wanted.append((0, "_init"))
+    per_run = {}
+    for epoch, suffix in wanted:
+        for run in planned:
+            weights, init_seed = (None, run.seed) if epoch == 0 else (weights_at(run, epoch), None)
+            el2n, grand = score_one_model(_score_label(run, epoch, options.grand_params),
+                                          run.config, weights, init_seed, setup, cache_dir)
+            per_run.setdefault(f"el2n{suffix}", []).append(el2n)
+            per_run.setdefault(f"grand{suffix}", []).append(grand)
+    return {name: np.stack(values) for name, values in per_run.items()}
+
+
+def holdout_recall(holdout_run, val_indices, setup, options):
+    """{'recall', 'n_val', ...} of the held-out run on its validation split, predicted on
+    the TRAINING beton (the score loader's images, the run's final weights)."""
+    model = build_model(holdout_run.config, setup["num_classes"],
+                        holdout_run.run_dir / runs.WEIGHTS_FILE, setup["device"])
+    predictions, labels = predict(model, setup["loader"], setup["device"])
+    if not np.array_equal(labels, setup["labels"]):
+        raise DietError("the score loader did not yield the training set in its order")
+    recall, n_val = quota.class_recall(predictions, labels, val_indices, setup["num_classes"])
+    out = Path(options.out)
+    return {"policy": quota.POLICY, "run_id": holdout_run.run_dir.name,
+            "run_dir": str(holdout_run.run_dir), "source": holdout_run.config["data"][
+                "train_dataset"], "val_fraction": options.quota_val_fraction,
+            "split_seed": options.random_seed, "n_val": int(len(val_indices)),
+            "val_indices_file": str((out / quota.VAL_INDICES_FILE).resolve()),
+            "train_indices_file": str((out / quota.TRAIN_INDICES_FILE).resolve()),
+            "val_indices_sha256": _sha256(out / quota.VAL_INDICES_FILE),
+            "recall": [float(r) for r in recall], "n_val_per_class": [int(n) for n in n_val]}
 
 
 def run_scores(options, overrides):
-    """The score command: train the K runs, score the training set, write the files."""
+    """The score command: train the runs, score the training set, write the files."""
     from ffcv_bias.loaders import read_labels
     from ffcv_bias.train_config import read_sidecar
     _check_score_options(options, overrides)
     seeds = parse_seeds(options.seeds)
     out = Path(options.out)
     base_args, planned = plan_score_runs(options, overrides, seeds)
-    full_config = resolve_trainer_config(base_args, check_files=False)
-    train_score_runs(options, planned, full_config)
-
-    nested = planned[0][2]
+    nested = planned[0].config
     train_dataset = nested["data"]["train_dataset"]
     sidecar = read_sidecar(train_dataset, "data.train_dataset")
     labels = read_labels(train_dataset)
+    holdout = None
+    if options.quota_val_fraction:
+        holdout = plan_holdout_run(options, base_args, seeds[0], labels, len(planned))
+    to_train = planned + ([holdout[0]] if holdout else [])
+    if options.epochs > 0 or holdout:
+        train_score_runs(options, to_train)
+
     resolution = score_resolution(nested, options.epochs)
     setup = _score_setup(nested, options, resolution, int(sidecar["num_classes"]), labels)
-    el2n_runs, grand_runs, run_ids = score_all_runs(options, planned, setup, out / "per_run")
+    per_run = score_all_runs(options, planned, setup, out / "per_run")
     meta = {"config_files": [str(Path(p).resolve()) for p in options.config_file],
             "overrides": overrides, "epochs": options.epochs,
-            "full_epochs": full_config["training"]["epochs"], "seeds": seeds,
-            "run_ids": run_ids, "runs_folder": str((out / "runs").resolve()),
+            "full_epochs": nested["training"]["epochs"], "seeds": seeds,
+            "weights": (runs.epoch_weights_file(options.epochs) if options.epochs
+                        else "initialisation"),
+            "run_ids": [run.run_dir.name for run in planned],
+            "runs_folder": str((out / "runs").resolve()),
             "grand_params": options.grand_params, "resolution": resolution,
             "crop_ratio": 1.0, "loss": "cross-entropy, no label smoothing",
             "batchnorm": "eval (running statistics)", "random_seed": options.random_seed,
             "train_dataset": train_dataset, "num_samples": int(len(labels)),
             "num_classes": int(sidecar["num_classes"]), "classes": sidecar.get("classes"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_scores(out, labels, el2n_runs, grand_runs, meta)
-    print(f"scores of {len(labels)} training images from {len(run_ids)} run(s) in {out}",
+    if holdout:
+        meta["class_quota"] = holdout_recall(holdout[0], holdout[1], setup, options)
+    baselines = {"input_norm": input_norms(setup["loader"], setup["device"])}
+    write_scores(out, labels, per_run, baselines, meta)
+    print(f"scores of {len(labels)} training images from {len(planned)} run(s) in {out}",
           flush=True)
     return out
 
 
-def write_scores(out, labels, el2n_runs, grand_runs, meta):
-    """scores.npz, scores.csv and scores.json (last: its presence means the set is whole)."""
+def score_label(name, epoch):
+    """The name a reader knows a score by: EL2N@20, GraNd@init, input norm, ..."""
+    at = f"@{epoch}" if epoch else "@init"
+    labels = {"el2n": f"EL2N{at}", "grand": f"GraNd{at}", "el2n_init": "EL2N@init",
+              "grand_init": "GraNd@init", "input_norm": "input norm", "random": "random"}
+    return labels.get(name, name)
+
+
+def correlation_table(scores, epoch):
+    """Spearman rank correlation between every pair of scores (one row per score)."""
+    names = list(scores)
+    matrix = spearman_matrix(np.column_stack([scores[name] for name in names]))
+    table = pd.DataFrame(matrix, columns=names)
+    table.insert(0, "label", [score_label(name, epoch) for name in names])
+    table.insert(0, "score", names)
+    return table
+
+
+def print_correlations(table, num_samples):
+    labels = list(table["label"])
+    width = max(len(label) for label in labels) + 2
+    print(f"Spearman rank correlation between the scores (n = {num_samples} training "
+          f"images):\n" + " " * width + "".join(f"{label:>{width}}" for label in labels))
+    for row, label in zip(table[list(table["score"])].to_numpy(), labels):
+        print(f"{label:<{width}}" + "".join(f"{value:>{width}.3f}" for value in row))
+
+
+def write_scores(out, labels, per_run, baselines, meta):
+    """scores.npz, scores.csv, correlations.csv and scores.json (last: its presence means
+    the set is whole)."""
     out = Path(out)
     indices = np.arange(len(labels), dtype=np.int64)
     random_scores = np.random.default_rng(meta["random_seed"]).random(len(labels))
-    scores = {"el2n": el2n_runs.mean(axis=0), "grand": grand_runs.mean(axis=0),
-              "random": random_scores}
+    scores = {name: per_run[name].mean(axis=0) for name in PER_RUN_SCORES if name in per_run}
+    scores.update(baselines)
+    scores["random"] = random_scores
     _save_npz(out / "scores.npz", indices=indices, labels=labels, **scores,
-              el2n_runs=el2n_runs, grand_runs=grand_runs, seeds=np.array(meta["seeds"]),
-              run_ids=np.array(meta["run_ids"]))
+              **{f"{name}_runs": values for name, values in per_run.items()},
+              seeds=np.array(meta["seeds"]), run_ids=np.array(meta["run_ids"]))
     names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
     table = pd.DataFrame({"index": indices, "label": labels,
                           "class_name": np.array(names, dtype=object)[labels], **scores})
     with atomic.atomic_path(out / "scores.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.8g")
+    correlations = correlation_table(scores, meta["epochs"])
+    with atomic.atomic_path(out / CORRELATIONS_FILE) as tmp:
+        correlations.to_csv(tmp, index=False, float_format="%.6f")
+    if "class_quota" in meta:
+        write_recall_table(out, meta["class_quota"], names)
+    meta["scores"] = list(scores)
     atomic.write_json(out / "scores.json", meta)
+    print_correlations(correlations, len(labels))
+
+
+def write_recall_table(out, class_quota, class_names):
+    table = pd.DataFrame({"class": np.arange(len(class_names)), "class_name": class_names,
+                          "n_val": class_quota["n_val_per_class"],
+                          "recall": class_quota["recall"]})
+    with atomic.atomic_path(out / quota.RECALL_FILE) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")

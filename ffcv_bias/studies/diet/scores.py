@@ -120,3 +120,40 @@ def build_model(nested, num_classes, weights_path, device, seed=None):
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def input_norms(loader, device):
+    """|| x ||_2 of every image as the network sees it (normalized, whole image), in the
+    loader's order: Kirsch (2023) found GraNd at initialisation tracks it (Spearman 0.96),
+    so a score that ranks images like it says little beyond their pixels."""
+    from ffcv_bias.loaders import normalize
+    norms = []
+    for images, _ in loader:
+        inputs = normalize(images, device, channels_last=False)
+        norms.append(inputs.flatten(1).double().norm(dim=1).cpu().numpy())
+    return np.concatenate(norms).astype(np.float64)
+
+
+def predict(model, loader, device):
+    """(predicted class, label) of every image the loader yields, in its order."""
+    import torch
+    from ffcv_bias.loaders import normalize
+    predictions, labels_seen = [], []
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(normalize(images, device, channels_last=False))
+            predictions.append(logits.argmax(dim=1).cpu().numpy())
+            labels_seen.append(labels.numpy().copy())
+    return np.concatenate(predictions), np.concatenate(labels_seen).astype(np.int64)
+
+
+def spearman_matrix(columns):
+    """Spearman rank correlation [S, S] between the S columns of an [N, S] array: the
+    Pearson correlation of their ranks (ties get their average rank, as scipy does)."""
+    from scipy.stats import rankdata
+    columns = np.asarray(columns, dtype=np.float64)
+    ranks = np.column_stack([rankdata(columns[:, j]) for j in range(columns.shape[1])])
+    centred = ranks - ranks.mean(axis=0)
+    scale = np.sqrt((centred ** 2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (centred.T @ centred) / np.outer(scale, scale)
