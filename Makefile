@@ -1,6 +1,6 @@
 # make setup : Debian packages (if apt is there), .venv with torch==2.13.0 first, the rest, the package
 # make demo  : set-up, then the main job on the embedded default (Fashion-MNIST)
-# make test  : set-up, then the test suite
+# make test  : set-up, then the test suite (make test-fast: without the end-to-end tests)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 DEBIAN_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test debian clean-venv
+.PHONY: setup demo test test-fast debian clean-venv
 
 setup: debian $(STAMP)
 
@@ -38,8 +38,13 @@ $(STAMP): setup.py constraints.txt
 demo: setup
 	$(PY) -m ffcv_bias.demo
 
+# --durations: the 25 slowest tests in every CI log, so a slow new test shows at once.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+
+# The suite without the end-to-end process tests (marker e2e): minutes instead of ten.
+test-fast: setup
+	$(PY) -m pytest -q --durations=10 -m "not e2e" tests
 
 clean-venv:
 	rm -rf $(VENV)

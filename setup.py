@@ -25,6 +25,6 @@ setup(
     ],
     extras_require={
         "cluster": ["submitit"],
-        "test": ["pytest", "submitit"],
+        "test": ["pytest", "pytest-timeout", "submitit"],
     },
 )

@@ -1,6 +1,6 @@
 """The run record: run_id, file names, completeness, and a per-run lock.
 
-A run lives in `<logging.folder>/<run_id>/` (see DESIGN.md, "The run record"). This module
+A run lives in `<logging.folder>/<run_id>/` (see docs/DESIGN.md, "The run record"). This module
 is shared by the trainer (which writes records), the sweep launcher (which decides what
 is left to run) and analysis (which only reads): it imports neither torch nor ffcv.
 """
@@ -18,6 +18,9 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "weights.pt"
 VAL_LOGITS_FILE = "val_logits.npy"
+# The float32 argmax of the logits (int16, int32 above 32767 classes; ties to the lowest
+# class): every accuracy derives from it (ffcv_bias/metrics.py). Absent in older records.
+VAL_PREDS_FILE = "val_preds.npy"
 VAL_LABELS_FILE = "val_labels.npy"
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.txt"

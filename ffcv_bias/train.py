@@ -1,4 +1,4 @@
-"""Train one classifier on FFCV betons and write its run record (DESIGN.md, "The run record").
+"""Train one classifier on FFCV betons and write its run record (docs/DESIGN.md, "The run record").
 
     python train_imagenet.py --config-file rn50_configs/fashion_mnist_cpu.yaml \
         --training.seed=3 --augment.min_scale=0.25
@@ -17,7 +17,8 @@ Life of a run, in `<logging.folder>/<run_id>/`:
 - checkpoint.pt exists: resume after the epoch it holds (log.jsonl is cut back to it);
 - every epoch: train, validate (all epochs with logging.log_level=1, else the last),
   add its line to log.jsonl, write checkpoint.pt (every training.checkpoint_every epochs);
-- at the end: weights.pt, val_logits.npy, val_labels.npy, then summary.json (last).
+- at the end: weights.pt, val_logits.npy (float16), val_preds.npy (the float32 argmax,
+  from which every accuracy derives), val_labels.npy, then summary.json (last).
 
 Stopping:
 - SIGTERM (SLURM preemption, `scancel`, the sweep launcher): the run stops after the
@@ -65,13 +66,13 @@ from fastargs import get_current_config
 from fastargs.decorators import param
 from tqdm import tqdm
 
-from ffcv_bias import atomic, distributed, runs
+from ffcv_bias import atomic, distributed, metrics, runs
 from ffcv_bias.config import ConfigError, flatten, validate_all
 from ffcv_bias.datasets import DatasetError, check_beton
 from ffcv_bias.faults import crash_point
 from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize,
                                read_labels)
-from ffcv_bias.models import create_model, weight_decay_groups
+from ffcv_bias.models import create_model, eval_logits, weight_decay_groups
 from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
 from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
                                     bn_weight_decay, declare_sections, is_distributed,
@@ -82,7 +83,8 @@ CHECKPOINT_FORMAT = 1
 # The files this trainer writes atomically into the run directory (error.txt aside, which
 # the sweep launcher writes too).
 RECORD_FILES = (runs.CONFIG_FILE, runs.LOG_FILE, runs.CHECKPOINT_FILE, runs.WEIGHTS_FILE,
-                runs.VAL_LOGITS_FILE, runs.VAL_LABELS_FILE, runs.SUMMARY_FILE)
+                runs.VAL_LOGITS_FILE, runs.VAL_PREDS_FILE, runs.VAL_LABELS_FILE,
+                runs.SUMMARY_FILE)
 # How often (in steps) the GPU is asked whether the loss is finite and whether a rank was
 # told to stop. Each check waits for the GPU to catch up; on CPU it costs nothing.
 CUDA_CHECK_EVERY_STEPS = 25
@@ -185,24 +187,19 @@ def set_rng_state(state, device):
 
 
 # ---------------------------------------------------------------------------------------
-# Metrics (from the saved float16 logits, so the record and the summary agree)
+# Metrics (top-1 from the float32 predictions, top-5 and loss from the saved logits)
 # ---------------------------------------------------------------------------------------
 
-def accuracy_metrics(logits, labels, num_classes):
-    """top1, top5, per-class top-1 (None for a class with no sample) and cross-entropy."""
-    logits = torch.from_numpy(np.asarray(logits, dtype=np.float32))
-    labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    k = min(5, num_classes)
-    top_k = logits.topk(k, dim=1).indices
-    correct_top1 = top_k[:, 0] == labels
-    correct_top5 = (top_k == labels[:, None]).any(dim=1)
-    hits = torch.bincount(labels[correct_top1], minlength=num_classes)
-    counts = torch.bincount(labels, minlength=num_classes)
-    per_class = [float(h) / float(c) if c > 0 else None for h, c in zip(hits, counts)]
-    return {"top1": float(correct_top1.double().mean()),
-            "top5": float(correct_top5.double().mean()),
-            "per_class_acc": per_class,
-            "loss": float(F.cross_entropy(logits, labels))}
+def accuracy_metrics(logits, labels, num_classes, predictions=None):
+    """top1 and per-class top-1 (None for a class with no sample) from `predictions`
+    (default: decided on `logits` as given), top5 and cross-entropy from `logits`."""
+    if predictions is None:
+        predictions = metrics.predictions_from_logits(logits)
+    scores = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    return {**metrics.accuracy_from_predictions(predictions, labels, num_classes),
+            "top5": metrics.topk_accuracy(logits, labels, k=5),
+            "loss": float(F.cross_entropy(scores, torch.from_numpy(
+                np.asarray(labels, dtype=np.int64))))}
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,16 +455,16 @@ class Trainer:
         distributed.broadcast_buffers(self.model, self.info)
         self.model.eval()
         order = self.val_loader.sample_order()
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype else nullcontext())
         rows = []
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             for images, _ in self.val_loader:
                 inputs = normalize(images, self.device, channels_last=True,
                                    dtype=self.amp_dtype or torch.float32)
-                logits = self.model(inputs).float()
+                # The classifier head runs in float32 (see models.eval_logits).
+                logits = eval_logits(self.model, inputs, self.amp_dtype)
                 if lr_tta:
-                    logits = (logits + self.model(torch.flip(inputs, dims=[3])).float()) / 2
+                    flipped = torch.flip(inputs, dims=[3])
+                    logits = (logits + eval_logits(self.model, flipped, self.amp_dtype)) / 2
                 rows.append(logits)  # a new tensor: the loader's image buffer is not kept
         local = torch.cat(rows)
         return distributed.gather_rows_by_index(local, order, len(self.val_labels), self.info)
@@ -480,10 +477,13 @@ class Trainer:
         entry = {"epoch": epoch, **train_stats, "val_top1": None, "val_top5": None,
                  "val_loss": None, "per_class_acc": None}
         if logits is not None:
-            metrics = accuracy_metrics(logits.astype(np.float16), self.val_labels,
-                                       self.num_classes)
-            entry.update(val_top1=metrics["top1"], val_top5=metrics["top5"],
-                         val_loss=metrics["loss"], per_class_acc=metrics["per_class_acc"])
+            # As write_record computes them: predictions on float32, the rest on float16.
+            epoch_metrics = accuracy_metrics(logits.astype(np.float16), self.val_labels,
+                                             self.num_classes,
+                                             metrics.predictions_from_logits(logits))
+            entry.update(val_top1=epoch_metrics["top1"], val_top5=epoch_metrics["top5"],
+                         val_loss=epoch_metrics["loss"],
+                         per_class_acc=epoch_metrics["per_class_acc"])
         # Rewritten whole through a temporary file rather than appended: a kill mid-write
         # cannot leave half a line for a reader (a few kB per epoch: no cost worth saving).
         log_path = self.run_dir / runs.LOG_FILE
@@ -549,23 +549,23 @@ class Trainer:
     @param("training.epochs")
     @param("data.val_dataset")
     def write_record(self, logits, epochs, val_dataset):
-        """weights, logits and labels, then summary.json last (its presence = complete)."""
+        """weights, logits, predictions and labels, then summary.json last (its presence =
+        complete). top1 / per_class_acc come from val_preds.npy (the float32 argmax)."""
         if not self.info.is_main:
             return None
         weights = {name: tensor.detach().cpu().contiguous()
                    for name, tensor in self.model.state_dict().items()}
         atomic.torch_save(self.run_dir / runs.WEIGHTS_FILE, weights)
-        atomic.save_npy(self.run_dir / runs.VAL_LOGITS_FILE, logits.astype(np.float16))
-        atomic.save_npy(self.run_dir / runs.VAL_LABELS_FILE, self.val_labels)
+        metrics.write_predictions(self.run_dir, logits, self.val_labels)
         # Read back what analysis will read, so the summary agrees with the files exactly.
         saved_logits = np.load(self.run_dir / runs.VAL_LOGITS_FILE)
-        metrics = accuracy_metrics(saved_logits, np.load(self.run_dir / runs.VAL_LABELS_FILE),
-                                   self.num_classes)
-        summary = {"run_id": self.run_id, "top1": metrics["top1"], "top5": metrics["top5"],
-                   "per_class_acc": metrics["per_class_acc"], "n_val": int(len(saved_logits)),
+        final = accuracy_metrics(saved_logits, np.load(self.run_dir / runs.VAL_LABELS_FILE),
+                                 self.num_classes, np.load(self.run_dir / runs.VAL_PREDS_FILE))
+        summary = {"run_id": self.run_id, "top1": final["top1"], "top5": final["top5"],
+                   "per_class_acc": final["per_class_acc"], "n_val": int(len(saved_logits)),
                    "epochs": epochs, "train_seconds": round(self.train_seconds, 3),
                    "num_classes": self.num_classes, "val_dataset": val_dataset,
-                   "val_loss": metrics["loss"], "classes": self.sidecar.get("classes")}
+                   "val_loss": final["loss"], "classes": self.sidecar.get("classes")}
         atomic.write_json(self.run_dir / runs.SUMMARY_FILE, summary)
         return summary
 

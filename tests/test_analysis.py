@@ -9,7 +9,8 @@ from scipy import stats as scipy_stats
 
 from ffcv_bias.analysis import (AnalysisError, linear_effects, load_runs, make_synthetic_runs,
                                 run_analysis)
-from ffcv_bias.analysis.records import _row_argmax, accuracy_from_logits
+from ffcv_bias.analysis.records import accuracy_from_logits
+from ffcv_bias.metrics import predictions_from_logits
 from ffcv_bias.analysis.stats import benjamini_hochberg, hedges_g, welch_less
 from ffcv_bias.runs import run_lock
 
@@ -240,7 +241,10 @@ def test_float16_argmax_key_agrees_with_numpy():
     logits[1100, :] = -np.inf
     logits[1101, 40] = np.inf
     logits[1102, :] = np.float16(-3.0)
-    np.testing.assert_array_equal(_row_argmax(logits), logits.argmax(axis=1))
+    logits[1103, [5, 9]] = np.float16(-0.0), np.float16(0.0)     # -0 == +0: column 5 wins
+    logits[1103, :5] = logits[1103, 6:9] = logits[1103, 10:] = np.float16(-1.0)
+    np.testing.assert_array_equal(predictions_from_logits(logits), logits.argmax(axis=1))
+    assert predictions_from_logits(logits)[1103] == 5
 
 
 # Mixed datasets and folders without a complete run: tests/test_bad_input.py.

@@ -50,6 +50,9 @@ from test_sweep import (PYTHON, REPO, epochs_logged, launch_starts, read_lines, 
 from test_sweep import fake_setup  # noqa: F401 (a fixture: the stand-in trainer's files)
 from test_train import THREADS_ENV, read_log, run_dir_of, train_args
 
+# Every test here kills or starves real trainer and launcher processes.
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 3
 TRAIN_IMAGES, VAL_IMAGES, CLASSES = 600, 200, 10  # conftest's tiny_fashion_betons
 # The runs here train on a quarter of the training images (6 steps of 25 per epoch) and
@@ -287,11 +290,13 @@ READERS = {
     runs.CHECKPOINT_FILE: lambda path: torch.load(path, weights_only=True),
     runs.WEIGHTS_FILE: lambda path: torch.load(path, weights_only=True),
     runs.VAL_LOGITS_FILE: np.load,
+    runs.VAL_PREDS_FILE: np.load,
     runs.VAL_LABELS_FILE: np.load,
     runs.SUMMARY_FILE: runs.read_json,
     runs.ERROR_FILE: lambda path: path.read_text(),
 }
-FINAL_FILES = (runs.WEIGHTS_FILE, runs.VAL_LOGITS_FILE, runs.VAL_LABELS_FILE, runs.SUMMARY_FILE)
+FINAL_FILES = (runs.WEIGHTS_FILE, runs.VAL_LOGITS_FILE, runs.VAL_PREDS_FILE,
+               runs.VAL_LABELS_FILE, runs.SUMMARY_FILE)
 
 
 @dataclass
@@ -326,6 +331,9 @@ def read_run_dir(run_dir):
     if runs.VAL_LOGITS_FILE in content:
         logits = content[runs.VAL_LOGITS_FILE]
         assert logits.shape == (VAL_IMAGES, CLASSES) and logits.dtype == np.float16
+    if runs.VAL_PREDS_FILE in content:
+        predictions = content[runs.VAL_PREDS_FILE]
+        assert predictions.shape == (VAL_IMAGES,) and predictions.dtype == np.int16
     if runs.VAL_LABELS_FILE in content:
         labels = content[runs.VAL_LABELS_FILE]
         assert labels.shape == (VAL_IMAGES,) and labels.dtype == np.int64
@@ -383,14 +391,15 @@ CHAIN = [
     ("atomic-partial/weights.pt:1", 3, 3, (), runs.WEIGHTS_FILE),
     ("atomic-renamed/weights.pt:1", 3, 3, FINAL_FILES[:1], None),
     ("atomic-renamed/val_logits.npy:1", 3, 3, FINAL_FILES[:2], None),
-    ("atomic-renamed/val_labels.npy:1", 3, 3, FINAL_FILES[:3], None),
-    ("atomic-partial/summary.json:1", 3, 3, FINAL_FILES[:3], runs.SUMMARY_FILE),
-    ("atomic-unrenamed/summary.json:1", 3, 3, FINAL_FILES[:3], runs.SUMMARY_FILE),
+    ("atomic-renamed/val_preds.npy:1", 3, 3, FINAL_FILES[:3], None),
+    ("atomic-renamed/val_labels.npy:1", 3, 3, FINAL_FILES[:4], None),
+    ("atomic-partial/summary.json:1", 3, 3, FINAL_FILES[:4], runs.SUMMARY_FILE),
+    ("atomic-unrenamed/summary.json:1", 3, 3, FINAL_FILES[:4], runs.SUMMARY_FILE),
 ]
 
 
 def test_sigkill_at_each_crash_point_loses_nothing(forkserver, reference, tmp_path):
-    """16 kills in a row, one at each instant of CHAIN; after each, every file present is
+    """17 kills in a row, one at each instant of CHAIN; after each, every file present is
     whole and says what it should; the last restart gives the uninterrupted result."""
     args = reference.args_in(tmp_path)
     run_dir = tmp_path / reference.run_dir.name

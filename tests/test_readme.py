@@ -46,6 +46,9 @@ import yaml
 from fixtures_datasets import (make_cifar10_dir, make_inaturalist_tree, save_image,
                                smooth_image, write_idx)
 
+# Every test here runs README commands as processes (trainers, launchers, analysis).
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 # FFCV_BIAS_README=draft.md checks a README draft before it replaces README.md.
 README = Path(os.environ.get("FFCV_BIAS_README", REPO / "README.md"))

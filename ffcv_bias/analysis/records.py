@@ -6,8 +6,10 @@ Incomplete runs are not dropped silently: they come back as `SkippedRun`s with a
 and the report counts them.
 
 Per-class accuracy comes from summary.json's `per_class_acc`. When a summary lacks it, it
-is recomputed from val_logits.npy / val_labels.npy, streamed one run at a time through a
-memory map in row chunks, so memory stays bounded whatever the number of runs.
+is recomputed from val_preds.npy (or, in records older than it, the argmax of
+val_logits.npy with the trainer's tie rule) and val_labels.npy, one run at a time, the
+logits through a memory map in row chunks, so memory stays bounded whatever the number
+of runs.
 """
 import json
 import os
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ffcv_bias import metrics
 from ffcv_bias import runs as run_record
 
 
@@ -147,55 +150,50 @@ def read_records(roots):
 # Per-class accuracy from the logits (streamed)
 # ----------------------------------------------------------------------------------------
 
-def _row_argmax(chunk):
-    """argmax of each row; for float16, ~3x faster through an order-preserving int16 key.
+def accuracy_from_logits(run_dir, need_top5=False, max_chunk_elements=2 ** 23,
+                         num_classes=None):
+    """(per-class accuracy [C], top1, top5 or None, labels) from one run's predictions.
 
-    An IEEE half's bit pattern, read as int16, orders non-negative values correctly and
-    negative ones backwards; flipping the 15 magnitude bits of the negatives (x ^ 0x7FFF
-    where the sign bit is set) gives a key that sorts exactly like the floats (equal
-    floats have equal keys, so ties still go to the first column; only -0 < +0 differs).
-    """
-    if chunk.dtype != np.float16:
-        return chunk.argmax(axis=1)
-    bits = chunk.view(np.int16)
-    key = bits >> 15          # -1 where negative, 0 elsewhere (arithmetic shift)
-    key &= 0x7FFF
-    key ^= bits
-    return key.argmax(axis=1)
-
-
-def accuracy_from_logits(run_dir, need_top5=False, max_chunk_elements=2 ** 23):
-    """(per-class accuracy [C], top1, top5 or None, labels) from one run's val logits.
-
+    The predictions are val_preds.npy, or for a record written before it existed the
+    argmax of val_logits.npy with the trainer's tie rule (metrics.predictions_from_logits).
     The logits (float16 [N, C], ~100 MB at ImageNet-val size) are memory-mapped and read
-    in row chunks of at most `max_chunk_elements` values, so only one chunk is in memory.
-    The top-5 (argpartition, several times slower than argmax) is computed only on request.
+    in row chunks of at most `max_chunk_elements` values, so only one chunk is in memory;
+    they are read for the top-5 only on request (several times slower than the argmax),
+    and top5 is None without val_logits.npy. `num_classes` defaults to the logits' width,
+    else summary.json's num_classes, else the largest class index seen + 1.
     """
-    logits = np.load(run_dir / run_record.VAL_LOGITS_FILE, mmap_mode="r")
     labels = np.load(run_dir / run_record.VAL_LABELS_FILE).astype(np.int64)
-    n_val, num_classes = logits.shape
-    if len(labels) != n_val:
-        raise AnalysisError(f"{run_dir}: val_logits.npy has {n_val} rows but "
+    logits = None
+    if (run_dir / run_record.VAL_PREDS_FILE).is_file():
+        predictions = np.load(run_dir / run_record.VAL_PREDS_FILE)
+        source = run_record.VAL_PREDS_FILE
+    else:
+        logits = np.load(run_dir / run_record.VAL_LOGITS_FILE, mmap_mode="r")
+        predictions = metrics.predictions_from_logits(logits, max_chunk_elements)
+        source = run_record.VAL_LOGITS_FILE
+    if len(labels) != len(predictions):
+        raise AnalysisError(f"{run_dir}: {source} has {len(predictions)} rows but "
                             f"val_labels.npy has {len(labels)}")
-    rows_per_chunk = max(1, max_chunk_elements // num_classes)
-    correct = np.empty(n_val, dtype=bool)
-    in_top5 = np.empty(n_val, dtype=bool) if need_top5 else None
-    for start in range(0, n_val, rows_per_chunk):
-        stop = min(start + rows_per_chunk, n_val)
-        chunk = np.asarray(logits[start:stop])
-        chunk_labels = labels[start:stop]
-        correct[start:stop] = _row_argmax(chunk) == chunk_labels
-        if need_top5:
-            scores = chunk.astype(np.float32)
-            top = np.argpartition(-scores, min(5, num_classes) - 1, axis=1)[:, :5]
-            in_top5[start:stop] = (top == chunk_labels[:, None]).any(axis=1)
+    if num_classes is None:
+        num_classes = _record_num_classes(run_dir, logits, labels, predictions)
+    per_class = metrics.per_class_accuracy(predictions, labels, num_classes)
+    top5 = None
+    if need_top5 and logits is None and (run_dir / run_record.VAL_LOGITS_FILE).is_file():
+        logits = np.load(run_dir / run_record.VAL_LOGITS_FILE, mmap_mode="r")
+    if need_top5 and logits is not None:
+        ranks = metrics.label_ranks(logits, labels, max_chunk_elements)
+        top5 = float(np.mean(ranks < min(5, logits.shape[1])))
     del logits  # closes the memory map
-    counts = np.bincount(labels, minlength=num_classes)
-    hits = np.bincount(labels, weights=correct, minlength=num_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = hits / counts
-    top5 = float(in_top5.mean()) if need_top5 else None
-    return per_class, float(correct.mean()), top5, labels
+    return per_class, metrics.top1_accuracy(predictions, labels), top5, labels
+
+
+def _record_num_classes(run_dir, logits, labels, predictions):
+    if logits is not None:
+        return logits.shape[1]
+    summary = _read_json_or_none(run_dir / run_record.SUMMARY_FILE) or {}
+    if isinstance(summary.get("num_classes"), int):
+        return summary["num_classes"]
+    return int(max(labels.max(initial=-1), predictions.max(initial=-1))) + 1
 
 
 def _fill_from_logits(runs, skipped):
@@ -204,16 +202,17 @@ def _fill_from_logits(runs, skipped):
     needing = [r for r in runs if "per_class_acc" not in r.summary]
     if needing:
         print(f"{len(needing)} run(s) lack per_class_acc in summary.json: "
-              f"recomputing from val_logits.npy (one run at a time)")
+              f"recomputing from val_preds.npy or val_logits.npy (one run at a time)")
     for run in tqdm(runs, desc="per-class accuracy from logits", unit="run",
                     disable=None if needing else True):
         if "per_class_acc" in run.summary:
             kept.append(run)
             continue
-        if not (run.run_dir / run_record.VAL_LOGITS_FILE).is_file():
+        if not any((run.run_dir / name).is_file()
+                   for name in (run_record.VAL_PREDS_FILE, run_record.VAL_LOGITS_FILE)):
             skipped.append(SkippedRun(run.run_dir, run.run_id, "no per-class data",
                                       "summary.json has no per_class_acc and there is "
-                                      "no val_logits.npy", run.config))
+                                      "neither val_preds.npy nor val_logits.npy", run.config))
             continue
         per_class, top1, top5, _ = accuracy_from_logits(
             run.run_dir, need_top5="top5" not in run.summary)

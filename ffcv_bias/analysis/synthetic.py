@@ -1,6 +1,6 @@
 """Synthetic run records with known, planted per-class effects.
 
-They follow the run-record contract of DESIGN.md exactly (nested config.json, summary.json,
+They follow the run-record contract of docs/DESIGN.md exactly (nested config.json, summary.json,
 optionally val_logits.npy / val_labels.npy, a `<val_dataset>.classes.json` sidecar), so the
 analysis, its tests, the benchmark and the demo can check that the statistics find what was
 planted and nothing else.

@@ -17,9 +17,14 @@ Options:
   rate rising linearly over the residual blocks from 0 to `drop_path`;
 - `zero_init_residual` (ResNets), `img_size` (ViT): see create_model.
 Every model has `forward_features(images) -> [B, D]`, the input of its final Linear (for
-linear probes), and is built in float32 on the CPU.
+linear probes), and is built in float32 on the CPU. `eval_logits(model, inputs, amp_dtype)` is the
+evaluation forward: the body under autocast, the final Linear in float32 (see there).
 """
+from contextlib import nullcontext
 from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
 
 from ..param_groups import describe_weight_decay, weight_decay_groups
 from . import cifar_resnet, convnext, densenet, resnet, vit
@@ -59,7 +64,7 @@ ARCHITECTURES = {
 }
 
 __all__ = ["ARCHITECTURES", "create_model", "count_parameters", "weight_decay_groups",
-           "describe_weight_decay", "apply_blurpool"]
+           "describe_weight_decay", "apply_blurpool", "final_linear", "eval_logits"]
 
 
 def _check_options(arch, num_classes, dropout, drop_path):
@@ -105,3 +110,36 @@ def create_model(arch, num_classes, *, dropout=0.0, use_blurpool=False, drop_pat
 def count_parameters(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters()
                if p.requires_grad or not trainable_only)
+
+
+# Where each architecture keeps the Linear that turns forward_features into logits
+# (ConvNeXt's `classifier` is LayerNorm, Flatten, Linear: its last module).
+FINAL_LINEAR_ATTRIBUTES = ("fc", "head", "classifier")
+
+
+def final_linear(model):
+    """The nn.Linear with model(x) == final_linear(model)(forward_features(x)) in eval mode."""
+    for name in FINAL_LINEAR_ATTRIBUTES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Sequential):
+            module = module[-1]
+        if isinstance(module, nn.Linear):
+            return module
+    raise TypeError(f"{type(model).__name__} has no final Linear named "
+                    f"{' / '.join(FINAL_LINEAR_ATTRIBUTES)}")
+
+
+def eval_logits(model, inputs, amp_dtype=None):
+    """float32 logits of an eval-mode `model`: the body under autocast(amp_dtype) when
+    given, the final Linear outside it, on float32 features.
+
+    Under bfloat16 autocast the classifier's output is rounded to 8 significant bits: on
+    Gaussian logits 3% of images then have an exact top-2 tie, and which class wins
+    depends on the reader's tie rule. In float32 such ties all but vanish, for the price
+    of one [B, D] x [D, C] product in float32."""
+    autocast = (torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype
+                else nullcontext())
+    with autocast:
+        features = model.forward_features(inputs)
+    with torch.autocast(inputs.device.type, enabled=False):
+        return final_linear(model)(features.float())

@@ -38,7 +38,8 @@ For each source run:
      weights.pt     the whole model with the probe as its classifier (the standardization
                     folded into it): create_model(arch, target classes) loads it, so the
                     preservation study runs on a probe too.
-     val_logits.npy float16 [N_val, C_target]; val_labels.npy int64 [N_val].
+     val_logits.npy float16 [N_val, C_target]; val_preds.npy (their float32 argmax,
+                    the source of top1 / per_class_acc); val_labels.npy int64 [N_val].
      summary.json   run_id, top1, top5, per_class_acc, n_val, epochs (probe epochs),
                     train_seconds (probe fit), feature_seconds, num_classes, val_dataset,
                     train_top1, source_run, source_top1: written last, atomically.
@@ -63,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ffcv_bias import atomic, runs
+from ffcv_bias import atomic, metrics, runs
 from ffcv_bias.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
                                read_labels)
 from ffcv_bias.studies.preservation import (StudyError, build_model, classifier_layer,
@@ -226,17 +227,13 @@ def probe_model_state(backbone, info, num_classes, weight, bias):
 # Metrics and the record
 # ----------------------------------------------------------------------------------------
 
-def accuracy_summary(logits, labels, num_classes):
-    """top1, top5 and per-class top-1 (None for a class without images) from logits."""
-    logits = torch.as_tensor(np.asarray(logits, dtype=np.float32))
-    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    top = logits.topk(min(5, num_classes), dim=1).indices
-    correct = top[:, 0] == labels
-    hits = torch.bincount(labels[correct], minlength=num_classes)
-    counts = torch.bincount(labels, minlength=num_classes)
-    return {"top1": float(correct.float().mean()),
-            "top5": float((top == labels[:, None]).any(dim=1).float().mean()),
-            "per_class_acc": [float(h) / float(c) if c else None for h, c in zip(hits, counts)]}
+def accuracy_summary(logits, labels, num_classes, predictions=None):
+    """top1 and per-class top-1 (None for a class without images) from `predictions`
+    (default: decided on `logits`), top5 from `logits`; the trainer's tie rule."""
+    if predictions is None:
+        predictions = metrics.predictions_from_logits(logits)
+    return {**metrics.accuracy_from_predictions(predictions, labels, num_classes),
+            "top5": metrics.topk_accuracy(logits, labels, k=5)}
 
 
 def probe_config(source_config, source_id, target_train, target_val, probe):
@@ -274,12 +271,12 @@ def write_probe_record(run_dir, config, log, state, val_logits, val_labels, summ
     atomic.write_text(run_dir / runs.LOG_FILE,
                       "".join(json.dumps(row) + "\n" for row in log))
     atomic.torch_save(run_dir / runs.WEIGHTS_FILE, state)
-    atomic.save_npy(run_dir / runs.VAL_LOGITS_FILE, val_logits.astype(np.float16))
-    atomic.save_npy(run_dir / runs.VAL_LABELS_FILE, val_labels.astype(np.int64))
+    metrics.write_predictions(run_dir, val_logits, val_labels.astype(np.int64))
     saved = np.load(run_dir / runs.VAL_LOGITS_FILE)
     num_classes = saved.shape[1]
-    metrics = accuracy_summary(saved, np.load(run_dir / runs.VAL_LABELS_FILE), num_classes)
-    summary = {"run_id": config["meta"]["run_id"], **metrics, "n_val": int(len(saved)),
+    accuracy = accuracy_summary(saved, np.load(run_dir / runs.VAL_LABELS_FILE), num_classes,
+                                np.load(run_dir / runs.VAL_PREDS_FILE))
+    summary = {"run_id": config["meta"]["run_id"], **accuracy, "n_val": int(len(saved)),
                "num_classes": num_classes, "val_dataset": config["data"]["val_dataset"],
                **summary_extra}
     atomic.write_json(run_dir / runs.SUMMARY_FILE, summary)
