@@ -84,6 +84,28 @@ class FloatInRange(Checker):
         return f"a float in {bracket}{self.low}, {self.high}]"
 
 
+class EpochList(Checker):
+    """Epoch numbers (>= 1), distinct, ascending: 20, "20,60", "[20, 60]" or a YAML list;
+    empty = none. The result is a list of ints, so config.json holds a JSON list."""
+
+    def check(self, value):
+        if isinstance(value, (list, tuple)):
+            parts = list(value)
+        else:
+            parts = [part for part in str(value).strip().strip("[]").split(",") if part.strip()]
+        epochs = []
+        for part in parts:
+            if isinstance(part, bool) or not str(part).strip().isdigit():
+                raise ValueError(f"not an epoch number: {part!r}")
+            epochs.append(int(str(part).strip()))
+        if any(epoch < 1 for epoch in epochs) or len(set(epochs)) != len(epochs):
+            raise ValueError(f"epochs must be distinct and >= 1: {value!r}")
+        return sorted(epochs)
+
+    def help(self):
+        return "a list of distinct epoch numbers >= 1 (e.g. 20 or 20,60; empty = none)"
+
+
 def flatten(nested, prefix=()):
     """{'a': {'b': 1}} -> {('a', 'b'): 1}."""
     flat = {}

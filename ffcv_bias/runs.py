@@ -27,6 +27,12 @@ SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.txt"
 LOCK_FILE = ".lock"
 
+
+def epoch_weights_file(epoch):
+    """The weights after `epoch` epochs, kept when training.save_weights_at lists it."""
+    return f"weights_epoch{epoch}.pt"
+
+
 # Config values that do not change what a run computes, so they stay out of its run_id:
 # where things are written, how many loader threads, how the processes talk, and
 # bookkeeping added by the trainer.
@@ -38,6 +44,9 @@ NON_RESULT_KEYS = {
     # Extra test protocols evaluate the final model and leave the training alone; a
     # finished run gains them later (python -m ffcv_bias.evaluate) under the same id.
     ("validation", "protocols"),
+    # Extra copies of the weights at chosen epochs: read-only snapshots of a run that
+    # trains exactly as without them (logits bit-identical), so the run is the same run.
+    ("training", "save_weights_at"),
 }
 # Keys added to the trainer after runs were already being recorded, with the default that
 # reproduces the behaviour from before they existed. Such a key enters the run_id (and the

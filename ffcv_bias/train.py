@@ -418,6 +418,8 @@ class Trainer:
                 self.recompute_batchnorm()
             logits = self.validate() if (log_level > 0 or last_epoch) else None
             self.log(epoch, train_stats, logits)
+            # Before the checkpoint: a run resumed after epoch k has its weights_epoch<k>.pt.
+            self.keep_epoch_weights(epoch + 1)
             stop_now = self.stop_requested()
             if last_epoch or stop_now or (epoch + 1) % checkpoint_every == 0:
                 self.save_checkpoint(epoch + 1)
@@ -656,6 +658,17 @@ class Trainer:
               f"train_loss {entry['train_loss']:.4f}  val_top1 {top1}  "
               f"{entry['epoch_seconds']:.1f} s  {entry['images_per_second']:.0f} img/s",
               flush=True)
+
+    @param("training.save_weights_at")
+    def keep_epoch_weights(self, epochs_done, save_weights_at):
+        """weights_epoch<k>.pt after epoch k when training.save_weights_at lists k (the
+        data-diet scores' early epoch of the normal schedule). The weights are only read,
+        so the run goes on exactly as without it."""
+        if epochs_done not in save_weights_at or not self.info.is_main:
+            return
+        weights = {name: tensor.detach().cpu().contiguous()
+                   for name, tensor in self.model.state_dict().items()}
+        atomic.torch_save(self.run_dir / runs.epoch_weights_file(epochs_done), weights)
 
     def save_checkpoint(self, epochs_done):
         """Everything needed to continue bit for bit after `epochs_done` epochs.

@@ -30,8 +30,8 @@ import numpy as np
 from fastargs import Param, Section, get_current_config
 from fastargs.validation import Checker
 
-from ffcv_bias.config import (ConfigError, FloatInRange, OneOf, StrictBool, config_to_dict,
-                              parse_config)
+from ffcv_bias.config import (ConfigError, EpochList, FloatInRange, OneOf, StrictBool,
+                              config_to_dict, parse_config)
 from ffcv_bias.datasets import DatasetError, read_classes
 from ffcv_bias.protocol_spec import ProtocolError, complete_run_hint
 from ffcv_bias.protocol_spec import canonical as canonical_protocols
@@ -216,6 +216,9 @@ def declare_sections():
                                               "this many training batches under the final "
                                               "weights (0 = keep the running averages)",
                                    default=0),
+        save_weights_at=Param(EpochList(), "also keep the weights after these epochs of the "
+                                           "normal schedule as weights_epoch<k>.pt (e.g. 20 "
+                                           "for data-diet scores; empty = none)", default=""),
     )
     Section("augment", "training augmentation").params(
         min_scale=Param(FloatInRange(0, 1), "random-resized-crop lower bound tau on the "
@@ -403,6 +406,9 @@ def _check_numbers(nested):
     _require(training["checkpoint_every"] >= 1, "training.checkpoint_every must be >= 1")
     _require(training["bn_recompute_batches"] >= 0,
              "training.bn_recompute_batches must be >= 0")
+    _require(not training["save_weights_at"] or max(training["save_weights_at"])
+             <= training["epochs"], f"training.save_weights_at={training['save_weights_at']} "
+             f"names an epoch after training.epochs={training['epochs']}")
     _require(0 < resolution["min_res"] <= resolution["max_res"],
              f"resolution.min_res={resolution['min_res']} must be in "
              f"(0, max_res={resolution['max_res']}]")

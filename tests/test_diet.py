@@ -1,4 +1,4 @@
-"""Data diet (ffcv_bias/studies/diet.py): scores, pruning, pruned training, figures.
+"""Data diet (ffcv_bias/studies/diet/): scores, pruning, pruned training, figures.
 
 The per-sample scores are checked against direct computations (EL2N by hand, GraNd against
 one backward pass per sample); the score command runs end to end on the tiny Fashion-MNIST
@@ -163,22 +163,28 @@ def trainer_overrides(betons):
             "--lr.lr=0.4", "--lr.lr_peak_epoch=0.5", "--resolution.min_res=16",
             "--resolution.max_res=16", "--validation.resolution=16",
             "--validation.crop_ratio=1.0", "--validation.batch_size=100",
-            "--data.num_workers=1"]
+            "--data.num_workers=1", "--training.epochs=2"]
 
 
 def score_argv(betons, out, *extra):
+    """Score at epoch 1 of the runs' 2-epoch schedule, K=2."""
     return ["score", *trainer_overrides(betons), "--epochs", "1", "--seeds", "2",
             "--out", str(out), "--batch-size", "128", *extra]
 
 
+QUOTA_FRACTION = 0.2
+
+
 @pytest.fixture(scope="module")
 def scored(tiny_fashion_betons, tmp_path_factory):
-    """(betons, score directory) after `diet score` with ResNet-8, 1 epoch, K=2."""
+    """(betons, score directory) after `diet score` with ResNet-8, K=2 runs of 2 epochs
+    scored at epoch 1, and the held-out run of class-quota pruning (3 runs, 2 at once)."""
     saved = {name: os.environ.get(name) for name in THREADS_ENV}
     os.environ.update(THREADS_ENV)
     try:
         out = tmp_path_factory.mktemp("diet") / "scores"
-        assert diet.main(score_argv(tiny_fashion_betons, out)) == 0
+        assert diet.main(score_argv(tiny_fashion_betons, out, "--max-parallel", "2",
+                                    "--quota-val-fraction", str(QUOTA_FRACTION))) == 0
     finally:
         for name, value in saved.items():
             if value is None:
@@ -204,27 +210,40 @@ def test_score_command_writes_whole_consistent_scores(scored):
     # The two runs are different networks, so their scores differ.
     assert not np.allclose(arrays["el2n_runs"][0], arrays["el2n_runs"][1])
     assert meta["epochs"] == 1 and meta["seeds"] == [0, 1] and meta["grand_params"] == "all"
+    assert meta["full_epochs"] == 2 and meta["weights"] == "weights_epoch1.pt"
     assert meta["resolution"] == 16 and meta["num_samples"] == len(labels)
     for run_id in meta["run_ids"]:
         run_dir = out / "runs" / run_id
-        assert runs.is_complete(run_dir)
+        # A score run is a run of the normal (2-epoch) schedule that kept its epoch-1 weights.
+        assert runs.is_complete(run_dir) and (run_dir / "weights_epoch1.pt").is_file()
         config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
-        assert config["training"]["epochs"] == 1
+        assert config["training"]["epochs"] == 2
+        assert config["training"]["save_weights_at"] == [1]
     table = pd.read_csv(out / "scores.csv")
-    assert list(table.columns) == ["index", "label", "class_name", "el2n", "grand", "random"]
+    assert list(table.columns) == ["index", "label", "class_name", "el2n", "grand",
+                                   "input_norm", "random"]
+    correlations = pd.read_csv(out / "correlations.csv")
+    names = ["el2n", "grand", "input_norm", "random"]
+    assert list(correlations["score"]) == names
+    assert list(correlations["label"]) == ["EL2N@1", "GraNd@1", "input norm", "random"]
+    matrix = correlations[names].to_numpy()
+    np.testing.assert_allclose(matrix, matrix.T)
+    np.testing.assert_allclose(np.diag(matrix), 1.0)
+    from scipy.stats import spearmanr
+    assert matrix[0, 1] == pytest.approx(spearmanr(arrays["el2n"], arrays["grand"])[0])
     np.testing.assert_allclose(table["el2n"], arrays["el2n"], rtol=1e-6)
     assert table["class_name"][0] == meta["classes"][labels[0]]
 
 
 def test_scores_are_those_of_the_saved_weights_on_unaugmented_images(scored):
-    """EL2N of run 1 recomputed by hand: its weights.pt, the train beton in order, whole
-    images (centre crop ratio 1.0) at 16 px, no flip."""
+    """EL2N of run 1 recomputed by hand: its epoch-1 weights, the train beton in order,
+    whole images (centre crop ratio 1.0) at 16 px, no flip."""
     from ffcv_bias.loaders import create_val_loader, normalize
     betons, out = scored
     arrays, meta = diet.load_scores(out)
     run_dir = out / "runs" / meta["run_ids"][1]
     nested = json.loads((run_dir / runs.CONFIG_FILE).read_text())
-    model = diet.build_model(nested, 10, run_dir / runs.WEIGHTS_FILE, "cpu")
+    model = diet.build_model(nested, 10, run_dir / "weights_epoch1.pt", "cpu")
     loader = create_val_loader(betons[0], batch_size=64, resolution=16, crop_ratio=1.0,
                                num_workers=1)
     images, labels = next(iter(loader))
@@ -238,7 +257,8 @@ def test_scores_are_those_of_the_saved_weights_on_unaugmented_images(scored):
 def test_a_second_score_command_reuses_runs_and_scores(scored, capsys):
     betons, out = scored
     before = (out / "scores.npz").read_bytes()
-    assert diet.main(score_argv(betons, out, "--no-train")) == 0
+    assert diet.main(score_argv(betons, out, "--no-train", "--quota-val-fraction",
+                                str(QUOTA_FRACTION))) == 0
     with np.load(out / "scores.npz") as again, np.load(out / "scores.npz") as first:
         np.testing.assert_array_equal(again["grand_runs"], first["grand_runs"])
     assert (out / "scores.npz").read_bytes() == before
@@ -350,6 +370,22 @@ def test_a_pruned_run_trains_on_the_kept_indices_only(pruned, monkeypatch):
     assert runs.is_complete(run.run_dir)
 
 
+def test_the_pruning_sweep_is_analysed_like_a_regularization_sweep(pruned, tmp_path):
+    """Launch the whole pruned sweep (dense, 25%, 50%; the 50% run may be done already),
+    then the analysis with sparsity as the varied key: Welch tests and Table 1 per level."""
+    from ffcv_bias.analysis.__main__ import main as analysis_main
+    from ffcv_bias.sweep.cli import main as sweep_main
+    _, out = pruned
+    assert sweep_main(["launch", str(out / "sweep.yaml"), "--max-parallel", "2"]) == 0
+    report = tmp_path / "report"
+    assert analysis_main([str(out / "runs"), "--vary", "data.sparsity", "--out",
+                          str(report)]) == 0
+    welch = pd.read_csv(report / "welch.csv")
+    assert sorted(welch["setting"].unique()) == [0.25, 0.5] and len(welch) == 20
+    table1 = pd.read_csv(report / "table1.csv")
+    assert sorted(table1["setting"].unique()) == [0.25, 0.5]
+
+
 def test_prune_refuses_another_training_set(pruned, tiny_fashion_betons, tmp_path, capsys):
     scores_dir, _ = pruned
     argv = ["prune", "--scores", str(scores_dir), "--score", "grand", "--sparsity", "0.5",
@@ -359,22 +395,44 @@ def test_prune_refuses_another_training_set(pruned, tiny_fashion_betons, tmp_pat
     assert not (tmp_path / "p" / "keep_grand_0.5.npy").exists()
 
 
-def test_the_shipped_score_sweep_and_the_score_command_agree_on_run_ids(
-        tiny_fashion_betons, tmp_path, monkeypatch):
-    """rn50_configs/sweeps/diet_cifar10_resnet18_scores.yaml trains the runs the score
-    command looks for (its datasets are data/cifar10_*.beton under the launch directory)."""
+SHIPPED_SCORE_SWEEPS = [
+    # (sweep file, betons it names under data/, score command arguments, score epoch,
+    #  full epochs)
+    ("diet_cifar10_resnet18_scores.yaml", ("cifar10_train", "cifar10_val"),
+     ["--config-file", str(REPO / "rn50_configs/cifar10_resnet18.yaml"), "--epochs", "20",
+      "--seeds", "10", "--out", "diet/cifar10_resnet18/scores"], 20, 200),
+    ("diet_fashion_mnist_reference_scores.yaml",
+     ("fashion-mnist-1k_train", "fashion-mnist_val"),
+     ["--config-file", str(REPO / "rn50_configs/fashion_mnist_cpu.yaml"),
+      "--data.train_dataset=data/fashion-mnist-1k_train.beton", "--data.num_workers=1",
+      "--model.arch=resnet8", "--training.epochs=30", "--lr.lr_peak_epoch=6",
+      "--logging.log_level=0", "--logging.progress=0", "--epochs", "6", "--seeds", "4",
+      "--max-parallel", "2", "--also-init", "--quota-val-fraction", "0.2",
+      "--out", "diet/fashion_mnist/scores"], 6, 30),
+]
+
+
+@pytest.mark.parametrize("sweep_file, beton_names, score_args, epoch, full_epochs",
+                         SHIPPED_SCORE_SWEEPS)
+def test_the_shipped_score_sweeps_and_the_score_command_agree_on_run_ids(
+        tiny_fashion_betons, tmp_path, monkeypatch, sweep_file, beton_names, score_args,
+        epoch, full_epochs):
+    """Each shipped score sweep trains the runs the score command (as its header writes
+    it) looks for: full-schedule runs keeping their epoch-k weights."""
     from ffcv_bias.sweep import load_sweep, plan
     (tmp_path / "data").mkdir()
-    for source, split in zip(tiny_fashion_betons, ("train", "val")):
+    for source, name in zip(tiny_fashion_betons, beton_names):
         for suffix in ("", ".classes.json"):
-            os.symlink(f"{source}{suffix}", tmp_path / "data" / f"cifar10_{split}.beton{suffix}")
+            os.symlink(f"{source}{suffix}", tmp_path / "data" / f"{name}.beton{suffix}")
     monkeypatch.chdir(tmp_path)
-    sweep_runs = plan(load_sweep(REPO / "rn50_configs/sweeps/diet_cifar10_resnet18_scores.yaml"))
-    options = diet.build_parser().parse_args(
-        ["score", "--config-file", str(REPO / "rn50_configs/cifar10_resnet18.yaml"),
-         "--epochs", "20", "--seeds", "10", "--out", "diet/cifar10_resnet18/scores"])
-    _, planned = diet.plan_score_runs(options, {}, diet.parse_seeds(options.seeds))
-    assert [run.run_dir for run in sweep_runs] == [run_dir for _, _, _, run_dir in planned]
+    sweep_runs = plan(load_sweep(REPO / "rn50_configs/sweeps" / sweep_file))
+    options, extra = diet.build_parser().parse_known_args(["score", *score_args])
+    _, planned = diet.plan_score_runs(options, diet.parse_overrides(extra),
+                                      diet.parse_seeds(options.seeds))
+    assert [run.run_dir for run in sweep_runs] == [run.run_dir for run in planned]
+    assert {run.config["training"]["epochs"] for run in planned} == {full_epochs}
+    assert {tuple(run.config["training"]["save_weights_at"]) for run in planned} == {(epoch,)}
+    assert f"--epochs {epoch} " in (REPO / "rn50_configs/sweeps" / sweep_file).read_text()
 
 
 # --------------------------------------------------------------------------------------
@@ -414,3 +472,283 @@ def test_figures_need_a_dense_reference(tmp_path, capsys):
     assert diet.main(["figures", "--runs", str(tmp_path / "runs"),
                       "--out", str(tmp_path / "f")]) == 2
     assert "no dense run" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# training.save_weights_at: the weights of epoch k of the normal schedule
+# --------------------------------------------------------------------------------------
+
+def test_save_weights_at_keeps_that_epochs_weights_and_changes_nothing(
+        tiny_fashion_betons, tmp_path):
+    """Two 2-epoch runs, one keeping its epoch-1 weights: same run_id, bit-identical
+    logits; the kept weights are the epoch-1 model (they reproduce log.jsonl's epoch-1
+    per-class accuracy on the val set)."""
+    from ffcv_bias import train as trainer
+    from ffcv_bias.loaders import create_val_loader, normalize
+    base = trainer_overrides(tiny_fashion_betons) + ["--validation.lr_tta=0"]
+    folders = {name: tmp_path / name for name in ("plain", "kept")}
+    assert trainer.main(base + [f"--logging.folder={folders['plain']}"]) == 0
+    assert trainer.main(base + [f"--logging.folder={folders['kept']}",
+                                "--training.save_weights_at=1"]) == 0
+    (plain,), (kept,) = (list(folders[name].iterdir()) for name in ("plain", "kept"))
+    assert plain.name == kept.name  # the option does not enter the run_id
+    assert ((plain / runs.VAL_LOGITS_FILE).read_bytes()
+            == (kept / runs.VAL_LOGITS_FILE).read_bytes())
+    assert not (plain / "weights_epoch1.pt").exists()
+    assert sorted(p.name for p in kept.glob("weights*.pt")) == ["weights.pt",
+                                                                "weights_epoch1.pt"]
+    nested = json.loads((kept / runs.CONFIG_FILE).read_text())
+    assert nested["training"]["save_weights_at"] == [1]
+    model = diet.build_model(nested, 10, kept / "weights_epoch1.pt", "cpu")
+    loader = create_val_loader(tiny_fashion_betons[1], batch_size=100, resolution=16,
+                               crop_ratio=1.0, num_workers=1)
+    predictions, labels = diet.predict(model, loader, "cpu")
+    first_epoch = json.loads((kept / runs.LOG_FILE).read_text().splitlines()[0])
+    assert first_epoch["epoch"] == 0
+    np.testing.assert_allclose(
+        [np.mean(predictions[labels == c] == c) for c in range(10)],
+        first_epoch["per_class_acc"], atol=1e-9)
+    epoch1 = torch.load(kept / "weights_epoch1.pt", weights_only=True)
+    final = torch.load(kept / runs.WEIGHTS_FILE, weights_only=True)
+    assert any(not torch.equal(epoch1[name], final[name]) for name in final)
+
+
+def test_save_weights_at_refuses_an_epoch_after_the_last(tiny_fashion_betons, tmp_path,
+                                                         capsys):
+    from ffcv_bias import train as trainer
+    argv = trainer_overrides(tiny_fashion_betons) + [f"--logging.folder={tmp_path}",
+                                                      "--training.save_weights_at=1,3"]
+    assert trainer.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: training.save_weights_at=[1, 3] names an epoch after "
+                   "training.epochs=2")
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------
+# Baselines and correlations
+# --------------------------------------------------------------------------------------
+
+def test_input_norm_is_the_norm_of_the_normalized_image(scored):
+    """Recomputed from the decoded pixels with numpy: (x - mean) / std over the whole
+    16 px image, L2 over all channels and pixels."""
+    from ffcv_bias.loaders import IMAGENET_MEAN, IMAGENET_STD, create_val_loader
+    betons, out = scored
+    arrays, _ = diet.load_scores(out)
+    loader = create_val_loader(betons[0], batch_size=128, resolution=16, crop_ratio=1.0,
+                               num_workers=1)
+    pixels = np.concatenate([images.numpy().astype(np.float64) for images, _ in loader])
+    assert pixels.shape == (600, 3, 16, 16)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float64).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD, dtype=np.float64).reshape(1, 3, 1, 1)
+    direct = np.sqrt((((pixels - mean) / std) ** 2).reshape(600, -1).sum(axis=1))
+    np.testing.assert_allclose(arrays["input_norm"], direct, rtol=1e-5)
+
+
+def test_spearman_matrix_on_known_vectors():
+    x = np.array([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0])
+    ties = np.array([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0])
+    columns = np.column_stack([x, np.exp(x), -x, ties])
+    matrix = diet.spearman_matrix(columns)
+    assert matrix[0, 1] == pytest.approx(1.0)     # a monotone transform keeps the ranks
+    assert matrix[0, 2] == pytest.approx(-1.0)    # reversed ranks
+    # By hand: ranks of x are [4,1,5,2,6,8,3,7]; of ties [1.5,1.5,3.5,3.5,5.5,5.5,7.5,7.5].
+    rx = np.array([4, 1, 5, 2, 6, 8, 3, 7], dtype=float)
+    rt = np.array([1.5, 1.5, 3.5, 3.5, 5.5, 5.5, 7.5, 7.5])
+    by_hand = (((rx - rx.mean()) * (rt - rt.mean())).sum()
+               / np.sqrt(((rx - rx.mean()) ** 2).sum() * ((rt - rt.mean()) ** 2).sum()))
+    assert matrix[0, 3] == pytest.approx(by_hand)
+    np.testing.assert_allclose(matrix, matrix.T)
+    np.testing.assert_allclose(np.diag(matrix), 1.0)
+
+
+def test_also_init_adds_the_initial_networks_scores(scored, tmp_path, capsys):
+    """--also-init beside the epoch-k scores: GraNd@init and EL2N@init of the same seeds,
+    in the npz, the csv and the printed and saved correlations."""
+    _, out = scored
+    again = tmp_path / "again"
+    again.mkdir()
+    os.symlink(out / "runs", again / "runs")
+    argv = score_argv(scored[0], again, "--no-train", "--also-init", "--grand-params", "last")
+    assert diet.main(argv) == 0
+    arrays, meta = diet.load_scores(again)
+    assert meta["scores"] == ["el2n", "grand", "el2n_init", "grand_init", "input_norm",
+                              "random"]
+    assert arrays["grand_init_runs"].shape == (2, 600)
+    printed = capsys.readouterr().out
+    assert "GraNd@init" in printed and "n = 600 training images" in printed
+    labels = list(pd.read_csv(again / "correlations.csv")["label"])
+    assert labels == ["EL2N@1", "GraNd@1", "EL2N@init", "GraNd@init", "input norm", "random"]
+
+
+def test_a_complete_run_without_the_epoch_weights_is_named(scored, tmp_path, capsys):
+    """A finished run trained without training.save_weights_at cannot make the weights:
+    one line, before any training."""
+    import shutil
+    betons, out = scored
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "runs", copy / "runs", symlinks=True)
+    _, meta = diet.load_scores(out)
+    (copy / "runs" / meta["run_ids"][1] / "weights_epoch1.pt").unlink()
+    assert diet.main(score_argv(betons, copy)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is complete but kept no weights_epoch1.pt" in err and len(err.splitlines()) == 1
+    assert meta["run_ids"][1] in err
+
+
+# --------------------------------------------------------------------------------------
+# Class-quota pruning (DRoP)
+# --------------------------------------------------------------------------------------
+
+def test_class_quotas_are_proportional_with_redistribution():
+    # weights N_k (1 - r_k) = 10, 50, 10: shares 14.3, 71.4, 14.3 of 100; class 2 holds
+    # only 10, so 90 go to classes 0 and 1 in the ratio 10:50.
+    np.testing.assert_array_equal(diet.class_quotas([100, 100, 10], [0.9, 0.5, 0.0], 100),
+                                  [15, 75, 10])
+    # Every class with errors full: the error-free classes share the rest by size.
+    np.testing.assert_array_equal(diet.class_quotas([10, 10, 20, 40], [0.5, 0.5, 1.0, 1.0],
+                                                    50), [10, 10, 10, 20])
+    # Rounding: floors, then the largest remainders; always exactly the total.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(1, 50, size=7)
+        recall = rng.random(7)
+        total = int(rng.integers(1, sizes.sum() + 1))
+        quotas = diet.class_quotas(sizes, recall, total)
+        assert quotas.sum() == total and np.all(quotas <= sizes) and np.all(quotas >= 0)
+
+
+def test_quota_keep_indices_hit_the_quotas_randomly_within_class():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), [100, 100, 10])
+    random_scores = rng.random(len(labels))
+    kept, quotas = diet.quota_keep_indices(labels, [0.9, 0.5, 0.0], random_scores, 100)
+    np.testing.assert_array_equal(quotas, [15, 75, 10])
+    np.testing.assert_array_equal(np.bincount(labels[kept], minlength=3), quotas)
+    for class_id in range(3):  # within a class: the highest random scores
+        members = np.flatnonzero(labels == class_id)
+        kept_here = np.intersect1d(kept, members)
+        dropped = np.setdiff1d(members, kept_here)
+        if len(dropped):
+            assert random_scores[kept_here].min() > random_scores[dropped].max()
+
+
+def test_holdout_split_is_stratified_and_disjoint():
+    labels = np.repeat(np.arange(4), [10, 20, 30, 3])
+    train, val = diet.holdout_split(labels, 0.2, seed=0)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(labels)
+    np.testing.assert_array_equal(np.bincount(labels[val]), [2, 4, 6, 1])
+    again = diet.holdout_split(labels, 0.2, seed=0)
+    np.testing.assert_array_equal(again[1], val)
+
+
+def test_scores_record_the_held_out_recalls_of_the_training_split(scored):
+    betons, out = scored
+    _, meta = diet.load_scores(out)
+    info = meta["class_quota"]
+    val = np.load(out / "quota_val_indices.npy")
+    train = np.load(out / "quota_train_indices.npy")
+    assert info["n_val"] == len(val) == 120 and len(train) == 480  # 12 of each 60
+    assert len(np.intersect1d(val, train)) == 0
+    assert info["source"] == str(betons[0]) and len(info["recall"]) == 10
+    holdout = out / "runs" / info["run_id"]
+    config = json.loads((holdout / runs.CONFIG_FILE).read_text())
+    assert config["data"]["keep_indices"] == str((out / "quota_train_indices.npy").resolve())
+    assert config["data"]["score"] == "quota-holdout"
+    table = pd.read_csv(out / "class_recall.csv")
+    np.testing.assert_allclose(table["recall"], info["recall"], atol=1e-6)
+    assert table["n_val"].sum() == 120
+
+
+def test_class_quota_recalls_never_read_the_test_split(scored, tmp_path, monkeypatch):
+    """Every loader the score command opens reads the training beton: a spy on the
+    loaders while the recalls are recomputed."""
+    from ffcv_bias import loaders
+    betons, out = scored
+    opened = []
+    real = loaders.create_val_loader
+
+    def spy(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loaders, "create_val_loader", spy)
+    monkeypatch.setattr(loaders, "create_train_loader", lambda *a, **k: pytest.fail("trained"))
+    again = tmp_path / "again"
+    again.mkdir()
+    os.symlink(out / "runs", again / "runs")
+    argv = score_argv(betons, again, "--no-train", "--quota-val-fraction", str(QUOTA_FRACTION))
+    assert diet.main(argv) == 0
+    assert opened and set(opened) == {str(betons[0])}
+    _, first = diet.load_scores(out)
+    _, second = diet.load_scores(again)
+    assert second["class_quota"]["recall"] == first["class_quota"]["recall"]
+
+
+def test_prune_class_quota_keeps_the_quotas_and_records_the_split(scored, tmp_path):
+    _, scores_dir = scored
+    arrays, meta = diet.load_scores(scores_dir)
+    out = tmp_path / "quota"
+    assert diet.main(["prune", "--scores", str(scores_dir), "--score", "class-quota",
+                      "--sparsity", "0.5", "--out", str(out), "--seeds", "1",
+                      "--set", "training.epochs=1"]) == 0
+    kept = np.load(out / "keep_class-quota_0.5.npy")
+    record = json.loads((out / "prune.json").read_text())
+    expected = diet.class_quotas(np.bincount(arrays["labels"]), meta["class_quota"]["recall"],
+                                 300)
+    assert record["policy"] == "class-quota" and record["kept"] == {"0.5": 300}
+    assert record["class_quota"]["quotas"]["0.5"] == expected.tolist()
+    np.testing.assert_array_equal(np.bincount(arrays["labels"][kept], minlength=10), expected)
+    assert record["class_quota"]["val_indices_file"] == str(
+        (scores_dir / "quota_val_indices.npy").resolve())
+    from ffcv_bias.sweep import load_sweep
+    assert load_sweep(out / "sweep.yaml").points[1]["data.score"] == "class-quota"
+
+
+def test_prune_class_quota_needs_the_recalls(tiny_fashion_betons, tmp_path, capsys):
+    out = tmp_path / "init"
+    argv = score_argv(tiny_fashion_betons, out, "--grand-params", "last")
+    argv[argv.index("--epochs") + 1] = "0"
+    assert diet.main(argv) == 0
+    assert diet.main(["prune", "--scores", str(out), "--score", "class-quota",
+                      "--sparsity", "0.5", "--out", str(tmp_path / "p")]) == 2
+    assert "--quota-val-fraction" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------------------
+# prune validates everything before writing anything (issue 18, item 7)
+# --------------------------------------------------------------------------------------
+
+def folder_bytes(folder):
+    return {path.relative_to(folder): path.read_bytes()
+            for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+
+
+def test_a_refused_prune_leaves_a_valid_prune_byte_identical(pruned):
+    """`--sparsity 0.999` keeps 1 image, fewer than one batch: exit 2, one line naming the
+    final paths, and the folder holding the earlier prune is untouched (no temporaries)."""
+    import subprocess
+    import sys
+    scores_dir, out = pruned
+    before = folder_bytes(out)
+    result = subprocess.run(
+        [sys.executable, "-m", "ffcv_bias.studies.diet", "prune", "--scores", str(scores_dir),
+         "--score", "el2n", "--sparsity", "0.999", "--out", str(out), "--seeds", "1",
+         "--set", "training.epochs=1"], capture_output=True, text=True, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and "fewer than one global batch" in err
+    assert ".prune." not in err and str(out / "sweep.yaml") in err
+    assert folder_bytes(out) == before
+
+
+def test_a_refused_prune_into_a_new_folder_leaves_no_folder(pruned, tmp_path, capsys):
+    scores_dir, _ = pruned
+    fresh = tmp_path / "fresh"
+    assert diet.main(["prune", "--scores", str(scores_dir), "--score", "el2n",
+                      "--sparsity", "0.3,0.999", "--out", str(fresh), "--seeds", "1"]) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
+    assert not fresh.exists()
