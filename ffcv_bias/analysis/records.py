@@ -155,7 +155,8 @@ def read_records(roots):
             continue
         identifier = str(summary.get("run_id", run_dir.name))
         first = seen.get(identifier)
-        if first is not None and _same_val_shape(first.summary, summary):
+        if (first is not None and _same_val_shape(first.summary, summary)
+                and _val_class_names(first.config) == _val_class_names(config)):
             skipped.append(duplicate_record(first, run_dir, identifier, summary, config))
             continue
         run = Run(run_dir, identifier, config, summary)
@@ -180,6 +181,14 @@ def _same_val_shape(summary_a, summary_b):
     def shape(summary):
         return len(summary.get("per_class_acc", ())), summary.get("n_val")
     return shape(summary_a) == shape(summary_b)
+
+
+def _val_class_names(config):
+    """The class list of the val beton a config names (its sidecar), or None: two records
+    of one run_id on betons with other class lists are two datasets, not a duplicate."""
+    path = dotted_get(config, "data.val_dataset", None) if isinstance(config, dict) else None
+    sidecar = _read_json_or_none(str(path) + ".classes.json") if path else None
+    return sidecar.get("classes") if isinstance(sidecar, dict) else None
 
 
 def _results_differ(first, run_dir, summary):
