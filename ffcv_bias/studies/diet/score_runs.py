@@ -29,7 +29,7 @@ CORRELATIONS_FILE = "correlations.csv"
 @dataclass
 class ScoreRun:
     """One run the score command needs: the fields TrainerPool reads (index, config_args,
-    run_dir, config_error) and what scoring needs (seed, config, purpose)."""
+    run_dir, run_id, config_error) and what scoring needs (seed, config, purpose)."""
     index: int
     seed: int
     config_args: list
@@ -37,6 +37,12 @@ class ScoreRun:
     run_dir: Path
     purpose: str = "score"        # "score" or quota.HOLDOUT_SCORE
     config_error: str = ""
+
+    @property
+    def run_id(self):
+        # TrainerPool checks completeness against the run_id (a summary of another run
+        # in this directory is not this run's); the directory is named after it.
+        return self.run_dir.name
 
 
 def weights_at(run, epoch):
