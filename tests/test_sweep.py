@@ -314,8 +314,10 @@ def test_launcher_writes_error_txt_when_the_trainer_cannot(fake_setup, tmp_path)
 def test_local_dry_run_prints_commands(fake_setup, tmp_path):
     sweep_file = write_sweep(tmp_path / "s.yaml", base="base.yaml", folder=str(tmp_path / "r"),
                              grid={"model.dropout": [0.0, 0.5]}, seeds=1)
+    # --gpus is checked against the machine's GPUs: stand in for a 2-GPU node.
     result = sweep_cli("launch", sweep_file, "--dry-run", "--gpus", "0,1",
-                       "--train-script", fake_setup["script"])
+                       "--train-script", fake_setup["script"],
+                       env={"CUDA_VISIBLE_DEVICES": "0,1"})
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if "fake_train.py" in line]
     assert len(commands) == 2 and "--model.dropout=0.5" in commands[1]
