@@ -92,7 +92,8 @@ def readme_commands(text=None):
 
 def readme_table_files(text, first_header):
     """The file names in the first column of the README table whose header starts with
-    `first_header` (`runs.csv`, `*.png` ...): what the README promises a command writes."""
+    `first_header` (`runs.csv`, `*.png` ...): what the README promises a command writes.
+    Rows whose meaning starts with "when ..." are conditional and left out."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines)
                  if line.startswith(f"| {first_header}"))
@@ -100,7 +101,10 @@ def readme_table_files(text, first_header):
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
-        names += re.findall(r"`([^`]+)`", line.split("|")[1])
+        name_cell, meaning = line.split("|")[1:3]
+        if meaning.strip().startswith("when "):
+            continue  # written only under a condition the row states; its own test covers it
+        names += re.findall(r"`([^`]+)`", name_cell)
     return names
 
 
