@@ -88,7 +88,7 @@ def print_machine():
           "runs per setting)")
 
 
-# The two experiments: (sweep, report, varied key, its reference, the slice of demo/runs).
+# The two experiments: (varied key, its reference, the slice of demo/runs, summary label).
 CROP = ("augment.min_scale", "1.0", "training.weight_decay=0.0005", "tau")
 DECAY = ("training.weight_decay", "0.0005", "augment.min_scale=1.0", "weight_decay")
 SIGNIFICANT = 0.05
@@ -102,6 +102,19 @@ def print_means(runs, label):
     for value, row in per_setting.sort_index(ascending=False).iterrows():
         print(f"  {label}={value:<6g} top1={row['mean']:.4f} ± {row['std']:.4f}  "
               f"(n={int(row['count'])})")
+
+
+def tradeoff_verdict(rise, p_rise, n_losers):
+    """The paper's claim needs both halves: a mean that rises beyond seed noise, and a
+    class that falls significantly."""
+    if rise <= 0:
+        return "no trade-off here: the mean does not rise"
+    if not n_losers:
+        return "the mean rises and no class falls significantly"
+    if p_rise < SIGNIFICANT:
+        return "the paper's trade-off: the mean rises significantly while a class falls"
+    return ("the paper's shape, but the mean's rise is within seed noise at these seeds "
+            f"(p={p_rise:.2g} >= {SIGNIFICANT})")
 
 
 def tradeoff_lines(runs, welch, reference, label):
@@ -120,10 +133,7 @@ def tradeoff_lines(runs, welch, reference, label):
                            f"(p={row['p_less']:.2g}, BH q={row['q_less']:.2g})"
                            for _, row in losers.head(3).iterrows()) or "no class"
         n = f"n={len(top1[value])} / {len(top1[reference])} seeds"
-        verdict = ("the paper's trade-off: the mean rises while a class falls"
-                   if rise > 0 and len(losers) else
-                   "no trade-off here: the mean does not rise" if rise <= 0 else
-                   "the mean rises and no class falls significantly")
+        verdict = tradeoff_verdict(rise, p_rise, len(losers))
         lines.append(f"  {label}={value:g}: mean {rise:+.2f} pts ({n}; one-sided Welch "
                      f"p={p_rise:.2g}); falls at p<{SIGNIFICANT}: {fallen} -> {verdict}")
     return lines

@@ -40,4 +40,13 @@ def test_the_verdict_names_a_setting_that_raises_the_mean_while_a_class_falls(tm
     frames = run_analysis(tmp_path / "runs", "augment.min_scale", make_plots=False)
     (line,) = demo.tradeoff_lines(frames["runs"], frames["welch"], 1.0, "tau")
     assert line.startswith("  tau=0.3: mean +1.") and "syn_009 -2" in line
-    assert line.endswith("the paper's trade-off: the mean rises while a class falls")
+    assert line.endswith("the paper's trade-off: the mean rises significantly while a class "
+                         "falls")
+
+
+def test_a_rise_within_seed_noise_is_not_called_a_trade_off():
+    assert demo.tradeoff_verdict(0.4, 0.2, 1).startswith("the paper's shape, but the mean's "
+                                                          "rise is within seed noise")
+    assert demo.tradeoff_verdict(0.4, 0.01, 0) == \
+        "the mean rises and no class falls significantly"
+    assert demo.tradeoff_verdict(-0.1, 0.9, 3) == "no trade-off here: the mean does not rise"
