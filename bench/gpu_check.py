@@ -1,7 +1,9 @@
 """The GPU acceptance check (issue 17): what a first CUDA run must show, in one command.
 
     bash bench/gpu_check.sh                       # a machine with one CUDA GPU, < 8 minutes
-    python bench/gpu_check.py --device cpu --tiny --out /tmp/check   # the same code on CPU
+    bash bench/gpu_check.sh --device cpu --tiny   # the same code on a CPU (~1-2 minutes)
+
+(gpu_check.sh runs this script under a hard timeout and says where the JSON went.)
 
 It writes its own synthetic ImageNet-like betons (by default 6,000 training and 1,000
 validation images around 500x375, half of them JPEG at quality 90, 100 classes) and
@@ -23,6 +25,14 @@ or `SKIP` (not measurable on this device), and writes them all to <out>/gpu_chec
   loader      loader img/s per thread at the first resolution, for each decoder mode the
               loader offers (augment.decode exact|fast where it exists);
   ddp         one epoch in a 1-process NCCL group (gloo on CPU).
+
+The JSON is rewritten after each section ("complete": false until the end), so a check
+stopped by the timeout keeps what it measured; "section_seconds" says where the time went.
+
+--tiny (the CPU test, tests/test_gpu_check.py) shrinks the sizes (TINY), runs every
+process on one torch thread and traces the compiled variants with torch.compile's
+aot_eager backend (dynamo and AOT autograd, as on a GPU, without inductor's C++ code
+generation); the checks themselves are the same as on a GPU.
 
 Exit code: 0 when no check failed, 1 otherwise, 2 on a bad argument.
 """
@@ -669,6 +679,10 @@ def main(argv=None):
             except Exception as error:  # noqa: BLE001 - one broken section must not hide the rest
                 report.check(f"{name} section", False, f"{type(error).__name__}: {error}")
             section_seconds[name] = round(time.perf_counter() - section_started, 1)
+            # After each section: a check stopped by gpu_check.sh's timeout keeps what it
+            # measured ("complete": false).
+            write_json(out, device, options, report, time.perf_counter() - started,
+                       section_seconds, complete=False)
     seconds = time.perf_counter() - started
     failed = report.failed
     print(f"{'FAILED' if failed else 'ALL PASSED'}: "
@@ -676,12 +690,16 @@ def main(argv=None):
           f"{sum(r['status'] == 'FAIL' for r in report.results)} failed, "
           f"{sum(r['status'] == 'SKIP' for r in report.results)} skipped in {seconds:.0f} s ("
           + ", ".join(f"{name} {value:.0f} s" for name, value in section_seconds.items()) + ")")
-    atomic.write_text(out / "gpu_check.json", json.dumps(
-        {"device": str(device), "seconds": seconds, "section_seconds": section_seconds,
-         "options": {
-            key: value for key, value in vars(options).items() if key != "skip"},
-         "results": report.results}, indent=1, default=str) + "\n")
+    write_json(out, device, options, report, seconds, section_seconds, complete=True)
     return 1 if failed else 0
+
+
+def write_json(out, device, options, report, seconds, section_seconds, complete):
+    atomic.write_text(out / "gpu_check.json", json.dumps(
+        {"device": str(device), "complete": complete, "seconds": seconds,
+         "section_seconds": section_seconds,
+         "options": {key: value for key, value in vars(options).items() if key != "skip"},
+         "results": report.results}, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

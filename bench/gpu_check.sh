@@ -37,7 +37,12 @@ if [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then
     echo "gpu_check.sh: stopped after $limit s (GPU_CHECK_TIMEOUT)" >&2
 fi
 if [ -f "$out/gpu_check.json" ] && [ "$out/gpu_check.json" -nt "$started" ]; then
-    echo "gpu_check.sh: results in $out/gpu_check.json"
+    if grep -q '"complete": false' "$out/gpu_check.json"; then
+        echo "gpu_check.sh: partial results (the sections done before it stopped) in" \
+             "$out/gpu_check.json"
+    else
+        echo "gpu_check.sh: results in $out/gpu_check.json"
+    fi
 else
     echo "gpu_check.sh: no results written ($out/gpu_check.json is missing or from an" \
          "earlier run)" >&2

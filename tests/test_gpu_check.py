@@ -41,7 +41,7 @@ def expected_figures():
 
 
 def run_script(args, cwd, **env):
-    environment = dict(os.environ, PYTHON=sys.executable, **env)
+    environment = dict(os.environ, **{"PYTHON": sys.executable, **env})
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=900)
 
@@ -64,7 +64,7 @@ def test_tiny_cpu_check_runs_every_section_and_skips_only_what_needs_cuda(tmp_pa
     loader_lines = {name for name in by_status["INFO"] if name.startswith("loader ")}
     assert by_status["INFO"] - loader_lines == expected_figures()
     assert loader_lines and all(name.startswith("loader 32 px, ") for name in loader_lines)
-    assert record["device"] == "cpu"
+    assert record["device"] == "cpu" and record["complete"] is True
     assert set(record["section_seconds"]) == {"buffers", "resume", "trainer", "ddp", "loader",
                                               "model"}
     # Every figure is a number a reader can compare: img/s > 0 wherever one is reported.
@@ -120,3 +120,31 @@ def test_an_earlier_json_is_not_taken_for_this_run(tmp_path):
     assert "results in" not in result.stdout
     assert "no results written" in result.stderr
     assert earlier.read_text() == '{"results": []}\n'  # the wrapper never deletes it
+
+
+def stand_in_python(tmp_path):
+    """A `python` for the wrapper that writes a partial gpu_check.json into its --out
+    folder, as the check does after each section, then hangs in the next section."""
+    script = tmp_path / "python"
+    script.write_text("""#!/usr/bin/env bash
+while [ $# -gt 0 ]; do
+    if [ "$1" = "--out" ]; then out="$2"; fi
+    shift
+done
+mkdir -p "$out"
+echo '{"complete": false, "results": []}' > "$out/gpu_check.json"
+exec sleep 60
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_check_stopped_by_the_timeout_keeps_its_partial_results(tmp_path):
+    out = tmp_path / "out"
+    result = run_script(["--out", str(out)], tmp_path, PYTHON=stand_in_python(tmp_path),
+                        GPU_CHECK_TIMEOUT="2")
+
+    assert result.returncode == 124, result.stderr
+    assert f"partial results (the sections done before it stopped) in {out}/gpu_check.json" \
+        in result.stdout
+    assert result.stdout.rstrip().endswith("gpu_check.sh: exit code 124")
