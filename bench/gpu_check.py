@@ -330,12 +330,17 @@ def train_here(args):
     as the subprocesses, without a second start-up (imports, numba's typed-dict compile)."""
     from ffcv_bias.train import main as train_main, restore_torch_settings
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    # training.deterministic=1 turns cudnn's autotuner off: the throughput sections after
+    # this one must not measure with it off.
+    cudnn = torch.backends.cudnn
+    cudnn_flags = (cudnn.benchmark, cudnn.deterministic)
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
             code = train_main(args)
     finally:
         restore_torch_settings(threads, deterministic)
+        cudnn.benchmark, cudnn.deterministic = cudnn_flags
     return code, output.getvalue()
 
 
@@ -474,6 +479,8 @@ def model_images_per_second(options, device, resolution, compiled):
     from ffcv_bias.models import create_model
     from ffcv_bias.train import compile_for_resolutions
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer (training.deterministic=0)
     model = create_model(options.arch, 1000).to(device, memory_format=torch.channels_last)
     step_model = (compile_for_resolutions(model, [resolution], options.compile_backend)
                   if compiled else model)
