@@ -344,10 +344,19 @@ def train_here(args):
     return code, output.getvalue()
 
 
+def reference_run(args, options, device):
+    """The uninterrupted run: on CUDA a process of its own (training.deterministic=1 sets
+    CUBLAS_WORKSPACE_CONFIG before cuBLAS starts; in this process it would also restrict
+    the cuBLAS of the throughput sections), on a CPU here (one start-up less)."""
+    if device.type == "cuda":
+        return run_trainer(args, options, device)
+    return train_here(args)
+
+
 def check_resume(options, report, betons, folder, device):
     """The two interrupted-then-resumed runs (subprocesses, watched from threads) side by
-    side with the uninterrupted reference run (here, in the main thread: signal handlers
-    can only be installed there). Each has its own folder, and all are deterministic, so
+    side with the uninterrupted reference run (from the main thread: signal handlers can
+    only be installed there). Each has its own folder, and all are deterministic, so
     sharing the machine changes no logit; the runs are mostly start-up anyway."""
     uninterrupted = folder / "uninterrupted"
     signals = (signal.SIGTERM, signal.SIGUSR2)
@@ -358,7 +367,8 @@ def check_resume(options, report, betons, folder, device):
                                            small_run_args(options, betons, target), target,
                                            options, device, number)
                        for number, target in targets.items()}
-        code, output = train_here(small_run_args(options, betons, uninterrupted))
+        code, output = reference_run(small_run_args(options, betons, uninterrupted), options,
+                                     device)
         outcomes = {number: future.result() for number, future in interrupted.items()}
     if code != 0:
         report.check("resume reference run", False,
