@@ -1,7 +1,7 @@
 """The GPU acceptance check (issue 17): what a first CUDA run must show, in one command.
 
     bash bench/gpu_check.sh                       # a machine with one CUDA GPU, < 8 minutes
-    bash bench/gpu_check.sh --device cpu --tiny   # the same code on a CPU (~1-2 minutes)
+    bash bench/gpu_check.sh --device cpu --tiny   # the same code on a CPU (1-2 minutes)
 
 (gpu_check.sh runs this script under a hard timeout and says where the JSON went.)
 
