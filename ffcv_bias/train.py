@@ -805,19 +805,21 @@ def build_optimizer(name, groups, training):
     raise ConfigError(f"training.optimizer: unknown optimizer {name!r}")
 
 
-def compile_for_resolutions(module, resolutions):
+def compile_for_resolutions(module, resolutions, backend="inductor"):
     """torch.compile(module) with room for one graph per training resolution.
 
     Each progressive-resizing resolution is a new input shape: with dynamic=False dynamo
     compiles one static graph per resolution (fast kernels, no shape guards in them) and
     must not hit its recompile limit (8 by default) half-way through the ramp, where it
-    would fall back to eager silently."""
+    would fall back to eager silently. `backend` other than inductor: for checks of the
+    compiled path on a CPU (bench/gpu_check.py --tiny: aot_eager traces the same graphs in
+    seconds, where inductor's C++ code generation takes minutes)."""
     import torch._dynamo.config as dynamo_config
     needed = len(resolutions) + 2  # + margin for a guard failure (e.g. train/eval mode)
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
             setattr(dynamo_config, name, needed)
-    return torch.compile(module, dynamic=False)
+    return torch.compile(module, dynamic=False, backend=backend)
 
 
 def truncate_log(log_path, epochs_done):
