@@ -47,12 +47,15 @@ images is reported (0-255 scale): 0 where the crop is under twice the output (sc
 bit-identical), the resampling difference elsewhere.
 """
 import argparse
+import contextlib
 import math
 import os
+import random
 import shlex
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
@@ -65,7 +68,6 @@ import torch
 # would also set torch's thread count to its worker count).
 from ffcv_bias import loaders  # noqa: I001
 
-import contextlib  # noqa: E402
 import cv2  # noqa: E402
 from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder  # noqa: E402
@@ -312,7 +314,6 @@ class PilRandomResizedCrop(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        import random
         resolution, tau = int(self.settings[0]), float(self.settings[1])
         with Image.open(self.paths[index]) as file:
             image = file.convert("RGB")
@@ -346,15 +347,15 @@ class DecodePipeline:
     def __init__(self, beton_path, args):
         self.images = read_beton_jpegs(beton_path)
         self.pool = ThreadPoolExecutor(max_workers=args.workers)
-        largest = max(height * width for _, height, width in self.images)
-        self.buffers = {}
-        self.largest = largest
+        self.largest = max(height * width for _, height, width in self.images)
+        self.per_thread = threading.local()   # one decode buffer per pool thread
 
     def decode(self, item):
         blob, height, width = item
-        key = os.getpid(), __import__("threading").get_ident()
-        buffer = self.buffers.setdefault(key, np.empty(3 * self.largest, np.uint8))
-        imdecode(blob, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+        if not hasattr(self.per_thread, "buffer"):
+            self.per_thread.buffer = np.empty(3 * self.largest, np.uint8)
+        imdecode(blob, self.per_thread.buffer, height, width, height, width, 0, 0, 1, 1,
+                 False, False)
         return 1
 
     def run_epoch(self, cell=None):
