@@ -17,13 +17,17 @@ def pkgconfig(package):
         output = "-ljpeg"
         prefix = os.environ.get("CONDA_PREFIX")
         if prefix:
-            output += f" -I{prefix}/include -L{prefix}/lib -Wl,-rpath,{prefix}/lib"
-    flags = {"include_dirs": [], "library_dirs": [], "libraries": [], "extra_link_args": []}
+            output += f" -I{prefix}/include -L{prefix}/lib"
+    flags = {"include_dirs": [], "library_dirs": [], "runtime_library_dirs": [],
+             "libraries": [], "extra_link_args": []}
     for flag in shlex.split(output):
         if flag.startswith("-I"):
             flags["include_dirs"].append(flag[2:])
         elif flag.startswith("-L"):
+            # Also searched at run time: the libjpeg linked against (a conda one, say) is
+            # then the one loaded, not whichever the system's loader finds first.
             flags["library_dirs"].append(flag[2:])
+            flags["runtime_library_dirs"].append(flag[2:])
         elif flag.startswith("-l"):
             flags["libraries"].append(flag[2:])
         else:

@@ -221,10 +221,26 @@ def one_epoch(path, *, decode, num_workers=1, epoch=0, resolution=48, **options)
     return loader, loader.sample_order(), images
 
 
-def test_train_loader_fast_is_close_to_exact_with_the_same_crops_and_flips(mixed_beton):
-    path, entries = mixed_beton
-    _, order, exact = one_epoch(path, decode="exact")
-    fast_loader, fast_order, fast = one_epoch(path, decode="fast")
+@pytest.fixture(scope="module")
+def mixed_epochs(mixed_beton):
+    """one_epoch of the mixed beton per (decode, workers), built once: each loader costs
+    seconds of numba compilation, and several tests compare the same epochs."""
+    path, _ = mixed_beton
+    cache = {}
+
+    def epoch_of(decode, num_workers=1):
+        if (decode, num_workers) not in cache:
+            cache[decode, num_workers] = one_epoch(path, decode=decode,
+                                                   num_workers=num_workers)
+        return cache[decode, num_workers]
+    return epoch_of
+
+
+def test_train_loader_fast_is_close_to_exact_with_the_same_crops_and_flips(mixed_beton,
+                                                                          mixed_epochs):
+    _, entries = mixed_beton
+    _, order, exact = mixed_epochs("exact")
+    fast_loader, fast_order, fast = mixed_epochs("fast")
     assert fast_loader.fast_decode_active and fast_loader.decode_fallbacks == {}
     assert np.array_equal(order, fast_order)
     scales = []
@@ -244,21 +260,22 @@ def test_train_loader_fast_is_close_to_exact_with_the_same_crops_and_flips(mixed
     assert 1 in scales and max(scales) > 1  # both kinds of crop were seen
 
 
-def test_same_batches_whatever_the_worker_count_in_both_modes(mixed_beton):
-    path, _ = mixed_beton
+def test_same_batches_whatever_the_worker_count_in_both_modes(mixed_epochs):
     for decode in ("exact", "fast"):
-        _, order_1, images_1 = one_epoch(path, decode=decode, num_workers=1, epoch=2)
-        _, order_2, images_2 = one_epoch(path, decode=decode, num_workers=2, epoch=2)
+        _, order_1, images_1 = mixed_epochs(decode, num_workers=1)
+        _, order_2, images_2 = mixed_epochs(decode, num_workers=2)
         assert np.array_equal(order_1, order_2) and torch.equal(images_1, images_2), decode
 
 
 def test_validation_centre_crop_fast_matches_exact(mixed_beton):
     path, _ = mixed_beton
+    val_loaders = {decode: create_val_loader(path, batch_size=8, resolution=40,
+                                             num_workers=1, decode=decode)
+                   for decode in ("exact", "fast")}
     for resolution in (40, 160):  # 40 px: most crops DCT-scaled; 160 px: most at scale 1
         results = {}
-        for decode in ("exact", "fast"):
-            loader = create_val_loader(path, batch_size=8, resolution=resolution,
-                                       num_workers=1, decode=decode)
+        for decode, loader in val_loaders.items():
+            loader.set_resolution(resolution)
             results[decode] = torch.cat([images.clone() for images, _ in loader]).int()
         assert loader.fast_decode_active and loader.decode_fallbacks == {}
         errors = (results["fast"] - results["exact"]).abs().float().mean(dim=(1, 2, 3))
@@ -297,14 +314,15 @@ def test_undecodable_images_fall_back_to_the_exact_path_and_are_counted(tmp_path
     assert fast_loader.decode_fallbacks == {"colour space": 4, "libjpeg warning": 2}
 
 
-def test_without_the_extension_fast_warns_once_and_decodes_exactly(mixed_beton, monkeypatch):
+def test_without_the_extension_fast_warns_once_and_decodes_exactly(mixed_beton, mixed_epochs,
+                                                                   monkeypatch):
     path, _ = mixed_beton
+    _, _, exact = mixed_epochs("exact")
     monkeypatch.setattr(fast_decode, "_library_state",
                         {"function": None, "problem": "test: extension hidden"})
     with pytest.warns(RuntimeWarning, match="test: extension hidden"):
         loader, order, fast = one_epoch(path, decode="fast")
     assert not loader.fast_decode_active
-    _, _, exact = one_epoch(path, decode="exact")
     assert torch.equal(fast, exact)
 
 
