@@ -300,8 +300,10 @@ class Trainer:
     @param("augment.max_scale")
     @param("augment.flip")
     @param("augment.class_min_scale")
+    @param("augment.decode")
     def create_train_loader(self, train_dataset, num_workers, in_memory, keep_indices,
-                            batch_size, seed, min_scale, max_scale, flip, class_min_scale):
+                            batch_size, seed, min_scale, max_scale, flip, class_min_scale,
+                            decode):
         indices = None
         if keep_indices:
             indices = read_keep_indices(keep_indices, int(self.sidecar["num_samples"]))
@@ -313,7 +315,7 @@ class Trainer:
             min_scale=min_scale, max_scale=max_scale, flip=flip,
             class_min_scale=class_bounds, num_workers=self.loader_threads,
             distributed=self.info.group_running, indices=indices, in_memory=in_memory,
-            device=self.device)
+            device=self.device, decode=decode)
 
     @param("data.val_dataset")
     @param("data.num_workers")
@@ -321,12 +323,13 @@ class Trainer:
     @param("validation.batch_size")
     @param("validation.resolution")
     @param("validation.crop_ratio")
+    @param("augment.decode")
     def create_val_loader(self, val_dataset, num_workers, in_memory, batch_size, resolution,
-                          crop_ratio):
+                          crop_ratio, decode):
         return create_val_loader(val_dataset, batch_size=batch_size, resolution=resolution,
                                  crop_ratio=crop_ratio, num_workers=self.loader_threads,
                                  distributed=self.info.group_running, in_memory=in_memory,
-                                 device=self.device)
+                                 device=self.device, decode=decode)
 
     @param("model.arch")
     @param("model.dropout")
@@ -499,9 +502,15 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
         images = steps * self.nested["training"]["batch_size"] * self.info.world_size
-        return {"lr": float(self.lr_schedule[first_iteration + steps - 1]),
-                "train_loss": float(mean_loss), "epoch_seconds": seconds,
-                "images_per_second": images / seconds, "resolution": loader.resolution}
+        stats = {"lr": float(self.lr_schedule[first_iteration + steps - 1]),
+                 "train_loss": float(mean_loss), "epoch_seconds": seconds,
+                 "images_per_second": images / seconds, "resolution": loader.resolution}
+        if self.nested["augment"].get("decode") == "fast":
+            # Images so far that the fast decoder handed to the exact one, by reason (this
+            # rank's loader); the log says whether 'fast' really decoded the fast way.
+            stats["decode_fallbacks"] = loader.decode_fallbacks
+            stats["fast_decode_active"] = loader.fast_decode_active
+        return stats
 
     def check_steps(self, step_losses, start, end, epoch):
         """Stop every rank together on a non-finite loss or a SIGTERM (one collective)."""
@@ -630,7 +639,7 @@ class Trainer:
             self.model, self.run_dir, parse_protocols(protocols), val_dataset=val_dataset,
             labels=self.val_labels, num_classes=self.num_classes, batch_size=batch_size,
             num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta, device=self.device,
-            amp_dtype=self.amp_dtype)
+            amp_dtype=self.amp_dtype, decode=self.nested["augment"].get("decode", "exact"))
 
     # -- the record ------------------------------------------------------------------
 
