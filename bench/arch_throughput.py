@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 
 from ffcv_bias import atomic
+from ffcv_bias.common import env
 from ffcv_bias.config import ConfigError
 from ffcv_bias.models import ARCHITECTURES, create_model, weight_decay_groups
 from ffcv_bias.train_config import bn_weight_decay, resolve_config, wd_exempt
@@ -180,7 +181,7 @@ def parse_archs(text):
 
 def parse_device(text):
     if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return env.default_device()
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -408,17 +409,8 @@ def describe_plan(plan, batch_size):
 
 
 def cpu_description():
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    native_bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"}) or ["none"]
-    return (f"{model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+    native_bf16 = sorted(env.cpu_flags() & {"avx512_bf16", "amx_bf16"}) or ["none"]
+    return (f"{env.cpu_model()}, {os.cpu_count()} cores ({env.usable_cpu_count()} usable), "
             f"native bf16 instructions: {', '.join(native_bf16)}")
 
 

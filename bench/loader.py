@@ -67,6 +67,7 @@ from PIL import Image, ImageDraw, features  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ffcv_bias.atomic import write_json  # noqa: E402
+from ffcv_bias.common import env  # noqa: E402
 from ffcv_bias.datasets import convert  # noqa: E402
 
 SCALE = (0.08, 1.0)
@@ -361,22 +362,12 @@ def measure(pipelines, timed_epochs):
 # Report
 # ==========================================================================================
 
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def machine_lines():
     import ffcv
     import numba
     import PIL
     return [
-        f"machine: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {cpu_model()}",
+        f"machine: {os.cpu_count()} cores ({env.usable_cpu_count()} usable), {env.cpu_model()}",
         f"versions: python {sys.version.split()[0]}, torch {torch.__version__}, "
         f"ffcv {ffcv.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
         f"pillow {PIL.__version__} (libjpeg-turbo: {features.check_feature('libjpeg_turbo')}), "
@@ -454,7 +445,7 @@ def parse_args(argv):
     parser.add_argument("--resolution", type=positive_int, default=224,
                         help="output side in pixels (default 224)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--workers", type=positive_int, default=env.usable_cpu_count(),
                         help="threads (ffcv, decode) or processes (torch); default: all cores")
     parser.add_argument("--epochs", type=positive_int, default=3,
                         help="timed epochs per pipeline, after one warm-up epoch (default 3)")

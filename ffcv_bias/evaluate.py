@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ffcv_bias import atomic, metrics, runs
+from ffcv_bias.common import env
 from ffcv_bias.loaders import BetonError, create_val_loader, normalize, read_labels
 from ffcv_bias.models import create_model, eval_logits
 from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
@@ -153,7 +154,7 @@ def evaluate_run(run_dir, protocols, *, val_dataset=None, force=False, batch_siz
     if not todo:
         print(f"{run_dir.name}: already has {', '.join(p.name for p in protocols)}")
         return []
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or env.default_device()
     validation = config.get("validation", {})
     val_dataset = val_dataset or config["data"]["val_dataset"]
     with runs.run_lock(run_dir):

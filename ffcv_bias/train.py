@@ -47,14 +47,11 @@ model init and dropout of the seed (and the rank). On CPU, runs are deterministi
 same config gives bit-identical val_logits.npy, even when killed and resumed (with the
 same torch thread count). On CUDA set training.deterministic=1 for the same property.
 """
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -71,6 +68,7 @@ from fastargs.decorators import param
 from tqdm import tqdm
 
 from ffcv_bias import atomic, distributed, evaluate, metrics, runs
+from ffcv_bias.common import env
 from ffcv_bias.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
 from ffcv_bias.beton_fingerprint import current_fingerprints
 from ffcv_bias.config import ConfigError, flatten, validate_all
@@ -195,7 +193,7 @@ def choose_torch_threads(local_world_size):
     """OMP_NUM_THREADS when the launcher set it, else this process's share of the cores."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = env.usable_cpu_count()
     return max(1, cores // local_world_size)
 
 
@@ -204,7 +202,7 @@ def choose_loader_threads(configured, local_world_size):
     one (left to the training loop), within NUMBA_NUM_THREADS when the launcher set it."""
     if configured > 0:
         return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = env.usable_cpu_count()
     threads = max(1, cores // local_world_size - 1)
     if os.environ.get("NUMBA_NUM_THREADS", "").isdigit():
         threads = min(threads, max(1, int(os.environ["NUMBA_NUM_THREADS"])))
@@ -838,32 +836,6 @@ def truncate_log(log_path, epochs_done):
 # Run directory: config.json, error.txt, provenance
 # ---------------------------------------------------------------------------------------
 
-def git_commit():
-    """(commit, dirty) of the repository this package is in, or (None, None)."""
-    source_dir = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source_dir), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None, None
-        dirty = subprocess.run(["git", "-C", str(source_dir), "diff", "--quiet", "HEAD"],
-                               capture_output=True, timeout=30).returncode != 0
-        return commit.stdout.strip(), dirty
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-
-
-def package_versions():
-    """Installed versions (ffcv's own __version__ says 0.0.3rc1 in its 1.0.2 release)."""
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "ffcv", "numpy", "numba"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def check_run_dir(run_dir, run_id):
     """Refuse a directory that holds another run's config; remove a stale error.txt."""
     stored = runs.read_json_object(run_dir / runs.CONFIG_FILE)  # None: missing or corrupt
@@ -884,10 +856,10 @@ def check_run_dir(run_dir, run_id):
 def write_config(run_dir, nested, info, command):
     """config.json at the first start (a resumed run keeps the original one)."""
     path = run_dir / runs.CONFIG_FILE
-    commit, dirty = git_commit()
+    commit, dirty = env.git_commit()
     meta = {"run_id": runs.run_id(nested), "betons": current_fingerprints(nested),
             "git": commit, "git_dirty": dirty,
-            "versions": package_versions(), "host": socket.gethostname(),
+            "versions": env.package_versions(), "host": socket.gethostname(),
             "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "world_size": info.world_size, "device": str(info.device),
             "torch_threads": torch.get_num_threads(),

@@ -110,6 +110,17 @@ def _pick_per_class(class_starts, counts, eligible, rng):
     return marked
 
 
+def _write_val_sidecar(out_dir, labels, num_classes, class_names=None):
+    """The `.classes.json` of a val beton that is never written (the records only name it);
+    its path. Classes are `syn_000`, ... unless `class_names` are given."""
+    val_dataset = out_dir / "synthetic_val.beton"
+    names = list(class_names) if class_names else [f"syn_{i:03d}" for i in range(num_classes)]
+    Path(str(val_dataset) + ".classes.json").write_text(json.dumps(
+        {"dataset": "synthetic", "split": "val", "num_samples": int(len(labels)),
+         "num_classes": num_classes, "classes": names}))
+    return val_dataset
+
+
 def make_synthetic_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50,
                         effects=None, base_acc=0.75, noise_std=0.02,
                         with_logits=False, per_class_in_summary=True,
@@ -142,11 +153,7 @@ def make_synthetic_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50
     rng = np.random.default_rng(seed)
     class_counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (num_classes,))
     labels = np.repeat(np.arange(num_classes), class_counts)
-    val_dataset = out_dir / "synthetic_val.beton"
-    names = list(class_names) if class_names else [f"syn_{i:03d}" for i in range(num_classes)]
-    sidecar = {"dataset": "synthetic", "split": "val", "num_samples": int(len(labels)),
-               "num_classes": num_classes, "classes": names}
-    Path(str(val_dataset) + ".classes.json").write_text(json.dumps(sidecar))
+    val_dataset = _write_val_sidecar(out_dir, labels, num_classes, class_names)
 
     seeds = list(seeds)
     shared = shared_seed_offsets(len(seeds), num_classes, seed_shared_std, seed)
@@ -269,11 +276,7 @@ def make_prediction_runs(out_dir, settings, seeds, num_classes=10, n_per_class=5
     rng = np.random.default_rng(seed)
     class_counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (num_classes,))
     labels = np.repeat(np.arange(num_classes), class_counts)
-    val_dataset = out_dir / "synthetic_val.beton"
-    names = list(class_names) if class_names else [f"syn_{i:03d}" for i in range(num_classes)]
-    Path(str(val_dataset) + ".classes.json").write_text(json.dumps(
-        {"dataset": "synthetic", "split": "val", "num_samples": int(len(labels)),
-         "num_classes": num_classes, "classes": names}))
+    val_dataset = _write_val_sidecar(out_dir, labels, num_classes, class_names)
     shared_labels = out_dir / run_record.VAL_LABELS_FILE
     np.save(shared_labels, labels)
     reference_acc = np.broadcast_to(np.asarray(base_acc, dtype=np.float64), (num_classes,))

@@ -51,7 +51,6 @@ Outputs in --out (every file written atomically):
 Runs on CUDA when available (channels_last, bf16 autocast), otherwise on CPU (float32).
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +62,7 @@ from numba import njit
 from tqdm import tqdm
 
 from ffcv_bias import ffcv_patches, runs
+from ffcv_bias.common import env
 
 ffcv_patches.apply()  # before any ffcv import: ffcv would pin torch to one thread
 
@@ -222,7 +222,7 @@ def load_trained_model(weights, *, arch=None, num_classes=None, use_blurpool=Non
 
 def pick_device(name="auto"):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return env.default_device()
     if name == "cuda" and not torch.cuda.is_available():
         raise StudyError("--device cuda: no CUDA device is available")
     return torch.device(name)
@@ -247,8 +247,7 @@ def read_class_names(beton_path):
 
 
 def default_workers():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, cores or 1))
+    return max(1, min(8, env.usable_cpu_count()))
 
 
 # ----------------------------------------------------------------------------------------

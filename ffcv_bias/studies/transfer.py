@@ -31,7 +31,8 @@ For each source run:
      config.json    the source's config with data.train_dataset / data.val_dataset set to
                     the target betons and a `probe` section (the recipe above); also
                     "source_run" (the source's run_id) and "meta" (source_run_dir, git,
-                    versions, host, start time). The run_id is runs.run_id(config): the
+                    git_dirty, versions, host, start time: a trained run's provenance).
+                    The run_id is runs.run_id(config): the
                     source's result-changing values (augment.min_scale, training.seed ...),
                     the target's file names and the probe recipe.
      log.jsonl      one line per probe epoch: epoch, lr, train_loss.
@@ -51,9 +52,7 @@ import argparse
 import copy
 import json
 import math
-import platform
 import socket
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -65,6 +64,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ffcv_bias import atomic, metrics, runs
+from ffcv_bias.common import env
 from ffcv_bias.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
                                read_labels)
 from ffcv_bias.studies.preservation import (StudyError, build_model, classifier_layer,
@@ -246,20 +246,10 @@ def probe_config(source_config, source_id, target_train, target_val, probe):
     return config
 
 
-def git_commit():
-    """The commit of the repository this package is in, or None."""
-    try:
-        result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse",
-                                 "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def provenance(source_dir, command):
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "numpy": np.__version__}
-    return {"git": git_commit(), "versions": versions,
+    """The probe's `meta` beyond its run_id: the same provenance as a trained run's."""
+    commit, dirty = env.git_commit()
+    return {"git": commit, "git_dirty": dirty, "versions": env.package_versions(),
             "host": socket.gethostname(), "source_run_dir": str(source_dir),
             "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command}

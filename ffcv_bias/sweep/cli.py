@@ -7,9 +7,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ffcv_bias.common.env import usable_cpu_count
 from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.sweep import slurm as slurm_backend
-from ffcv_bias.sweep.runner import (TrainerPool, available_cores, default_train_script,
+from ffcv_bias.sweep.runner import (TrainerPool, default_train_script,
                                     detect_gpus, requested_gpus)
 from ffcv_bias.sweep.spec import (SweepError, describe, load_sweep, plan, slurm_settings,
                                   world_size)
@@ -167,7 +168,7 @@ def launch_local(todo, sweep, args, train_script, gpus):
     max_parallel = (args.max_parallel or sweep.max_parallel
                     or max(1, len(gpus) // processes_per_run))
     pool = TrainerPool(train_script)
-    threads = max(1, available_cores() // (max_parallel * processes_per_run))
+    threads = max(1, usable_cpu_count() // (max_parallel * processes_per_run))
     placement = (f"GPUs {','.join(gpus)} round-robin, {processes_per_run} per run"
                  if gpus else "CPU") + f", {threads} threads per process"
     print(f"local: {max_parallel} at a time, {placement}")

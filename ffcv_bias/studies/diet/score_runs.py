@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ffcv_bias import atomic, runs
+from ffcv_bias.common import env
 from ffcv_bias.studies.diet import quota
 from ffcv_bias.studies.diet.common import (DietError, TrainingFailed, _save_npz,
                                            parse_seeds, resolve_trainer_config, trainer_args)
@@ -122,7 +123,7 @@ def _score_setup(nested, options, resolution, num_classes, labels):
     import torch
     from ffcv_bias.loaders import create_val_loader
     try:
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(options.device) if options.device else env.default_device()
     except RuntimeError as error:
         raise DietError(f"--device {options.device}: {error}") from None
     # The val-style loader over the TRAIN beton: sequential, whole image, no augmentation.

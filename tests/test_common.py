@@ -1,0 +1,52 @@
+"""ffcv_bias.common and ffcv_bias.record: the plumbing the trainer and the studies share."""
+import os
+import platform
+import subprocess
+
+import pytest
+
+from ffcv_bias.common import env
+
+
+def test_usable_cpus_follow_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert env.usable_cpu_count() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")  # not Linux
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert env.usable_cpu_count() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one CPU, never zero
+    assert env.usable_cpu_count() == 1
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode,
+                    reason="no git")
+def test_git_commit_says_when_tracked_files_changed(tmp_path):
+    assert env.git_commit(tmp_path) == (None, None)   # not a repository
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    _git(tmp_path, "add", "code.py")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert env.git_commit(tmp_path) == (head, False)
+    (tmp_path / "untracked.txt").write_text("not part of the code")
+    assert env.git_commit(tmp_path) == (head, False)
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert env.git_commit(tmp_path) == (head, True)
+
+
+def test_package_versions_come_from_metadata():
+    versions = env.package_versions(("numpy", "no-such-package-here"))
+    import numpy
+    assert versions == {"python": platform.python_version(), "numpy": numpy.__version__,
+                        "no-such-package-here": None}
+    assert set(env.package_versions()) == {"python", *env.RECORDED_PACKAGES}
+
+
+def test_cpu_description_never_empty():
+    assert env.cpu_model().strip()
+    assert isinstance(env.cpu_flags(), set)
