@@ -62,7 +62,8 @@ from numba import njit
 from tqdm import tqdm
 
 from ffcv_bias import ffcv_patches, runs
-from ffcv_bias.common import env
+from ffcv_bias.common import env, plots
+from ffcv_bias.common.tables import write_csv
 
 ffcv_patches.apply()  # before any ffcv import: ffcv would pin torch to one thread
 
@@ -70,7 +71,7 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.transforms import Squeeze, ToTensor, ToTorchImage  # noqa: E402
 
-from ffcv_bias.atomic import atomic_path, write_json  # noqa: E402
+from ffcv_bias.atomic import write_json  # noqa: E402
 from ffcv_bias.augment import SeededRandomResizedCropDecoder, sample_key, uniform  # noqa: E402
 from ffcv_bias.loaders import (IMAGENET_MEAN, IMAGENET_STD, BetonError,  # noqa: E402
                                SeededLoader, read_labels)
@@ -525,11 +526,6 @@ def label_loss_table(per_class, threshold):
     return pd.DataFrame(rows, columns=columns)
 
 
-def write_csv(frame, path):
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 # ----------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------
@@ -552,9 +548,7 @@ def _named_classes(curves, k=5):
 
 
 def plot_transform(block, mean_block, transform, title, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     settings = mild_to_strong(transform, block["setting"].unique())
     positions = np.arange(len(settings))
@@ -578,15 +572,11 @@ def plot_transform(block, mean_block, transform, title, path):
     axis.set_title(title)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    plots.save_png(figure, path, dpi=110)
 
 
 def plot_mean_curves(mean_frame, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     transforms = list(dict.fromkeys(mean_frame["transform"]))
     figure, axes = plt.subplots(1, len(transforms), figsize=(4.5 * len(transforms), 3.8),
@@ -607,9 +597,7 @@ def plot_mean_curves(mean_frame, path):
         axis.set_ylim(-0.02, 1.02)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    plots.save_png(figure, path, dpi=110)
 
 
 def make_figures(per_class, mean_frame, out_dir, model_label):
