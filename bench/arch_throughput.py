@@ -47,11 +47,11 @@ import torch
 
 from ffcv_bias import atomic
 from ffcv_bias.common import env
+from ffcv_bias.common.errors import EXIT_OK, UserError, main_guard
 from ffcv_bias.config import ConfigError
 from ffcv_bias.models import ARCHITECTURES, create_model, weight_decay_groups
 from ffcv_bias.train_config import bn_weight_decay, resolve_config, wd_exempt
 
-EXIT_BAD_INPUT = 2
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "rn50_configs"
 MIB = 2 ** 20
 # The step's cost does not depend on the learning rate's value, but the weights must stay
@@ -96,8 +96,8 @@ FP32 = Mode("fp32_nchw", "fp32 NCHW", None, torch.contiguous_format, torch.float
 MODES = (FP32, BF16)  # baseline first: it also warms the process up (threads, allocator)
 
 
-class BenchError(Exception):
-    """Bad input: main() prints it on one line and exits with EXIT_BAD_INPUT."""
+class BenchError(UserError):
+    """Bad input: main() prints it on one line and exits with EXIT_USAGE (2)."""
 
 
 class Plan(NamedTuple):
@@ -468,14 +468,11 @@ def write_json(path, header, results, complete):
         atomic.write_json(path, {**header, "complete": complete, "results": results})
 
 
+@main_guard()
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        options = parse_arguments(argv)
-        plans = plan_runs(options)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    options = parse_arguments(argv)
+    plans = plan_runs(options)
     if options.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     command = shlex.join(["python", "bench/arch_throughput.py", *argv])
@@ -509,7 +506,7 @@ def main(argv=None):
     write_json(options.json, header, results, complete=True)
     if options.json is not None:
         print(f"figures written to {options.json}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from ffcv_bias.common import env, plots, tables
+from ffcv_bias.common import env, errors, plots, tables
 
 
 def test_usable_cpus_follow_the_affinity_mask(monkeypatch):
@@ -53,6 +53,65 @@ def test_cpu_description_never_empty():
 
 
 # --------------------------------------------------------------------------------------
+# errors: one family, one CLI wrapper
+# --------------------------------------------------------------------------------------
+
+class RunFailed(errors.UserError):
+    exit_code = errors.EXIT_FAILURE
+
+
+@errors.main_guard(KeyError, failures=(TimeoutError,))
+def toy_main(argv=None):
+    kind = argv[0]
+    if kind == "usage":
+        raise errors.UserError("--x: must be positive, not -1")
+    if kind == "failed":
+        raise RunFailed("run abc failed:\nsecond line of a traceback-free message")
+    if kind == "foreign":
+        raise KeyError("no-such-key")
+    if kind == "timeout":
+        raise TimeoutError("waited 10 s")
+    if kind == "bug":
+        raise ZeroDivisionError("a bug keeps its traceback")
+    return 7
+
+
+@pytest.mark.parametrize("kind, code, line", [
+    ("usage", 2, "error: --x: must be positive, not -1"),
+    ("failed", 1, "error: run abc failed:"),
+    ("foreign", 2, "error: 'no-such-key'"),
+    ("timeout", 1, "error: waited 10 s"),
+])
+def test_main_guard_prints_one_error_line_and_exits_with_the_class_code(kind, code, line,
+                                                                        capsys):
+    assert toy_main([kind]) == code
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[0] == line and "Traceback" not in err
+
+
+def test_main_guard_passes_results_and_bugs_through():
+    assert toy_main(["ok"]) == 7
+    assert toy_main.__name__ == "toy_main"
+    with pytest.raises(ZeroDivisionError):
+        toy_main(["bug"])
+
+
+def test_the_project_errors_are_one_family():
+    from ffcv_bias.config import ConfigError
+    from ffcv_bias.evaluate import EvaluateError
+    from ffcv_bias.studies.class_bounds import BoundsError
+    from ffcv_bias.studies.diet.common import DietError, TrainingFailed
+    from ffcv_bias.studies.preservation import StudyError
+    from ffcv_bias.sweep.spec import SweepError
+    usage = (ConfigError, BoundsError, DietError, StudyError, SweepError)
+    assert all(issubclass(cls, errors.UserError) and cls.exit_code == errors.EXIT_USAGE
+               for cls in usage)
+    assert TrainingFailed.exit_code == EvaluateError.exit_code == errors.EXIT_FAILURE
+    # Callers that caught the old bases still catch them.
+    assert issubclass(ConfigError, ValueError) and issubclass(EvaluateError, RuntimeError)
+
+
+# --------------------------------------------------------------------------------------
 # plots and tables
 # --------------------------------------------------------------------------------------
 
@@ -76,3 +135,4 @@ def test_save_png_writes_a_png_and_closes_the_figure(tmp_path):
     plots.save_png(figure, tmp_path / "f.png", dpi=50, bbox_inches="tight")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(figure.number)
+

@@ -2,6 +2,8 @@
 
 - `env`     the machine and the software: device, usable CPUs, git commit (and dirty
             flag), package versions, CPU model.
+- `errors`  one UserError family, the exit codes, and the CLI wrapper that prints
+            `error: <one line>` and exits with the error's code.
 - `plots`   matplotlib, set up once (the Agg backend: no display is ever needed).
 - `tables`  CSV tables written atomically.
 

@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from ffcv_bias import ffcv_patches, runs
 from ffcv_bias.common import env, plots
+from ffcv_bias.common.errors import EXIT_OK, UserError, main_guard
 from ffcv_bias.common.tables import write_csv
 
 ffcv_patches.apply()  # before any ffcv import: ffcv would pin torch to one thread
@@ -95,7 +96,7 @@ _LUMA = (0.299, 0.587, 0.114)
 NAMED_CLASSES_IN_FIGURE = 12
 
 
-class StudyError(ValueError):
+class StudyError(UserError, ValueError):
     """Bad input for a study: the message is one line naming the problem."""
 
 
@@ -745,42 +746,39 @@ def build_parser():
     return parser
 
 
+@main_guard(BetonError)
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        class_names = read_class_names(args.dataset)
-        if args.train_dataset and read_class_names(args.train_dataset) != class_names:
-            raise StudyError(f"{args.train_dataset} and {args.dataset} list different classes")
-        model, info = load_trained_model(args.weights, arch=args.arch,
-                                         num_classes=args.num_classes,
-                                         use_blurpool=args.blurpool,
-                                         default_num_classes=len(class_names))
-        if info["num_classes"] != len(class_names):
-            raise StudyError(f"the model has {info['num_classes']} classes, {args.dataset} "
-                             f"has {len(class_names)}")
-        transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
-        unknown = [t for t in transforms if t not in TRANSFORMS]
-        if unknown:
-            raise StudyError(f"unknown transform {unknown[0]!r}; known: {', '.join(TRANSFORMS)}")
-        settings = {t: getattr(args, t) for t in transforms}
-        resolution = args.resolution or info["resolution"] or 224
-        label = info["run_id"] or Path(info["weights"]).name
-        meta = {"weights": info["weights"], "run_dir": info["run_dir"],
-                "run_id": info["run_id"], "arch": info["arch"],
-                "num_classes": info["num_classes"], "use_blurpool": info["use_blurpool"],
-                "command": [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)}
-        frames = run_preservation(
-            model, val_dataset=args.dataset, out_dir=args.out, class_names=class_names,
-            train_dataset=args.train_dataset, settings=settings, draws=args.draws,
-            seed=args.seed, resolution=resolution, batch_size=args.batch_size,
-            num_workers=args.workers, device=pick_device(args.device),
-            loss_threshold=args.loss_threshold, max_train_images=args.max_train_images,
-            make_plots=not args.no_figures, model_label=f"{info['arch']} {label}", meta=meta)
-    except (StudyError, BetonError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    class_names = read_class_names(args.dataset)
+    if args.train_dataset and read_class_names(args.train_dataset) != class_names:
+        raise StudyError(f"{args.train_dataset} and {args.dataset} list different classes")
+    model, info = load_trained_model(args.weights, arch=args.arch,
+                                     num_classes=args.num_classes,
+                                     use_blurpool=args.blurpool,
+                                     default_num_classes=len(class_names))
+    if info["num_classes"] != len(class_names):
+        raise StudyError(f"the model has {info['num_classes']} classes, {args.dataset} "
+                         f"has {len(class_names)}")
+    transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise StudyError(f"unknown transform {unknown[0]!r}; known: {', '.join(TRANSFORMS)}")
+    settings = {t: getattr(args, t) for t in transforms}
+    resolution = args.resolution or info["resolution"] or 224
+    label = info["run_id"] or Path(info["weights"]).name
+    meta = {"weights": info["weights"], "run_dir": info["run_dir"],
+            "run_id": info["run_id"], "arch": info["arch"],
+            "num_classes": info["num_classes"], "use_blurpool": info["use_blurpool"],
+            "command": [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)}
+    frames = run_preservation(
+        model, val_dataset=args.dataset, out_dir=args.out, class_names=class_names,
+        train_dataset=args.train_dataset, settings=settings, draws=args.draws,
+        seed=args.seed, resolution=resolution, batch_size=args.batch_size,
+        num_workers=args.workers, device=pick_device(args.device),
+        loss_threshold=args.loss_threshold, max_train_images=args.max_train_images,
+        make_plots=not args.no_figures, model_label=f"{info['arch']} {label}", meta=meta)
     print(summary_text(frames, args.out))
-    return 0
+    return EXIT_OK
 
 
 def summary_text(frames, out_dir):

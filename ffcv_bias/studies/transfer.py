@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 from ffcv_bias import atomic, metrics, runs
 from ffcv_bias.common import env
+from ffcv_bias.common.errors import EXIT_OK, main_guard
 from ffcv_bias.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
                                read_labels)
 from ffcv_bias.studies.preservation import (StudyError, build_model, classifier_layer,
@@ -398,19 +399,16 @@ def build_parser():
     return parser
 
 
+@main_guard(BetonError)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
-    try:
-        results = run_transfer(
-            args.source_runs, target_train=args.train, target_val=args.val, out_dir=args.out,
-            resolution=args.resolution, crop_ratio=args.crop_ratio, epochs=args.epochs,
-            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-            feature_batch_size=args.feature_batch_size, num_workers=args.workers,
-            device=pick_device(args.device), command=command)
-    except (StudyError, BetonError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    results = run_transfer(
+        args.source_runs, target_train=args.train, target_val=args.val, out_dir=args.out,
+        resolution=args.resolution, crop_ratio=args.crop_ratio, epochs=args.epochs,
+        lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        feature_batch_size=args.feature_batch_size, num_workers=args.workers,
+        device=pick_device(args.device), command=command)
     for run_dir, summary in results:
         if summary is not None:
             print(f"probe {summary['run_id']} (source {summary['source_run']}): "
@@ -418,7 +416,7 @@ def main(argv=None):
                   f"{run_dir}")
     print(f"{len(results)} probe record(s) in {args.out}; next: python -m ffcv_bias.analysis "
           f"{args.out} --vary augment.min_scale --out REPORT_DIR")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

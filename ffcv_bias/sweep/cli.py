@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ffcv_bias.common.env import usable_cpu_count
+from ffcv_bias.common.errors import main_guard
 from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import (TrainerPool, default_train_script,
@@ -260,11 +261,9 @@ def wait_for_jobs(submitted, name, poll_s=5.0):
     return 1 if any(state != "complete" for state in states) else 0
 
 
+@main_guard()
 def main(argv=None):
+    """Exit 0, 1 (a run failed or is not complete) or 2 (SweepError: bad input)."""
     args = build_parser().parse_args(argv)
     commands = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status}
-    try:
-        return commands[args.command](args)
-    except SweepError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return commands[args.command](args)
