@@ -68,6 +68,7 @@ from fastargs.decorators import param
 from tqdm import tqdm
 
 from ffcv_bias import atomic, distributed, evaluate, metrics, runs
+from ffcv_bias import record
 from ffcv_bias.common import env
 from ffcv_bias.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
 from ffcv_bias.beton_fingerprint import current_fingerprints
@@ -241,15 +242,15 @@ def set_rng_state(state, device):
 # ---------------------------------------------------------------------------------------
 
 def accuracy_metrics(logits, labels, num_classes, predictions=None):
-    """top1 and per-class top-1 (None for a class with no sample) from `predictions`
-    (default: decided on `logits` as given), top5 and cross-entropy from `logits`."""
-    if predictions is None:
-        predictions = metrics.predictions_from_logits(logits)
+    """metrics.accuracy_summary (top1, per_class_acc, top5) and the cross-entropy of
+    `logits`."""
+    return {**metrics.accuracy_summary(logits, labels, num_classes, predictions),
+            "loss": cross_entropy(logits, labels)}
+
+
+def cross_entropy(logits, labels):
     scores = torch.from_numpy(np.asarray(logits, dtype=np.float32))
-    return {**metrics.accuracy_from_predictions(predictions, labels, num_classes),
-            "top5": metrics.topk_accuracy(logits, labels, k=5),
-            "loss": float(F.cross_entropy(scores, torch.from_numpy(
-                np.asarray(labels, dtype=np.int64))))}
+    return float(F.cross_entropy(scores, torch.from_numpy(np.asarray(labels, dtype=np.int64))))
 
 
 # ---------------------------------------------------------------------------------------
@@ -723,21 +724,18 @@ class Trainer:
         `extras`: further summary entries (record_extras: bn_check, protocols)."""
         if not self.info.is_main:
             return None
-        weights = {name: tensor.detach().cpu().contiguous()
-                   for name, tensor in self.model.state_dict().items()}
-        atomic.torch_save(self.run_dir / runs.WEIGHTS_FILE, weights)
-        metrics.write_predictions(self.run_dir, logits, self.val_labels)
-        # Read back what analysis will read, so the summary agrees with the files exactly.
-        saved_logits = np.load(self.run_dir / runs.VAL_LOGITS_FILE)
-        final = accuracy_metrics(saved_logits, np.load(self.run_dir / runs.VAL_LABELS_FILE),
-                                 self.num_classes, np.load(self.run_dir / runs.VAL_PREDS_FILE))
-        summary = {"run_id": self.run_id, "top1": final["top1"], "top5": final["top5"],
-                   "per_class_acc": final["per_class_acc"], "n_val": int(len(saved_logits)),
+        final = record.write_final(self.run_dir, self.model.state_dict(), logits,
+                                   self.val_labels, self.num_classes)
+        summary = {"run_id": self.run_id, "top1": final.accuracy["top1"],
+                   "top5": final.accuracy["top5"],
+                   "per_class_acc": final.accuracy["per_class_acc"],
+                   "n_val": int(len(final.logits)),
                    "epochs": epochs, "train_seconds": round(self.train_seconds, 3),
                    "num_classes": self.num_classes, "val_dataset": val_dataset,
-                   "val_loss": final["loss"], "classes": self.sidecar.get("classes")}
+                   "val_loss": cross_entropy(final.logits, final.labels),
+                   "classes": self.sidecar.get("classes")}
         summary.update(extras or {})
-        atomic.write_json(self.run_dir / runs.SUMMARY_FILE, summary)
+        record.write_summary(self.run_dir, summary)
         return summary
 
 
@@ -866,7 +864,7 @@ def write_config(run_dir, nested, info, command):
             "loader_threads": choose_loader_threads(nested["data"]["num_workers"],
                                                     info.local_world_size)}
     if not path.is_file():
-        atomic.write_json(path, {**nested, "meta": meta})
+        record.write_config(run_dir, {**nested, "meta": meta})
     print(f"run {meta['run_id']}: {run_dir}\ngit {commit}{' (dirty)' if dirty else ''}\n"
           + "\n".join(f"  {'.'.join(key)}: {value}"
                       for key, value in sorted(flatten(nested).items())), flush=True)

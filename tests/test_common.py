@@ -136,3 +136,31 @@ def test_save_png_writes_a_png_and_closes_the_figure(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(figure.number)
 
+
+# --------------------------------------------------------------------------------------
+# record: one writer for the trainer's and the probe's records
+# --------------------------------------------------------------------------------------
+
+def test_record_writer_writes_every_file_and_scores_what_it_wrote(tmp_path):
+    import numpy as np
+    import torch
+    from ffcv_bias import record, runs
+    logits = np.array([[0.1, 0.2, 0.7], [0.5, 0.25, 0.25], [0.3, 0.3, 0.4],
+                       [1.0, 1.0, 0.0]], dtype=np.float32)   # the last row: a tie, class 0
+    labels = np.array([2, 0, 1, 0], dtype=np.int64)
+    weight = torch.arange(6.0).reshape(2, 3).t()             # not contiguous
+    record.write_config(tmp_path, {"model": {"arch": "resnet8"}, "meta": {"run_id": "x"}})
+    record.write_log(tmp_path, [{"epoch": 0, "lr": 0.1}, {"epoch": 1, "lr": 0.0}])
+    final = record.write_final(tmp_path, {"fc.weight": weight}, logits, labels, num_classes=3)
+    assert not runs.is_complete(tmp_path)                    # no summary yet
+    assert final.accuracy == {"top1": 0.75, "per_class_acc": [1.0, 0.0, 1.0], "top5": 1.0}
+    assert final.logits.dtype == np.float16 and final.labels.tolist() == labels.tolist()
+    np.testing.assert_array_equal(np.load(tmp_path / runs.VAL_PREDS_FILE), [2, 0, 2, 0])
+    saved = torch.load(tmp_path / runs.WEIGHTS_FILE, weights_only=True)["fc.weight"]
+    assert torch.equal(saved, weight) and saved.is_contiguous()
+    assert runs.read_json(tmp_path / runs.CONFIG_FILE)["meta"] == {"run_id": "x"}
+    assert [line for line in (tmp_path / runs.LOG_FILE).read_text().splitlines()] == [
+        '{"epoch": 0, "lr": 0.1}', '{"epoch": 1, "lr": 0.0}']
+    record.write_summary(tmp_path, {"run_id": "x", **final.accuracy})
+    assert runs.is_complete(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -50,7 +50,6 @@ float32), otherwise on CPU. On CPU the whole study is deterministic.
 """
 import argparse
 import copy
-import json
 import math
 import socket
 import sys
@@ -63,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ffcv_bias import atomic, metrics, runs
+from ffcv_bias import record, runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_OK, main_guard
 from ffcv_bias.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
@@ -228,15 +227,6 @@ def probe_model_state(backbone, info, num_classes, weight, bias):
 # Metrics and the record
 # ----------------------------------------------------------------------------------------
 
-def accuracy_summary(logits, labels, num_classes, predictions=None):
-    """top1 and per-class top-1 (None for a class without images) from `predictions`
-    (default: decided on `logits`), top5 from `logits`; the trainer's tie rule."""
-    if predictions is None:
-        predictions = metrics.predictions_from_logits(logits)
-    return {**metrics.accuracy_from_predictions(predictions, labels, num_classes),
-            "top5": metrics.topk_accuracy(logits, labels, k=5)}
-
-
 def probe_config(source_config, source_id, target_train, target_val, probe):
     config = copy.deepcopy({k: v for k, v in source_config.items() if k != "meta"})
     config.setdefault("data", {})
@@ -257,20 +247,17 @@ def provenance(source_dir, command):
 
 
 def write_probe_record(run_dir, config, log, state, val_logits, val_labels, summary_extra):
-    """Everything but the summary, then summary.json last (its presence = complete)."""
-    atomic.write_json(run_dir / runs.CONFIG_FILE, config)
-    atomic.write_text(run_dir / runs.LOG_FILE,
-                      "".join(json.dumps(row) + "\n" for row in log))
-    atomic.torch_save(run_dir / runs.WEIGHTS_FILE, state)
-    metrics.write_predictions(run_dir, val_logits, val_labels.astype(np.int64))
-    saved = np.load(run_dir / runs.VAL_LOGITS_FILE)
-    num_classes = saved.shape[1]
-    accuracy = accuracy_summary(saved, np.load(run_dir / runs.VAL_LABELS_FILE), num_classes,
-                                np.load(run_dir / runs.VAL_PREDS_FILE))
-    summary = {"run_id": config["meta"]["run_id"], **accuracy, "n_val": int(len(saved)),
-               "num_classes": num_classes, "val_dataset": config["data"]["val_dataset"],
-               **summary_extra}
-    atomic.write_json(run_dir / runs.SUMMARY_FILE, summary)
+    """Everything but the summary, then summary.json last (its presence = complete): the
+    trainer's record writer, so a probe's record reads like a trained run's."""
+    record.write_config(run_dir, config)
+    record.write_log(run_dir, log)
+    num_classes = val_logits.shape[1]
+    final = record.write_final(run_dir, state, val_logits, val_labels.astype(np.int64),
+                               num_classes)
+    summary = {"run_id": config["meta"]["run_id"], **final.accuracy,
+               "n_val": int(len(final.logits)), "num_classes": num_classes,
+               "val_dataset": config["data"]["val_dataset"], **summary_extra}
+    record.write_summary(run_dir, summary)
     return summary
 
 
