@@ -49,7 +49,7 @@ from ffcv_bias import atomic
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_OK, UserError, main_guard
 from ffcv_bias.config import ConfigError
-from ffcv_bias.models import ARCHITECTURES, create_model, weight_decay_groups
+from ffcv_bias.models import ARCHITECTURES, weight_decay_groups
 from ffcv_bias.train_config import bn_weight_decay, resolve_config, wd_exempt
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "rn50_configs"
@@ -265,16 +265,15 @@ def check_resolution(plan, model):
 # ==========================================================================================
 
 def build_model(plan, device, memory_format):
-    model_config, training = plan.nested["model"], plan.nested["training"]
-    torch.manual_seed(0)  # both modes start from the same weights
+    """The recipe's model, freshly initialized from seed 0 (both modes start from the same
+    weights), in training mode."""
+    from ffcv_bias.studies import trained
     try:
-        model = create_model(plan.arch, plan.recipe.num_classes,
-                             dropout=model_config["dropout"],
-                             drop_path=model_config["drop_path"],
-                             use_blurpool=bool(training["use_blurpool"]))
+        model = trained.build_model(plan.arch, plan.recipe.num_classes, seed=0,
+                                    **trained.model_options(plan.nested))
     except ValueError as error:
         raise BenchError(f"{plan.arch}: recipe {plan.recipe.config_file}: {error}") from None
-    return model.to(device, memory_format=memory_format)
+    return model.to(device, memory_format=memory_format).train()
 
 
 def build_optimizer_for(plan, model):

@@ -67,9 +67,9 @@ from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_OK, main_guard
 from ffcv_bias.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
                                read_labels)
-from ffcv_bias.studies.preservation import (StudyError, build_model, classifier_layer,
-                                            default_workers, describe_run, inference_setup,
-                                            pick_device, read_class_names, read_state_dict)
+from ffcv_bias.studies.trained import (StudyError, build_model, classifier_layer,
+                                       default_workers, describe_run, inference_setup,
+                                       model_from_info, pick_device, read_class_names)
 
 PROBE_RECIPE = "linear probe on frozen forward_features; standardized / sqrt(D); zero init; " \
                "SGD nesterov 0.9; per-step cosine lr to 0; cross-entropy; L2 on weights"
@@ -109,12 +109,9 @@ def find_source_runs(paths):
 def load_source(run_dir):
     """(backbone model on CPU in eval mode, run info) of one source run."""
     info = describe_run(run_dir)
-    state_dict = read_state_dict(info["weights"])
     if not info["num_classes"]:
         raise StudyError(f"{run_dir}/summary.json has no num_classes")
-    model = build_model(info["arch"], info["num_classes"], state_dict, dropout=info["dropout"],
-                        use_blurpool=info["use_blurpool"], source=f"weights {info['weights']}")
-    return model, info
+    return model_from_info(info), info
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,7 +216,8 @@ def probe_model_state(backbone, info, num_classes, weight, bias):
     state[f"{classifier_name}.bias"] = bias.detach().float().cpu()
     # Check it loads into the target-sized model (raises a one-line error if not).
     build_model(info["arch"], num_classes, state, dropout=info["dropout"],
-                use_blurpool=info["use_blurpool"], source="the probe's weights")
+                drop_path=info["drop_path"], use_blurpool=info["use_blurpool"],
+                source="the probe's weights")
     return state
 
 
