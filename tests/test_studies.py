@@ -289,6 +289,10 @@ def test_transfer_writes_probe_run_records(transfer_out, source_runs, target_bet
         assert config["data"]["val_dataset"] == str(target_betons[1].resolve())
         assert config["probe"]["epochs"] == 40 and config["probe"]["resolution"] == 28
         assert summary["run_id"] == probe_dir.name == runs.run_id(config)
+        # A trained run's provenance (common/env): the commit, whether it was dirty, versions.
+        meta = config["meta"]
+        assert {"git", "git_dirty", "host", "start_time", "source_run_dir"} <= set(meta)
+        assert set(meta["versions"]) == {"python", "torch", "ffcv", "numpy", "numba"}
         logits = np.load(probe_dir / runs.VAL_LOGITS_FILE)
         labels = np.load(probe_dir / runs.VAL_LABELS_FILE)
         assert logits.dtype == np.float16 and logits.shape == (50, 5)
