@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEBIAN_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+# libjpeg62-turbo-dev: the libjpeg API headers for ffcv_bias/_fastjpeg.c (augment.decode=fast)
+DEBIAN_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev \
+                   dataset-fashion-mnist
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast debian clean-venv
@@ -24,11 +26,12 @@ debian:
 	    $$SUDO apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	  fi; \
-	else echo "no apt-get: make sure pkg-config, OpenCV and libturbojpeg are installed"; fi
+	else echo "no apt-get: make sure pkg-config, OpenCV, libturbojpeg and libjpeg(-turbo) headers are installed"; fi
 
 # torch goes in first, pinned by constraints.txt: ffcv's dependencies ask for plain `torch`,
 # which on an empty environment would pull a CUDA build and several GB of packages.
-$(STAMP): setup.py constraints.txt
+# The C extension's source too: editing it must rebuild it (pip install -e compiles it).
+$(STAMP): setup.py constraints.txt ffcv_bias/_fastjpeg.c
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt numpy numba opencv-python pillow pyyaml

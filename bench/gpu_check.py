@@ -1,7 +1,9 @@
 """The GPU acceptance check (issue 17): what a first CUDA run must show, in one command.
 
     bash bench/gpu_check.sh                       # a machine with one CUDA GPU, < 8 minutes
-    python bench/gpu_check.py --device cpu --tiny --out /tmp/check   # the same code on CPU
+    bash bench/gpu_check.sh --device cpu --tiny   # the same code on a CPU (1-2 minutes)
+
+(gpu_check.sh runs this script under a hard timeout and says where the JSON went.)
 
 It writes its own synthetic ImageNet-like betons (by default 6,000 training and 1,000
 validation images around 500x375, half of them JPEG at quality 90, 100 classes) and
@@ -24,10 +26,20 @@ or `SKIP` (not measurable on this device), and writes them all to <out>/gpu_chec
               loader offers (augment.decode exact|fast where it exists);
   ddp         one epoch in a 1-process NCCL group (gloo on CPU).
 
+The JSON is rewritten after each section ("complete": false until the end), so a check
+stopped by the timeout keeps what it measured; "section_seconds" says where the time went.
+
+--tiny (the CPU test, tests/test_gpu_check.py) shrinks the sizes (TINY), runs every
+process on one torch thread and traces the compiled variants with torch.compile's
+aot_eager backend (dynamo and AOT autograd, as on a GPU, without inductor's C++ code
+generation); the checks themselves are the same as on a GPU.
+
 Exit code: 0 when no check failed, 1 otherwise, 2 on a bad argument.
 """
 import argparse
+import contextlib
 import inspect
+import io
 import json
 import math
 import os
@@ -37,6 +49,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +64,15 @@ from ffcv_bias import atomic  # noqa: E402
 
 TRAIN_SCRIPT = REPO / "train_imagenet.py"
 EXIT_PREEMPTED = 75
-# Sizes of --tiny: the whole check in about a minute on a CPU (for the tests).
+# Sizes of --tiny: the whole check in about a minute on a CPU (for the tests). One torch
+# thread per process: on a loaded 2-core machine several processes each spinning up as
+# many OpenMP threads as there are cores made one trainer run 29 s instead of 12 s.
+# aot_eager traces the compiled variants (dynamo and AOT autograd, as on a GPU) without
+# inductor's C++ code generation, which took minutes on such a machine.
 TINY = {"images": 96, "val_images": 32, "size": "64x48", "classes": 4, "arch": "resnet8",
         "batch": 16, "resolutions": "32,40", "steps": 12, "small_arch": "resnet8",
-        "small_res": 32, "small_batch": 16, "model_steps": 2, "backlog_ms": 0.0}
+        "small_res": 32, "small_batch": 16, "model_steps": 2, "backlog_ms": 0.0,
+        "torch_threads": 1, "compile_backend": "aot_eager"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,17 +283,20 @@ def small_run_args(options, betons, folder, *extra):
             f"--data.num_workers={options.threads}", *extra]
 
 
-def trainer_env(device):
+def trainer_env(device, torch_threads):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if torch_threads > 0:
+        env["OMP_NUM_THREADS"] = str(torch_threads)  # the trainer's torch threads
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
-def run_trainer(args, device, timeout):
-    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], env=trainer_env(device),
-                            capture_output=True, text=True, timeout=timeout)
+def run_trainer(args, options, device):
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args],
+                            env=trainer_env(device, options.torch_threads),
+                            capture_output=True, text=True, timeout=options.timeout)
     return result.returncode, result.stdout + result.stderr
 
 
@@ -284,11 +305,13 @@ def only_run_dir(folder):
     return dirs[0] if len(dirs) == 1 else None
 
 
-def interrupted_then_resumed(args, folder, device, number, timeout):
+def interrupted_then_resumed(args, folder, options, device, number):
     """Start a run, signal it once its first checkpoint exists, rerun it. (exit code on the
     signal, its last stderr line, exit code of the rerun, whether the rerun resumed)."""
-    child = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=trainer_env(device),
+    child = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args],
+                             env=trainer_env(device, options.torch_threads),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timeout = options.timeout
     deadline = time.time() + timeout
     while time.time() < deadline and child.poll() is None:
         run_dir = only_run_dir(folder) if Path(folder).is_dir() else None
@@ -298,24 +321,63 @@ def interrupted_then_resumed(args, folder, device, number, timeout):
     child.send_signal(number)
     _, stderr = child.communicate(timeout=timeout)
     last_line = (stderr.strip().splitlines() or [""])[-1]
-    code, output = run_trainer(args, device, timeout)
+    code, output = run_trainer(args, options, device)
     return child.returncode, last_line, code, "resuming" in output
 
 
+def train_here(args):
+    """(exit code, output) of train_imagenet.py's main run in this process: the same code
+    as the subprocesses, without a second start-up (imports, numba's typed-dict compile)."""
+    from ffcv_bias.train import main as train_main, restore_torch_settings
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    # training.deterministic=1 turns cudnn's autotuner off: the throughput sections after
+    # this one must not measure with it off.
+    cudnn = torch.backends.cudnn
+    cudnn_flags = (cudnn.benchmark, cudnn.deterministic)
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = train_main(args)
+    finally:
+        restore_torch_settings(threads, deterministic)
+        cudnn.benchmark, cudnn.deterministic = cudnn_flags
+    return code, output.getvalue()
+
+
+def reference_run(args, options, device):
+    """The uninterrupted run: on CUDA a process of its own (training.deterministic=1 sets
+    CUBLAS_WORKSPACE_CONFIG before cuBLAS starts; in this process it would also restrict
+    the cuBLAS of the throughput sections), on a CPU here (one start-up less)."""
+    if device.type == "cuda":
+        return run_trainer(args, options, device)
+    return train_here(args)
+
+
 def check_resume(options, report, betons, folder, device):
+    """The two interrupted-then-resumed runs (subprocesses, watched from threads) side by
+    side with the uninterrupted reference run (from the main thread: signal handlers can
+    only be installed there). Each has its own folder, and all are deterministic, so
+    sharing the machine changes no logit; the runs are mostly start-up anyway."""
     uninterrupted = folder / "uninterrupted"
-    code, output = run_trainer(small_run_args(options, betons, uninterrupted), device,
-                               options.timeout)
+    signals = (signal.SIGTERM, signal.SIGUSR2)
+    targets = {number: folder / f"interrupted_{signal.Signals(number).name}"
+               for number in signals}
+    with ThreadPoolExecutor(max_workers=len(signals)) as pool:
+        interrupted = {number: pool.submit(interrupted_then_resumed,
+                                           small_run_args(options, betons, target), target,
+                                           options, device, number)
+                       for number, target in targets.items()}
+        code, output = reference_run(small_run_args(options, betons, uninterrupted), options,
+                                     device)
+        outcomes = {number: future.result() for number, future in interrupted.items()}
     if code != 0:
         report.check("resume reference run", False,
                      f"exit {code}: {(output.strip().splitlines() or [''])[-1]}")
         return
     reference = np.load(only_run_dir(uninterrupted) / "val_logits.npy")
-    for number in (signal.SIGTERM, signal.SIGUSR2):
-        name = signal.Signals(number).name
-        target = folder / f"interrupted_{name}"
-        stopped, last_line, rerun, resumed = interrupted_then_resumed(
-            small_run_args(options, betons, target), target, device, number, options.timeout)
+    for number in signals:
+        name, target = signal.Signals(number).name, targets[number]
+        stopped, last_line, rerun, resumed = outcomes[number]
         report.check(f"{name} -> exit 75", stopped == EXIT_PREEMPTED and
                      last_line.startswith(f"stopped by {name}"),
                      f"exit {stopped}: {last_line}")
@@ -332,7 +394,7 @@ def check_ddp_epoch(options, report, betons, folder, device):
     args = small_run_args(options, betons, folder / "ddp", "--training.distributed=1",
                           "--training.epochs=1", "--lr.lr_peak_epoch=0.5")
     started = time.perf_counter()
-    code, output = run_trainer(args, device, options.timeout)
+    code, output = run_trainer(args, options, device)
     run_dir = only_run_dir(folder / "ddp")
     complete = run_dir is not None and (run_dir / "summary.json").exists()
     report.check(f"1-process {backend} DDP epoch", code == 0 and complete,
@@ -427,8 +489,11 @@ def model_images_per_second(options, device, resolution, compiled):
     from ffcv_bias.models import create_model
     from ffcv_bias.train import compile_for_resolutions
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer (training.deterministic=0)
     model = create_model(options.arch, 1000).to(device, memory_format=torch.channels_last)
-    step_model = compile_for_resolutions(model, [resolution]) if compiled else model
+    step_model = (compile_for_resolutions(model, [resolution], options.compile_backend)
+                  if compiled else model)
     images = torch.randint(0, 256, (options.batch, 3, resolution, resolution), dtype=torch.uint8,
                            device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (options.batch,), device=device)
@@ -463,6 +528,12 @@ def model_images_per_second(options, device, resolution, compiled):
     return results
 
 
+def compiled_label(options):
+    if options.compile_backend == "inductor":
+        return "compiled"
+    return f"compiled (backend {options.compile_backend})"
+
+
 def check_model_throughput(options, report, device):
     for resolution in options.resolution_list:
         for compiled in (False, True):
@@ -471,7 +542,7 @@ def check_model_throughput(options, report, device):
                 continue
             label = (f"model {options.arch} {resolution} px batch {options.batch} "
                      f"{'bf16' if device.type == 'cuda' else 'fp32'} channels-last, "
-                     f"{'compiled' if compiled else 'eager'}")
+                     f"{compiled_label(options) if compiled else 'eager'}")
             try:
                 measured = model_images_per_second(options, device, resolution, compiled)
             except Exception as error:  # noqa: BLE001 - report it, go on with the rest
@@ -548,6 +619,12 @@ def parse_arguments(argv):
     parser.add_argument("--threads", type=int, default=0,
                         help="loader threads (0: the CPUs this process may use, minus one)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled variants (--tiny: "
+                             "aot_eager, the same graphs without code generation)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads in this process and the trainer runs (0: as the "
+                             "trainer chooses; --tiny: 1)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per trainer run")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: "
                         "buffers,resume,trainer,model,loader,ddp")
@@ -582,8 +659,17 @@ def describe_machine(report, device):
                            f"ffcv_bias from {Path(ffcv_bias.__file__).parent}")
 
 
+def limit_torch_threads(threads):
+    """This process's torch threads and those of the trainers it starts (which read
+    OMP_NUM_THREADS, as under a launcher); 0 leaves both as they are."""
+    if threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def main(argv=None):
     options = parse_arguments(argv)
+    limit_torch_threads(options.torch_threads)
     device = torch.device(options.device, 0) if options.device == "cuda" else torch.device("cpu")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -599,25 +685,38 @@ def main(argv=None):
                     ("ddp", lambda: check_ddp_epoch(options, report, betons, scratch, device)),
                     ("loader", lambda: check_loader(options, report, betons[0])),
                     ("model", lambda: check_model_throughput(options, report, device))]
+        section_seconds = {}
         for name, section in sections:
             if name in options.skip:
                 report.skip(name, "--skip")
                 continue
+            section_started = time.perf_counter()
             try:
                 section()
             except Exception as error:  # noqa: BLE001 - one broken section must not hide the rest
                 report.check(f"{name} section", False, f"{type(error).__name__}: {error}")
+            section_seconds[name] = round(time.perf_counter() - section_started, 1)
+            # After each section: a check stopped by gpu_check.sh's timeout keeps what it
+            # measured ("complete": false).
+            write_json(out, device, options, report, time.perf_counter() - started,
+                       section_seconds, complete=False)
     seconds = time.perf_counter() - started
     failed = report.failed
     print(f"{'FAILED' if failed else 'ALL PASSED'}: "
           f"{sum(r['status'] == 'PASS' for r in report.results)} passed, "
           f"{sum(r['status'] == 'FAIL' for r in report.results)} failed, "
-          f"{sum(r['status'] == 'SKIP' for r in report.results)} skipped in {seconds:.0f} s")
-    atomic.write_text(out / "gpu_check.json", json.dumps(
-        {"device": str(device), "seconds": seconds, "options": {
-            key: value for key, value in vars(options).items() if key != "skip"},
-         "results": report.results}, indent=1, default=str) + "\n")
+          f"{sum(r['status'] == 'SKIP' for r in report.results)} skipped in {seconds:.0f} s ("
+          + ", ".join(f"{name} {value:.0f} s" for name, value in section_seconds.items()) + ")")
+    write_json(out, device, options, report, seconds, section_seconds, complete=True)
     return 1 if failed else 0
+
+
+def write_json(out, device, options, report, seconds, section_seconds, complete):
+    atomic.write_text(out / "gpu_check.json", json.dumps(
+        {"device": str(device), "complete": complete, "seconds": seconds,
+         "section_seconds": section_seconds,
+         "options": {key: value for key, value in vars(options).items() if key != "skip"},
+         "results": report.results}, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,50 @@
-"""Loader throughput: our seeded decoder vs stock ffcv vs a PyTorch DataLoader vs bare decode.
+"""Loader throughput: our seeded decoder (exact and fast decode) vs stock ffcv vs a PyTorch
+DataLoader vs bare decode, over output sizes, crop scales and image sizes, in one run.
 
-    python bench/loader.py                      # 2,000 images, 224 px, batch 128, all cores
-    python bench/loader.py --images 64 --batch-size 16 --epochs 1   # a quick check
+    python bench/loader.py                    # 512 images per set, 160/192/224 px, tau 1/0.35/0.08
+    python bench/loader.py --images 64 --batch-size 16 --epochs 1 --resolutions 32 --taus 0.08
+                                              # a quick check
 
-What is measured, in images per second, on the same JPEG images:
+What is measured, in images per second and per CPU second, on the same JPEG images:
 
-  (a) ours   ffcv_bias.loaders.create_train_loader: ffcv Loader + our seeded
-             random-resized-crop + flip decoder (per-sample splitmix64 hash).
-  (b) ffcv   a stock ffcv Loader: RandomResizedCropRGBImageDecoder, RandomHorizontalFlip,
-             ToTensor, ToTorchImage; same beton, batch, workers, RANDOM order, os_cache.
-  (c) torch  torch.utils.data.DataLoader with W worker processes over a Dataset that does
-             what torchvision's ImageFolder + RandomResizedCrop + RandomHorizontalFlip +
-             PILToTensor do (written here: torchvision does not import on this stack):
-             PIL decode, crop, BILINEAR resize, flip, uint8 CHW tensor.
-  (d) decode the ceiling: cv2.imdecode of every JPEG of the beton (the very bytes (a) and
-             (b) decode) in a ThreadPoolExecutor of W threads; no crop, no resize. (A soft
-             ceiling: ffcv decodes with libjpeg-turbo's FASTDCT, cv2 with its default DCT.)
-  --ablation adds (a0) and (b0): (a) and (b) without their flip, so that (a0)/(b0) compares
-             the crop sampling alone (splitmix64 hash vs numba's global RNG).
+  (a)  ours, exact  ffcv_bias.loaders.create_train_loader(decode='exact'): ffcv Loader + our
+                    seeded random-resized-crop + flip decoder; full JPEG decode, then
+                    INTER_AREA resize of the crop (ffcv's way).
+  (a') ours, fast   the same with decode='fast' (augment.decode=fast): only the crop is
+                    decoded, DCT-scaled by 1/2, 1/4 or 1/8 when it is at least that many
+                    times the output (ffcv_bias/fast_decode.py). The same crops as (a).
+  (b)  ffcv         a stock ffcv Loader: RandomResizedCropRGBImageDecoder(scale=(tau, 1)),
+                    RandomHorizontalFlip, ToTensor, ToTorchImage; same beton, batch, workers,
+                    RANDOM order, os_cache.
+  (c)  torch        torch.utils.data.DataLoader with W worker processes over a Dataset that
+                    does what torchvision's ImageFolder + RandomResizedCrop(scale=(tau, 1)) +
+                    RandomHorizontalFlip + PILToTensor do (written here: torchvision does
+                    not import on this stack): PIL decode, crop, BILINEAR resize, flip.
+  (d)  decode       the floor of the exact path: libffcv's imdecode (libjpeg-turbo,
+                    FASTDCT: the exact path's decode) of every full JPEG of the beton, in a
+                    ThreadPoolExecutor of W threads; no crop, no resize. Independent of the
+                    output size and tau, so timed once per round.
 
-Why these four: (a)/(b) isolates the cost of making the augmentation reproducible (both
-run the same libjpeg-turbo decode and OpenCV INTER_AREA resize from ffcv's C library; only
-the crop sampling and the flip differ). (a)/(c) is the reason to use ffcv at all. (x)/(d)
-says how close each pipeline gets to the decode work it cannot avoid.
+Grid: every output size of --resolutions x every crop lower bound tau of --taus (the crop's
+area fraction is drawn in [tau, 1]; tau decides how much the fast path can skip) x every
+image set of --max-sides (synthetic photo-like JPEGs, quality 90, about 500x375 for max
+side 512, the ffcv-imagenet beton setting; about 250x188 for 256). The loaders are built
+once per set and switched between cells without recompiling (ours: the output size and the
+per-sample crop bounds are read live; stock ffcv: one loader per tau, output size set per
+cell; torch: the settings sit in shared memory its workers read).
 
-Protocol: the images are synthetic but JPEG-realistic (smooth gradients, shapes, texture and
-mild noise, ~400x350 px with size jitter, quality 90: tens of KB each, not noise, not flat),
-written to an ImageFolder (read by (c)) and to a beton with write_mode='jpg' (read by (a),
-(b), (d); ffcv re-encodes them at the same quality). Every pipeline first runs one warm-up
-epoch (numba compiles for ~8-10 s in ffcv's first epoch; the DataLoader forks its workers),
-then `--epochs` timed epochs, interleaved (one epoch of each pipeline, round after round) so
-that a slow minute on a shared machine hits every pipeline alike. The headline figure is the
-median epoch; beside it: the best epoch, and images per CPU second (this process and its
-DataLoader workers), which a busy machine disturbs less than wall-clock time. Everything runs
-in this one process except the DataLoader's worker processes. Train loaders drop the last
-partial batch, so an epoch is floor(images / batch) * batch images; (d) decodes every image.
+Protocol: data first, then every DataLoader forks its workers (before numba starts its
+threads), then one warm-up epoch per loader (numba compiles), then --epochs rounds; each
+round times one epoch of every pipeline in every cell, interleaved, so that a slow minute
+on a shared machine hits every pipeline alike. Figures are medians over the rounds; ratios
+are ratios of those medians, measured in the same run. Images per CPU second (this process
+and its DataLoader workers) is the headline: on a shared machine it is disturbed far less
+than wall-clock time. Train loaders drop the last partial batch; (d) decodes every image.
+
+Fidelity: after the timing, (a) and (a') run one more epoch each with the same seed and
+epoch in every cell (the same crops and flips) and the mean absolute difference of their
+images is reported (0-255 scale): 0 where the crop is under twice the output (scale 1 is
+bit-identical), the resampling difference elsewhere.
 """
 import argparse
 import contextlib
@@ -45,6 +55,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
@@ -60,35 +71,39 @@ from ffcv_bias import loaders  # noqa: I001
 import cv2  # noqa: E402
 from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage  # noqa: E402
 from PIL import Image, ImageDraw, features  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ffcv_bias import fast_decode  # noqa: E402
 from ffcv_bias.atomic import write_json  # noqa: E402
 from ffcv_bias.common import env  # noqa: E402
 from ffcv_bias.datasets import convert  # noqa: E402
 
-SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10
 JPEG_QUALITY = 90
-BASE_SIZE = (350, 400)  # (height, width) around which the image sizes are drawn
-SIZE_JITTER = 0.15      # each side drawn uniformly within +-15% of BASE_SIZE
+ASPECT = 0.75           # height / width of the base size: 500x375 for max side 512
+BASE_FILL = 500 / 512   # the base width as a fraction of the max side
+SIZE_JITTER = 0.10      # each side drawn within +-10% of the base size, then capped
 
-GOAL_OURS_VS_TORCH = 3.0   # (a)/(c)
-GOAL_OURS_VS_FFCV = 0.9    # (a)/(b): within 10% of stock ffcv
+# Goals (issue 16), in images per CPU second, at GOAL_RESOLUTION px for every tau.
+GOAL_RESOLUTION = 160
+GOAL_FAST_VS_FFCV = 1.5    # (a')/(b)
+GOAL_FAST_VS_TORCH = 3.0   # (a')/(c)
+GOAL_FAST_VS_DECODE = 1 / 1.2   # (a') within 1.2x of (d), at tau 1.0
 
 PIPELINES = {
-    "a": "(a) ours: seeded decoder (create_train_loader)",
-    "b": "(b) stock ffcv RandomResizedCrop + Flip",
-    "c": "(c) torch DataLoader, PIL crop + resize",
-    "d": "(d) bare JPEG decode, cv2.imdecode threads",
-    # --ablation: both decoders without their flip, to isolate the crop sampling
-    "a0": "(a0) ours, flip=False",
-    "b0": "(b0) stock ffcv RandomResizedCrop, no Flip",
+    "a": "(a) ours exact",
+    "af": "(a') ours fast",
+    "b": "(b) stock ffcv",
+    "c": "(c) torch+PIL",
+    "d": "(d) bare decode",
 }
+CELL_PIPELINES = ("a", "af", "b", "c")   # (d) does not depend on the cell
 
 
 # ==========================================================================================
@@ -138,23 +153,30 @@ def texture_and_noise(rng, height, width):
     return (texture - 128) + 8 * rng.standard_normal((height, width, 3), dtype=np.float32)
 
 
-def synthetic_image(seed, index):
-    """Image `index` of the set: a function of (seed, index) only, whatever the process."""
-    rng = np.random.default_rng([seed, index])
-    height, width = (int(round(side * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)))
-                     for side in BASE_SIZE)
+def image_size(rng, max_side):
+    """(height, width) around ASPECT x BASE_FILL x max_side, jittered, capped at max_side."""
+    width = BASE_FILL * max_side * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
+    height = ASPECT * BASE_FILL * max_side * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
+    shrink = min(1.0, max_side / max(width, height))
+    return int(round(height * shrink)), int(round(width * shrink))
+
+
+def synthetic_image(seed, index, max_side):
+    """Image `index` of a set: a function of (seed, index, max_side) only."""
+    rng = np.random.default_rng([seed, index, max_side])
+    height, width = image_size(rng, max_side)
     image = draw_shapes(rng, smooth_background(rng, height, width))
     image += texture_and_noise(rng, height, width)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
 def write_one_image(job):
-    seed, index, path = job
-    synthetic_image(seed, index).save(path, "JPEG", quality=JPEG_QUALITY)
+    seed, index, max_side, path = job
+    synthetic_image(seed, index, max_side).save(path, "JPEG", quality=JPEG_QUALITY)
     return os.path.getsize(path)
 
 
-def write_image_folder(root, num_images, num_classes, seed, workers):
+def write_image_folder(root, num_images, num_classes, seed, max_side, workers):
     """root/class_XX/img_XXXXX.jpg, image i in class i % num_classes.
 
     Returns (paths, labels, mean file size in bytes)."""
@@ -164,76 +186,104 @@ def write_image_folder(root, num_images, num_classes, seed, workers):
              for index, label in enumerate(labels)]
     for label in range(num_classes):
         (root / f"class_{label:02d}").mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, index, str(path)) for index, path in enumerate(paths)]
+    jobs = [(seed, index, max_side, str(path)) for index, path in enumerate(paths)]
     with Pool(workers) as pool:
         sizes = list(tqdm(pool.imap(write_one_image, jobs, chunksize=8), total=num_images,
-                          desc="generating JPEGs", unit="img", file=sys.stderr))
+                          desc=f"generating JPEGs (max side {max_side})", unit="img",
+                          file=sys.stderr))
     return [str(path) for path in paths], labels, float(np.mean(sizes))
 
 
-def write_beton(image_root, beton_path, workers):
-    """The ImageFolder as a beton of JPEGs (quality 90), through the project's writer."""
+def write_beton(image_root, beton_path, max_side, workers):
+    """The ImageFolder as a beton of JPEGs (quality 90, max side as ffcv-imagenet's)."""
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the report only
         convert("imagefolder", "train", image_root, beton_path, num_workers=workers,
-                write_mode="jpg", jpeg_quality=JPEG_QUALITY)
+                write_mode="jpg", jpeg_quality=JPEG_QUALITY, max_resolution=max_side)
 
 
 def read_beton_jpegs(beton_path):
-    """Every image's JPEG bytes, straight from the beton (what (a) and (b) decode)."""
+    """Every image's (JPEG bytes, height, width), straight from the beton."""
     reader = Reader(str(beton_path))
     image_field = reader.metadata[f"f{list(reader.handlers).index('image')}"]
     if not np.all(image_field["mode"] == IMAGE_MODES["jpg"]):
         raise ValueError(f"{beton_path}: not every image is stored as JPEG")
     size_at = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    blobs = []
+    images = []
     with open(beton_path, "rb") as beton:
-        for pointer in image_field["data_ptr"].tolist():
-            blobs.append(np.frombuffer(os.pread(beton.fileno(), size_at[pointer], pointer),
-                                       dtype=np.uint8))
-    return blobs
+        for pointer, height, width in zip(image_field["data_ptr"].tolist(),
+                                          image_field["height"].tolist(),
+                                          image_field["width"].tolist()):
+            blob = np.frombuffer(os.pread(beton.fileno(), size_at[pointer], pointer),
+                                 dtype=np.uint8)
+            images.append((blob, int(height), int(width)))
+    return images
 
 
 # ==========================================================================================
-# The four pipelines: each is a function that runs one epoch and returns its image count
+# The pipelines: each `run_epoch(cell)` runs one epoch in a cell (resolution, tau)
 # ==========================================================================================
 
-def seeded_pipeline(beton_path, args, flip=True):
-    loader = loaders.create_train_loader(beton_path, batch_size=args.batch_size,
-                                         resolution=args.resolution, seed=0, flip=flip,
-                                         min_scale=SCALE[0], num_workers=args.workers)
-    epochs_run = [0]
+class SeededPipeline:
+    """(a) or (a'): one loader for every cell. The crop bound goes in through per-sample
+    bounds (read live by the compiled decoder), the resolution through set_resolution."""
 
-    def run_epoch():
-        loader.set_epoch(epochs_run[0])  # new crops every epoch, as in training
-        epochs_run[0] += 1
+    def __init__(self, beton_path, args, decode, num_classes):
+        self.loader = loaders.create_train_loader(
+            beton_path, batch_size=args.batch_size, resolution=args.resolutions[0], seed=0,
+            class_min_scale=np.full(num_classes, args.taus[0]), num_workers=args.workers,
+            decode=decode)
+        self.epochs_run = 0
+
+    def set_cell(self, resolution, tau):
+        self.loader.set_resolution(resolution)
+        self.loader.crop_decoder.sample_min_scale[:] = tau
+
+    def run_epoch(self, cell):
+        self.set_cell(*cell)
+        self.loader.set_epoch(self.epochs_run)  # new crops every epoch, as in training
+        self.epochs_run += 1
+        return sum(len(labels) for _, labels in self.loader)
+
+    def epoch_images(self, cell, epoch):
+        """Copies of every image of one epoch (for the fidelity comparison)."""
+        self.set_cell(*cell)
+        self.loader.set_epoch(epoch)
+        return torch.cat([images.clone() for images, _ in self.loader])
+
+
+class StockFfcvPipeline:
+    """(b): stock ffcv, one loader per tau (its crop scale is compiled in)."""
+
+    def __init__(self, beton_path, args):
+        self.loaders = {}
+        for tau in args.taus:
+            decoder = RandomResizedCropRGBImageDecoder(
+                (args.resolutions[0], args.resolutions[0]), scale=(tau, 1.0), ratio=RATIO)
+            loader = Loader(str(beton_path), batch_size=args.batch_size,
+                            num_workers=args.workers, order=OrderOption.RANDOM, os_cache=True,
+                            drop_last=True, seed=0,
+                            pipelines={"image": [decoder, RandomHorizontalFlip(), ToTensor(),
+                                                 ToTorchImage()],
+                                       "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
+            self.loaders[tau] = (decoder, loader)
+
+    def run_epoch(self, cell):
+        resolution, tau = cell
+        decoder, loader = self.loaders[tau]
+        decoder.output_size = (resolution, resolution)
         return sum(len(labels) for _, labels in loader)
-    return run_epoch
 
 
-def stock_ffcv_pipeline(beton_path, args, flip=True):
-    image_pipeline = [RandomResizedCropRGBImageDecoder((args.resolution, args.resolution),
-                                                       scale=SCALE, ratio=RATIO),
-                      *([RandomHorizontalFlip()] if flip else []), ToTensor(), ToTorchImage()]
-    loader = Loader(str(beton_path), batch_size=args.batch_size, num_workers=args.workers,
-                    order=OrderOption.RANDOM, os_cache=True, drop_last=True, seed=0,
-                    pipelines={"image": image_pipeline,
-                               "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
-
-    def run_epoch():
-        return sum(len(labels) for _, labels in loader)
-    return run_epoch
-
-
-def random_resized_crop_box(height, width, draw=random):
+def random_resized_crop_box(height, width, scale, draw):
     """(top, left, crop_height, crop_width): torchvision's RandomResizedCrop sampling.
 
-    Up to 10 tries of an area fraction uniform in SCALE and a log-uniform aspect ratio in
+    Up to 10 tries of an area fraction uniform in `scale` and a log-uniform aspect ratio in
     RATIO; a try is kept when the crop fits. Failing that, the largest centred crop whose
     aspect ratio lies within RATIO."""
     area = height * width
     log_low, log_high = math.log(RATIO[0]), math.log(RATIO[1])
     for _ in range(CROP_TRIES):
-        target_area = area * draw.uniform(*SCALE)
+        target_area = area * draw.uniform(*scale)
         aspect = math.exp(draw.uniform(log_low, log_high))
         crop_width = int(round(math.sqrt(target_area * aspect)))
         crop_height = int(round(math.sqrt(target_area / aspect)))
@@ -254,47 +304,63 @@ def random_resized_crop_box(height, width, draw=random):
 class PilRandomResizedCrop(torch.utils.data.Dataset):
     """ImageFolder-style samples: PIL decode, random resized crop, flip, uint8 CHW tensor.
 
-    The DataLoader seeds Python's `random` in each worker, so the draws differ per worker."""
+    `settings` is a shared-memory tensor [resolution, tau] that the parent sets per cell
+    and the (persistent, forked) workers read per sample. The DataLoader seeds Python's
+    `random` in each worker, so the draws differ per worker."""
 
-    def __init__(self, paths, labels, resolution):
-        self.paths, self.labels, self.resolution = paths, labels, resolution
+    def __init__(self, paths, labels, settings):
+        self.paths, self.labels, self.settings = paths, labels, settings
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
+        resolution, tau = int(self.settings[0]), float(self.settings[1])
         with Image.open(self.paths[index]) as file:
             image = file.convert("RGB")
-        top, left, crop_height, crop_width = random_resized_crop_box(image.height, image.width)
+        top, left, crop_height, crop_width = random_resized_crop_box(
+            image.height, image.width, (tau, 1.0), random)
         image = image.crop((left, top, left + crop_width, top + crop_height))
-        image = image.resize((self.resolution, self.resolution), Image.BILINEAR)
+        image = image.resize((resolution, resolution), Image.BILINEAR)
         if random.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.array(image)).permute(2, 0, 1), self.labels[index]
 
 
-def torch_pipeline(paths, labels, args):
-    # persistent_workers: the worker processes are forked once (in the warm-up epoch, before
-    # numba starts its threads) and reused, as a training run would.
-    loader = torch.utils.data.DataLoader(
-        PilRandomResizedCrop(paths, labels, args.resolution), batch_size=args.batch_size,
-        shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True)
+class TorchPipeline:
+    """(c): one DataLoader with persistent workers for every cell."""
 
-    def run_epoch():
-        return sum(len(batch_labels) for _, batch_labels in loader)
-    return run_epoch
+    def __init__(self, paths, labels, args):
+        self.settings = torch.zeros(2, dtype=torch.float64).share_memory_()
+        self.settings[0], self.settings[1] = args.resolutions[0], args.taus[0]
+        self.loader = torch.utils.data.DataLoader(
+            PilRandomResizedCrop(paths, labels, self.settings), batch_size=args.batch_size,
+            shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True)
+
+    def run_epoch(self, cell):
+        self.settings[0], self.settings[1] = cell
+        return sum(len(batch_labels) for _, batch_labels in self.loader)
 
 
-def decode_pipeline(beton_path, args):
-    blobs = read_beton_jpegs(beton_path)
-    pool = ThreadPoolExecutor(max_workers=args.workers)  # cv2.imdecode releases the GIL
+class DecodePipeline:
+    """(d): libffcv's full decode of every JPEG (ctypes releases the GIL)."""
 
-    def decode(blob):
-        return cv2.imdecode(blob, cv2.IMREAD_COLOR).shape[0]
+    def __init__(self, beton_path, args):
+        self.images = read_beton_jpegs(beton_path)
+        self.pool = ThreadPoolExecutor(max_workers=args.workers)
+        self.largest = max(height * width for _, height, width in self.images)
+        self.per_thread = threading.local()   # one decode buffer per pool thread
 
-    def run_epoch():
-        return sum(1 for _ in pool.map(decode, blobs))
-    return run_epoch
+    def decode(self, item):
+        blob, height, width = item
+        if not hasattr(self.per_thread, "buffer"):
+            self.per_thread.buffer = np.empty(3 * self.largest, np.uint8)
+        imdecode(blob, self.per_thread.buffer, height, width, height, width, 0, 0, 1, 1,
+                 False, False)
+        return 1
+
+    def run_epoch(self, cell=None):
+        return sum(self.pool.map(self.decode, self.images))
 
 
 # ==========================================================================================
@@ -327,35 +393,64 @@ def cpu_seconds():
     return time.process_time() + children_cpu_seconds()
 
 
-def time_epoch(run_epoch):
+def time_epoch(run_epoch, cell):
     """(images, wall seconds, CPU seconds) of one epoch."""
     wall_start, cpu_start = time.perf_counter(), cpu_seconds()
-    images = run_epoch()
+    images = run_epoch(cell)
     return images, time.perf_counter() - wall_start, cpu_seconds() - cpu_start
 
 
-def measure(pipelines, timed_epochs):
-    """One warm-up epoch each, then `timed_epochs` interleaved rounds.
+def record(measured, key, images, seconds, cpu):
+    if images == 0:
+        raise RuntimeError(f"pipeline {key} yielded no images")
+    measured["rates"].setdefault(key, []).append(images / seconds)
+    measured["cpu_rates"].setdefault(key, []).append(images / max(cpu, 1e-9))
+    measured["images_per_epoch"][key] = images
 
-    Returns {"rates": {name: [images per wall second, one per timed epoch]},
-             "cpu_rates": {name: [images per CPU second, ...]},
-             "images_per_epoch": {name: images}, "warmup_seconds": {name: seconds}}."""
-    measured = {"rates": {name: [] for name in pipelines},
-                "cpu_rates": {name: [] for name in pipelines}, "images_per_epoch": {},
-                "warmup_seconds": {}}
-    for name, run_epoch in pipelines.items():
-        images, seconds, _ = time_epoch(run_epoch)
-        measured["warmup_seconds"][name] = seconds
-        print(f"warm-up {name}: {images} images in {seconds:.1f} s", file=sys.stderr)
-    for _ in tqdm(range(timed_epochs), desc="timed rounds", file=sys.stderr):
-        for name, run_epoch in pipelines.items():
-            images, seconds, cpu = time_epoch(run_epoch)
-            if images == 0:
-                raise RuntimeError(f"pipeline {name} yielded no images")
-            measured["rates"][name].append(images / seconds)
-            measured["cpu_rates"][name].append(images / max(cpu, 1e-9))
-            measured["images_per_epoch"][name] = images
+
+def cell_key(side, cell, name):
+    resolution, tau = cell
+    return f"{side}/{resolution}/{tau:g}/{name}"
+
+
+def measure(sets, cells, rounds):
+    """One warm-up epoch per loader, then `rounds` interleaved rounds over sets and cells.
+
+    Returns {"rates": {key: [images per wall second per round]}, "cpu_rates": {...},
+             "images_per_epoch": {key: images}, "warmup_seconds": {label: seconds}},
+    keys "<max side>/<resolution>/<tau>/<pipeline>" ((d): "<max side>/-/-/d")."""
+    measured = {"rates": {}, "cpu_rates": {}, "images_per_epoch": {}, "warmup_seconds": {}}
+    for side, pipelines in sets.items():
+        for name, pipeline in pipelines.items():
+            if name == "b":  # one loader per tau, each compiles on its first epoch
+                for tau in {tau for _, tau in cells}:
+                    images, seconds, _ = time_epoch(pipeline.run_epoch, (cells[0][0], tau))
+                    measured["warmup_seconds"][f"{side}/{name}/tau {tau:g}"] = seconds
+            else:
+                images, seconds, _ = time_epoch(pipeline.run_epoch, cells[0])
+                measured["warmup_seconds"][f"{side}/{name}"] = seconds
+            print(f"warm-up {side}/{name}: {images} images in {seconds:.1f} s", file=sys.stderr)
+    for _ in tqdm(range(rounds), desc="timed rounds", file=sys.stderr):
+        for side, pipelines in sets.items():
+            record(measured, f"{side}/-/-/d", *time_epoch(pipelines["d"].run_epoch, None))
+            for cell in cells:
+                for name in CELL_PIPELINES:
+                    record(measured, cell_key(side, cell, name),
+                           *time_epoch(pipelines[name].run_epoch, cell))
     return measured
+
+
+def fidelity(sets, cells):
+    """{key "<side>/<res>/<tau>": (mean abs difference of (a') vs (a), share identical)}."""
+    found = {}
+    for side, pipelines in sets.items():
+        for cell in cells:
+            exact = pipelines["a"].epoch_images(cell, epoch=10_000).int()
+            fast = pipelines["af"].epoch_images(cell, epoch=10_000).int()
+            per_image = (fast - exact).abs().float().mean(dim=(1, 2, 3))
+            found[cell_key(side, cell, "")[:-1]] = (float(per_image.mean()),
+                                                     float((per_image == 0).float().mean()))
+    return found
 
 
 # ==========================================================================================
@@ -375,51 +470,75 @@ def machine_lines():
     ]
 
 
-COMPARISONS = [  # (numerator, denominator, label, goal or None)
-    ("a", "c", "(a)/(c) ours vs torch DataLoader", GOAL_OURS_VS_TORCH),
-    ("a", "b", "(a)/(b) ours vs stock ffcv", GOAL_OURS_VS_FFCV),
-    ("a0", "b0", "(a0)/(b0) crop sampling alone (no flip), ours vs stock", None),
-]
+def medians(measured, kind):
+    return {key: statistics.median(values) for key, values in measured[kind].items()}
 
 
-def comparison_lines(measured, medians, cpu):
-    """One line per ratio of medians (with its goal), one line with its per-round ratios."""
-    lines = []
-    for top, bottom, label, goal in COMPARISONS:
-        if top not in medians:
-            continue
-        value = medians[top] / medians[bottom]
-        line = f"{label} = {value:.2f}"
-        if goal is not None:
-            verdict = "met" if value >= goal else f"MISSED by {100 * (1 - value / goal):.1f}%"
-            line += f"  (goal >= {goal:g}: {verdict})"
-        per_round = [x / y for x, y in zip(measured["rates"][top], measured["rates"][bottom])]
-        lines += [line, f"    per round: {', '.join(f'{ratio:.2f}' for ratio in per_round)}; "
-                        f"in images per CPU second: {cpu[top] / cpu[bottom]:.2f}"]
+def cell_table(side, cells, cpu, wall, similar):
+    """One row per (resolution, tau): img/CPU-s of each pipeline, the ratios, fidelity."""
+    columns = (["res", "tau", "|"] + [f"({name})" for name in ("a", "a'", "b", "c", "d")]
+               + ["|", "a'/a", "a'/b", "a'/c", "a'/d", "|", "wall a'/b", "|", "MAE", "same"])
+    widths = [4, 5, 1, 6, 6, 6, 6, 6, 1, 5, 5, 5, 5, 1, 9, 1, 5, 5]
+    lines = [" ".join(f"{column:>{width}}" for column, width in zip(columns, widths))]
+    decode = cpu[f"{side}/-/-/d"]
+    for cell in cells:
+        rate = {name: cpu[cell_key(side, cell, name)] for name in CELL_PIPELINES}
+        wall_ratio = wall[cell_key(side, cell, "af")] / wall[cell_key(side, cell, "b")]
+        error, identical = similar[cell_key(side, cell, "")[:-1]]
+        lines.append(
+            f"{cell[0]:>4} {cell[1]:>5g} | {rate['a']:>6.0f} {rate['af']:>6.0f} "
+            f"{rate['b']:>6.0f} {rate['c']:>6.0f} {decode:>6.0f} | "
+            f"{rate['af'] / rate['a']:>5.2f} {rate['af'] / rate['b']:>5.2f} "
+            f"{rate['af'] / rate['c']:>5.2f} {rate['af'] / decode:>5.2f} | "
+            f"{wall_ratio:>9.2f} | {error:>5.2f} {identical:>5.0%}")
     return lines
 
 
-def report(measured, timed_epochs):
-    """The table and the ratio lines. Returns (lines, median images/s per pipeline)."""
-    medians = {name: statistics.median(values) for name, values in measured["rates"].items()}
-    cpu = {name: statistics.median(values) for name, values in measured["cpu_rates"].items()}
-    warmup = measured["warmup_seconds"]
-    lines = [f"{'pipeline':<48} {'median img/s':>12} {'best img/s':>11} {'vs (d)':>7} "
-             f"{'img/CPU-s':>10} {'warm-up s':>10}"]
-    for name, label in PIPELINES.items():
-        if name not in medians:
+def verdict(value, goal):
+    if value >= goal:
+        return "met"
+    return f"MISSED by {100 * (1 - value / goal):.1f}%"
+
+
+def goal_lines(side, cells, cpu):
+    """The issue's goals at GOAL_RESOLUTION px, one line per tau, each met or MISSED."""
+    lines = []
+    decode = cpu[f"{side}/-/-/d"]
+    for resolution, tau in cells:
+        if resolution != GOAL_RESOLUTION:
             continue
-        lines.append(f"{label:<48} {medians[name]:>12.1f} {max(measured['rates'][name]):>11.1f} "
-                     f"{medians[name] / medians['d']:>7.2f} {cpu[name]:>10.1f} "
-                     f"{warmup[name]:>10.1f}")
-    lines += ["", *comparison_lines(measured, medians, cpu), "",
-              f"img/s: images per wall-clock second, median (and best) of {timed_epochs} timed "
-              f"epochs after one warm-up epoch; ratios of medians; 'per round': the ratio "
-              f"within each round of interleaved epochs.",
-              "img/CPU-s: images per CPU second of this process and its DataLoader workers "
-              "(less sensitive to other load on the machine).",
-              "warm-up s: the untimed first epoch, numba compilation included."]
-    return lines, medians
+        fast = cpu[cell_key(side, (resolution, tau), "af")]
+        versus_ffcv = fast / cpu[cell_key(side, (resolution, tau), "b")]
+        versus_torch = fast / cpu[cell_key(side, (resolution, tau), "c")]
+        line = (f"  {resolution} px, tau {tau:g}: (a')/(b) = {versus_ffcv:.2f} (goal >= "
+                f"{GOAL_FAST_VS_FFCV:g}: {verdict(versus_ffcv, GOAL_FAST_VS_FFCV)}); "
+                f"(a')/(c) = {versus_torch:.2f} (goal >= {GOAL_FAST_VS_TORCH:g}: "
+                f"{verdict(versus_torch, GOAL_FAST_VS_TORCH)})")
+        if tau == 1.0:
+            versus_decode = fast / decode
+            line += (f"; (a')/(d) = {versus_decode:.2f} (goal: within 1.2x of (d), i.e. >= "
+                     f"{GOAL_FAST_VS_DECODE:.2f}: {verdict(versus_decode, GOAL_FAST_VS_DECODE)})")
+        lines.append(line)
+    return lines
+
+
+def report(measured, similar, cells, set_lines):
+    """The tables, one per image set, and the goal lines."""
+    cpu, wall = medians(measured, "cpu_rates"), medians(measured, "rates")
+    lines = []
+    for side, description in set_lines.items():
+        lines += ["", f"max side {side}: {description}",
+                  *cell_table(side, cells, cpu, wall, similar)]
+        goals = goal_lines(side, cells, cpu)
+        if goals:
+            lines += [f"goals at {GOAL_RESOLUTION} px, images per CPU second:", *goals]
+    lines += ["",
+              "(a)..(d): images per CPU second (this process and its DataLoader workers), "
+              "median of the timed rounds; ratios of those medians, from this one run.",
+              "wall a'/b: the same ratio in images per wall-clock second. MAE: mean "
+              "absolute difference (0-255) of (a') vs (a) images with the same crops; "
+              "same: share of images bit-identical."]
+    return lines
 
 
 # ==========================================================================================
@@ -436,28 +555,44 @@ def positive_int(text):
     return value
 
 
+def number_list(kind, check):
+    def parse(text):
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+        if not values or not all(check(value) for value in values):
+            raise argparse.ArgumentTypeError(f"out of range: {text!r}")
+        return values
+    return parse
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=positive_int, default=2000,
-                        help="number of synthetic JPEG images (default 2000)")
+    parser.add_argument("--images", type=positive_int, default=512,
+                        help="synthetic JPEG images per image set (default 512)")
     parser.add_argument("--classes", type=positive_int, default=10,
                         help="ImageFolder classes (default 10)")
-    parser.add_argument("--resolution", type=positive_int, default=224,
-                        help="output side in pixels (default 224)")
+    parser.add_argument("--resolutions", type=number_list(int, lambda v: v >= 8),
+                        default=[160, 192, 224], help="output sides, comma-separated "
+                                                      "(default 160,192,224)")
+    parser.add_argument("--taus", type=number_list(float, lambda v: 0 < v <= 1),
+                        default=[1.0, 0.35, 0.08],
+                        help="crop lower bounds tau in (0, 1] (default 1.0,0.35,0.08)")
+    parser.add_argument("--max-sides", type=number_list(int, lambda v: v >= 32),
+                        default=[512, 256],
+                        help="image sets by their max side (default 512,256)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--workers", type=positive_int, default=env.usable_cpu_count(),
                         help="threads (ffcv, decode) or processes (torch); default: all cores")
     parser.add_argument("--epochs", type=positive_int, default=3,
-                        help="timed epochs per pipeline, after one warm-up epoch (default 3)")
+                        help="timed rounds, after one warm-up epoch per loader (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="write the images and beton here and keep them "
+                        help="write the images and betons here and keep them "
                              "(default: a temporary directory, deleted at the end)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="also time (a) and (b) without their flip: (a0)/(b0) is the cost "
-                             "of the seeded crop sampling alone")
     parser.add_argument("--json", type=Path, default=None,
-                        help="also write the figures to this JSON file")
+                        help="also write every round's figures to this JSON file")
     args = parser.parse_args(argv)
     if args.images < args.batch_size:
         parser.error(f"--images ({args.images}) must be >= --batch-size ({args.batch_size}): "
@@ -468,55 +603,72 @@ def parse_args(argv):
 
 
 def run(args, workdir):
-    """Write the data, build the four pipelines, time them. Returns the measurements."""
-    image_root, beton_path = workdir / "imagefolder", workdir / "bench.beton"
-    paths, labels, mean_file_bytes = write_image_folder(image_root, args.images, args.classes,
-                                                        args.seed, args.workers)
-    write_beton(image_root, beton_path, args.workers)
-    mean_beton_bytes = float(np.mean([len(blob) for blob in read_beton_jpegs(beton_path)]))
-    # (c) first: its workers fork before numba's and ffcv's threads exist.
-    pipelines = {"c": torch_pipeline(paths, labels, args),
-                 "a": seeded_pipeline(beton_path, args),
-                 "b": stock_ffcv_pipeline(beton_path, args),
-                 "d": decode_pipeline(beton_path, args)}
-    if args.ablation:
-        pipelines["a0"] = seeded_pipeline(beton_path, args, flip=False)
-        pipelines["b0"] = stock_ffcv_pipeline(beton_path, args, flip=False)
+    """Write the data, build every pipeline, time them. Returns (measured, fidelity,
+    {max side: description line})."""
+    data, set_lines = {}, {}
+    for side in args.max_sides:
+        image_root, beton_path = workdir / f"side{side}" / "imagefolder", workdir / f"side{side}.beton"
+        paths, labels, mean_file_bytes = write_image_folder(
+            image_root, args.images, args.classes, args.seed, side, args.workers)
+        write_beton(image_root, beton_path, side, args.workers)
+        stored = read_beton_jpegs(beton_path)
+        set_lines[side] = (
+            f"{args.images} JPEGs, mean {np.mean([w for _, _, w in stored]):.0f}x"
+            f"{np.mean([h for _, h, _ in stored]):.0f} px (+-{SIZE_JITTER:.0%} per side), "
+            f"quality {JPEG_QUALITY}; mean {mean_file_bytes / 1e3:.1f} KB per file (PIL), "
+            f"{np.mean([len(blob) for blob, _, _ in stored]) / 1e3:.1f} KB in the beton")
+        data[side] = (paths, labels, beton_path)
+    # Every DataLoader first: their workers fork before numba's and ffcv's threads exist.
+    sets = {side: {"c": TorchPipeline(paths, labels, args)}
+            for side, (paths, labels, _) in data.items()}
+    for pipelines in sets.values():
+        pipelines["c"].run_epoch((args.resolutions[0], args.taus[0]))   # forks the workers
+    for side, (_, _, beton_path) in data.items():
+        sets[side].update(a=SeededPipeline(beton_path, args, "exact", args.classes),
+                          af=SeededPipeline(beton_path, args, "fast", args.classes),
+                          b=StockFfcvPipeline(beton_path, args),
+                          d=DecodePipeline(beton_path, args))
+    cells = [(resolution, tau) for resolution in args.resolutions for tau in args.taus]
     load_before = os.getloadavg()[0]
-    measured = measure(pipelines, args.epochs)
+    measured = measure(sets, cells, args.epochs)
     load_after = os.getloadavg()[0]
-    data_line = (f"data: {args.images} JPEGs around {BASE_SIZE[1]}x{BASE_SIZE[0]} "
-                 f"(+-{SIZE_JITTER:.0%} per side), quality {JPEG_QUALITY}, {args.classes} "
-                 f"classes; mean {mean_file_bytes / 1e3:.1f} KB per file (PIL), "
-                 f"{mean_beton_bytes / 1e3:.1f} KB per image in the beton (ffcv/cv2)")
-    # Other processes on the machine skew every figure: say how busy it was.
-    load_line = (f"1-min load average: {load_before:.2f} before warm-up, "
-                 f"{load_after:.2f} after the timed epochs")
-    measured["lines"] = [data_line, load_line]
-    return measured
+    similar = fidelity(sets, cells)
+    fast_state = [f"fast decoder: {'active' if p['af'].loader.fast_decode_active else 'NOT ACTIVE'}"
+                  f", fallbacks {p['af'].loader.decode_fallbacks or 'none'}"
+                  for p in sets.values()]
+    if not all(p["af"].loader.fast_decode_active for p in sets.values()):
+        fast_state.append(f"  ({fast_decode.unavailable_reason()})")
+    measured["lines"] = [
+        f"1-min load average: {load_before:.2f} before warm-up, {load_after:.2f} after the "
+        f"timed rounds", *fast_state]
+    return measured, similar, set_lines
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    settings = {"images": args.images, "resolution": args.resolution,
-                "batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs}
+    settings = {"images": args.images, "resolutions": args.resolutions, "taus": args.taus,
+                "max_sides": args.max_sides, "batch_size": args.batch_size,
+                "workers": args.workers, "epochs": args.epochs}
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        measured = run(args, workdir)
-    table, medians = report(measured, args.epochs)
+        measured, similar, set_lines = run(args, workdir)
     command = " ".join(shlex.quote(part) for part in ["python", "bench/loader.py", *argv])
     header = [f"command: {command}", *machine_lines(), *measured["lines"],
-              f"settings: resolution {args.resolution}, batch {args.batch_size}, "
-              f"workers {args.workers}, {args.epochs} timed epochs + 1 warm-up per pipeline"]
-    print("\n".join(header + [""] + table))
+              f"settings: batch {args.batch_size}, workers {args.workers}, {args.epochs} "
+              f"timed rounds + 1 warm-up epoch per loader; whole run "
+              f"{time.perf_counter() - started:.0f} s"]
+    print("\n".join(header + report(measured, similar, [(r, t) for r in args.resolutions
+                                                          for t in args.taus], set_lines)))
     if args.json:
         write_json(args.json, {"settings": settings, "command": command,
                                "images_per_epoch": measured["images_per_epoch"],
-                               "images_per_second_median": medians,
-                               "images_per_second_epochs": measured["rates"],
-                               "images_per_cpu_second_epochs": measured["cpu_rates"],
+                               "images_per_second_rounds": measured["rates"],
+                               "images_per_cpu_second_rounds": measured["cpu_rates"],
+                               "images_per_cpu_second_median": medians(measured, "cpu_rates"),
+                               "fidelity_mae_identical": similar,
                                "warmup_seconds": measured["warmup_seconds"]})
 
 

@@ -19,14 +19,21 @@ uniform in [min_scale, max_scale] and a log-uniform aspect ratio, accepted when 
 fits. Where torchvision then falls back to the whole image (area 1.0, outside the requested
 range when max_scale < 1), we fall back to the last area fraction drawn with the aspect
 ratio clamped so the crop fits: the area fraction always stays within [min_scale, max_scale].
+
+Decoding (`decode`, config key augment.decode): 'exact' decodes the whole JPEG, then resizes
+the crop (INTER_AREA), as ffcv does; 'fast' decodes only the crop, DCT-scaled when it is at
+least twice the output (ffcv_bias/fast_decode.py). The crop rectangle is the same in both.
+`CenterCropDecoder` is the validation decoder (ffcv's centre crop) with the same choice.
 """
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
+from ffcv.libffcv import resize_crop
 from ffcv.pipeline.compiler import Compiler
+
+from ffcv_bias import fast_decode
 
 # Number of 64-bit draws per sample: 2 per crop try (area, aspect) x 10 tries,
 # 2 for the position, 1 for the flip. Each has its own counter, so changing one
@@ -138,6 +145,27 @@ def per_sample_min_scale(labels, class_min_scale):
     return np.ascontiguousarray(class_min_scale[labels])
 
 
+class FallbackCounter:
+    """Images the fast path handed to the exact one, per reason (fast_decode.FALLBACK_REASONS).
+
+    The compiled decoder adds to `counts` through its address (like the live state above),
+    so the numbers are current after every batch."""
+
+    def __init__(self, decode):
+        if decode not in fast_decode.DECODE_MODES:
+            raise ValueError(f"decode must be one of {fast_decode.DECODE_MODES}, "
+                             f"got {decode!r}")
+        self.decode = decode
+        self.fast_active = False  # set when the code is generated (False: exact everywhere)
+        self.counts = np.zeros(len(fast_decode.FALLBACK_REASONS), dtype=np.int64)
+
+    @property
+    def fallbacks(self):
+        """{reason: images} of the fallbacks so far (empty when there were none)."""
+        return {reason: int(count) for reason, count
+                in zip(fast_decode.FALLBACK_REASONS, self.counts) if count}
+
+
 def validate_scale(min_scale, max_scale):
     if not 0.0 < min_scale <= max_scale <= 1.0:
         raise ValueError(f"crop scale must satisfy 0 < min_scale <= max_scale <= 1, "
@@ -159,11 +187,14 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         Lower bound per *sample* (use `per_sample_min_scale(labels, class_bounds)` for the
         class-conditional crop). A sample with bound 1.0 is never cropped. When given,
         each sample's range is [sample_min_scale[i], max(max_scale, sample_min_scale[i])].
+    decode : 'exact' or 'fast'    how the JPEG is decoded (module docstring); the fast
+                                  path's fallbacks are counted in `self.fallback`.
     """
 
     def __init__(self, output_size, seed, min_scale=0.08, max_scale=1.0,
-                 ratio=(3 / 4, 4 / 3), flip=True, sample_min_scale=None):
+                 ratio=(3 / 4, 4 / 3), flip=True, sample_min_scale=None, decode="exact"):
         super().__init__(output_size)
+        self.fallback = FallbackCounter(decode)
         validate_scale(min_scale, max_scale)
         self.scale = (float(min_scale), float(max_scale))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -189,10 +220,14 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
+        crop_resize_c, self.fallback.fast_active = fast_decode.compile_crop_resizer(
+            self.fallback.decode)
         resize_crop_c = Compiler.compile(resize_crop)
+        tally = fast_decode.tally
         state_address = self.live_state.ctypes.data
         bounds_address = self.sample_min_scale.ctypes.data
+        counts_address = self.fallback.counts.ctypes.data
+        num_reasons = len(self.fallback.counts)
         per_sample = self.sample_min_scale[0] >= 0
         min_scale, max_scale = self.scale
         log_ratio_low, log_ratio_high = np.log(self.ratio[0]), np.log(self.ratio[1])
@@ -203,20 +238,13 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
             state = _int64_at(state_address)
             seed, epoch = state[0], state[1]
             bounds = _float64_at(bounds_address)
+            statuses = np.zeros(len(batch_indices), np.int64)
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
                 image_data = mem_read(field['data_ptr'], storage_state)
                 height = np.uint32(field['height'])
                 width = np.uint32(field['width'])
-                if field['mode'] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width,
-                               0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width]
-                    temp_buffer = temp_buffer.reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
                 low, high = min_scale, max_scale
                 if per_sample:
                     low = bounds[source_ix]
@@ -224,10 +252,68 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
                 top, left, crop_h, crop_w, flip = sample_crop(
                     seed, epoch, source_ix, height, width, low, high,
                     log_ratio_low, log_ratio_high)
-                resize_crop_c(temp_buffer, top, top + crop_h, left, left + crop_w,
-                              destination[dst_ix])
+                if field['mode'] == jpg:
+                    statuses[dst_ix] = crop_resize_c(image_data, temp_storage[dst_ix], height,
+                                                     width, top, left, crop_h, crop_w,
+                                                     destination[dst_ix])
+                else:
+                    resize_crop_c(image_data.reshape(height, width, 3), top, top + crop_h,
+                                  left, left + crop_w, destination[dst_ix])
                 if do_flip and flip:
                     flip_columns(destination[dst_ix])
+            tally(statuses, _int64_at(counts_address), num_reasons)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class CenterCropDecoder(ResizedCropRGBImageDecoder):
+    """ffcv's CenterCropRGBImageDecoder (the centre square of `ratio` x the short side,
+    resized to `output_size`), decoded the `decode` way ('exact' or 'fast'). With 'fast'
+    the rows and columns outside the centre crop are not decoded, and a crop at least twice
+    the output side is decoded DCT-scaled; fallbacks are counted in `self.fallback`."""
+
+    def __init__(self, output_size, ratio, decode="exact"):
+        super().__init__(output_size)
+        self.ratio = float(ratio)
+        self.fallback = FallbackCounter(decode)
+
+    @property
+    def get_crop_generator(self):  # required by the abstract base
+        return get_center_crop
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        crop_resize_c, self.fallback.fast_active = fast_decode.compile_crop_resizer(
+            self.fallback.decode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        center_crop = Compiler.compile(get_center_crop)
+        tally = fast_decode.tally
+        counts_address = self.fallback.counts.ctypes.data
+        num_reasons = len(self.fallback.counts)
+        ratio = self.ratio
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            statuses = np.zeros(len(batch_indices), np.int64)
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field['data_ptr'], storage_state)
+                height = np.uint32(field['height'])
+                width = np.uint32(field['width'])
+                top, left, crop_h, crop_w = center_crop(height, width, None, ratio)
+                if field['mode'] == jpg:
+                    statuses[dst_ix] = crop_resize_c(image_data, temp_storage[dst_ix], height,
+                                                     width, top, left, crop_h, crop_w,
+                                                     destination[dst_ix])
+                else:
+                    resize_crop_c(image_data.reshape(height, width, 3), top, top + crop_h,
+                                  left, left + crop_w, destination[dst_ix])
+            tally(statuses, _int64_at(counts_address), num_reasons)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -1,15 +1,20 @@
-"""`make demo`: the paper's experiment, small, on the embedded default (Fashion-MNIST).
+"""`make demo`: the paper's two experiments, small, on the embedded default (Fashion-MNIST).
 
     python -m ffcv_bias.demo [--sweep rn50_configs/sweeps/fashion_mnist_demo.yaml]
-                             [--report demo/report]
+                             [--decay-sweep rn50_configs/sweeps/fashion_mnist_demo_weight_decay.yaml]
+                             [--report demo/report] [--decay-report demo/report_weight_decay]
 
 1. betons: `python write_datasets.py` (both splits) and a 1,000-image class-stratified
    training subset, each only if missing;
-2. the sweep over the random-crop lower bound tau (`python -m ffcv_bias.sweep launch`):
-   finished runs are reused, interrupted ones resume;
-3. the analysis (`python -m ffcv_bias.analysis ... --vary augment.min_scale`) into
-   demo/report/ (index.html, CSV tables, PNG figures);
-4. a short text summary: mean accuracy per tau, the classes that lose, Table 1.
+2. the sweep over the random-crop lower bound tau, then the weight-decay sweep
+   (`python -m ffcv_bias.sweep launch`, twice): both write into demo/runs and share their
+   reference arm (tau = 100%, weight decay 5e-4: one run_id, trained once); finished runs
+   are reused, interrupted ones resume;
+3. the two analyses (`python -m ffcv_bias.analysis ... --where ...`, one slice of
+   demo/runs each) into demo/report/ and demo/report_weight_decay/;
+4. a short text summary per experiment: mean accuracy per setting, whether a setting
+   raises the mean while a class falls significantly (the paper's trade-off), the classes
+   that lose most, Table 1.
 Each step is the same command a user would type; the demo only chains them.
 """
 import argparse
@@ -21,12 +26,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 DATA_DIR = Path("data")
 SUBSET_BETON = DATA_DIR / "fashion-mnist-1k_train.beton"
 SUBSET_SIZE = 1000
 DEFAULT_SWEEP = Path("rn50_configs/sweeps/fashion_mnist_demo.yaml")
+DEFAULT_DECAY_SWEEP = Path("rn50_configs/sweeps/fashion_mnist_demo_weight_decay.yaml")
 DEFAULT_REPORT = Path("demo/report")
+DEFAULT_DECAY_REPORT = Path("demo/report_weight_decay")
 
 
 def step(message):
@@ -80,51 +88,115 @@ def print_machine():
           "runs per setting)")
 
 
-def print_summary(report_dir):
-    """Mean accuracy per setting (± std over seeds, n), the classes that lose most, Table 1,
-    and the machine the numbers were measured on."""
-    print_machine()
-    settings = pd.read_csv(report_dir / "runs.csv")
-    value_column = settings.columns[1]
-    per_setting = settings.groupby(value_column)["top1"].agg(["mean", "std", "count"])
-    print("\nmean top-1 per tau (over seeds):")
+# The two experiments: (varied key, its reference, the slice of demo/runs, summary label).
+CROP = ("augment.min_scale", "1.0", "training.weight_decay=0.0005", "tau")
+DECAY = ("training.weight_decay", "0.0005", "augment.min_scale=1.0", "weight_decay")
+SIGNIFICANT = 0.05
+
+
+def print_means(runs, label):
+    """Mean top-1 per setting, ± std over seeds, n."""
+    value_column = runs.columns[1]
+    per_setting = runs.groupby(value_column)["top1"].agg(["mean", "std", "count"])
+    print(f"\nmean top-1 per {label} (over seeds):")
     for value, row in per_setting.sort_index(ascending=False).iterrows():
-        print(f"  tau={value:<5} top1={row['mean']:.4f} ± {row['std']:.4f}  (n={int(row['count'])})")
+        print(f"  {label}={value:<6g} top1={row['mean']:.4f} ± {row['std']:.4f}  "
+              f"(n={int(row['count'])})")
+
+
+def tradeoff_verdict(rise, p_rise, n_losers):
+    """The paper's claim needs both halves: a mean that rises beyond seed noise, and a
+    class that falls significantly."""
+    if rise <= 0:
+        return "no trade-off here: the mean does not rise"
+    if not n_losers:
+        return "the mean rises and no class falls significantly"
+    if p_rise < SIGNIFICANT:
+        return "the paper's trade-off: the mean rises significantly while a class falls"
+    return ("the paper's shape, but the mean's rise is within seed noise at these seeds "
+            f"(p={p_rise:.2g} >= {SIGNIFICANT})")
+
+
+def tradeoff_lines(runs, welch, reference, label):
+    """For each setting: does it raise the mean top-1 (one-sided Welch over seeds) while a
+    class falls significantly (one-sided Welch p < 0.05)? The paper's finding, in numbers."""
+    value_column = runs.columns[1]
+    top1 = {value: group["top1"].to_numpy() for value, group in runs.groupby(value_column)}
+    lines = []
+    for value in sorted((v for v in top1 if v != reference), reverse=True):
+        rise = 100 * (top1[value].mean() - top1[reference].mean())
+        p_rise = stats.ttest_ind(top1[value], top1[reference], equal_var=False,
+                                 alternative="greater").pvalue
+        losers = welch[(welch["setting"] == value) & (welch["p_less"] < SIGNIFICANT)]
+        losers = losers.sort_values("diff")
+        fallen = ", ".join(f"{row['class_name']} {100 * row['diff']:+.1f} pts "
+                           f"(p={row['p_less']:.2g}, BH q={row['q_less']:.2g})"
+                           for _, row in losers.head(3).iterrows()) or "no class"
+        n = f"n={len(top1[value])} / {len(top1[reference])} seeds"
+        verdict = tradeoff_verdict(rise, p_rise, len(losers))
+        lines.append(f"  {label}={value:g}: mean {rise:+.2f} pts ({n}; one-sided Welch "
+                     f"p={p_rise:.2g}); falls at p<{SIGNIFICANT}: {fallen} -> {verdict}")
+    return lines
+
+
+def print_summary(report_dir, label="tau"):
+    """Mean accuracy per setting (± std over seeds, n), the trade-off verdict, the classes
+    that lose most and Table 1 of one analysis report."""
+    runs = pd.read_csv(report_dir / "runs.csv")
     welch = pd.read_csv(report_dir / "welch.csv")
     per_class = pd.read_csv(report_dir / "per_class.csv")
-    std = {(row["setting"], row["class"]): row["std_acc"] for _, row in per_class.iterrows()}
     setting_rows = pd.read_csv(report_dir / "settings.csv")
     reference = setting_rows.loc[setting_rows["is_reference"].astype(bool), "setting"].iloc[0]
-    worst = welch.sort_values("diff").head(5)
-    print("\nlargest per-class losses against the reference (tau=1.0), ± std over seeds:")
-    for _, row in worst.iterrows():
-        print(f"  tau={row['setting']:<5} {row['class_name']:<12} "
+    print_means(runs, label)
+    print(f"\nraises the mean while a class falls? (against {label}={reference:g})")
+    print("\n".join(tradeoff_lines(runs, welch, reference, label)))
+    std = {(row["setting"], row["class"]): row["std_acc"] for _, row in per_class.iterrows()}
+    print(f"\nlargest per-class losses against the reference ({label}={reference:g}), "
+          f"± std over seeds:")
+    for _, row in welch.sort_values("diff").head(5).iterrows():
+        print(f"  {label}={row['setting']:<6g} {row['class_name']:<12} "
               f"{row['mean_ref']:.3f} ± {std[(reference, row['class'])]:.3f} (n={row['n_ref']})"
               f" -> {row['mean']:.3f} ± {std[(row['setting'], row['class'])]:.3f} "
               f"(n={row['n']})  p_less={row['p_less']:.3g}")
     table1 = pd.read_csv(report_dir / "table1.csv")
-    print("\nTable 1: % of classes significantly LOWER than at tau=1.0 (one-sided Welch):")
+    print(f"\nTable 1: % of classes significantly LOWER than at {label}={reference:g} "
+          f"(one-sided Welch):")
     print(table1.pivot(index="setting", columns="confidence", values="percent_classes")
           .to_string(float_format=lambda v: f"{v:.1f}"))
+
+
+def analyse(sweep, report, experiment):
+    """`python -m ffcv_bias.analysis` on this experiment's slice of the sweep's folder."""
+    from ffcv_bias.sweep import load_sweep
+    key, reference, where, _ = experiment
+    run([sys.executable, "-m", "ffcv_bias.analysis", load_sweep(sweep).folder, "--vary", key,
+         "--reference", reference, "--where", where, "--out", report])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP)
+    parser.add_argument("--decay-sweep", type=Path, default=DEFAULT_DECAY_SWEEP)
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
+    parser.add_argument("--decay-report", type=Path, default=DEFAULT_DECAY_REPORT)
     args = parser.parse_args(argv)
 
-    step("1/3 betons (reused when present)")
+    step("1/4 betons (reused when present)")
     ensure_betons()
-    step(f"2/3 the sweep {args.sweep} (finished runs are reused)")
-    run([sys.executable, "-m", "ffcv_bias.sweep", "launch", args.sweep])
-    step(f"3/3 the analysis into {args.report}")
-    from ffcv_bias.sweep import load_sweep
-    runs_dir = load_sweep(args.sweep).folder
-    run([sys.executable, "-m", "ffcv_bias.analysis", runs_dir, "--vary", "augment.min_scale",
-         "--reference", "1.0", "--out", args.report])
-    print_summary(args.report)
-    print(f"\n[demo] report: {(args.report / 'index.html').resolve()}")
+    for sweep in (args.sweep, args.decay_sweep):
+        step(f"2/4 the sweep {sweep} (finished runs are reused)")
+        run([sys.executable, "-m", "ffcv_bias.sweep", "launch", sweep])
+    step(f"3/4 the analyses into {args.report} and {args.decay_report}")
+    analyse(args.sweep, args.report, CROP)
+    analyse(args.decay_sweep, args.decay_report, DECAY)
+    step("4/4 summary")
+    print_machine()
+    print("\n== random crop (tau), weight decay 5e-4 ==")
+    print_summary(args.report, CROP[3])
+    print("\n== weight decay, tau = 100% ==")
+    print_summary(args.decay_report, DECAY[3])
+    print(f"\n[demo] reports: {(args.report / 'index.html').resolve()}\n"
+          f"               {(args.decay_report / 'index.html').resolve()}")
 
 
 if __name__ == "__main__":

@@ -42,12 +42,14 @@ class EvaluateError(UserError, RuntimeError):
 
 
 def protocol_logits(model, val_dataset, protocol, *, batch_size, num_workers=1,
-                    in_memory=True, lr_tta=True, device=torch.device("cpu"), amp_dtype=None):
+                    in_memory=True, lr_tta=True, device=torch.device("cpu"), amp_dtype=None,
+                    decode="exact"):
     """float32 [N, C] logits of `model` on every image of `val_dataset` (beton order),
-    shown as `protocol` says; the same computation as the trainer's validation."""
+    shown as `protocol` says; the same computation as the trainer's validation (`decode`:
+    the run's augment.decode)."""
     loader = create_val_loader(val_dataset, batch_size=batch_size,
                                resolution=protocol.resolution, crop_ratio=protocol.crop_ratio,
-                               num_workers=num_workers, in_memory=in_memory)
+                               num_workers=num_workers, in_memory=in_memory, decode=decode)
     model.eval()
     rows = []
     with torch.no_grad():
@@ -75,13 +77,14 @@ def write_protocol_files(run_dir, protocol, logits, labels, num_classes, lr_tta)
 
 def evaluate_protocols(model, run_dir, protocols, *, val_dataset, labels, num_classes,
                        batch_size, num_workers=1, in_memory=True, lr_tta=True,
-                       device=torch.device("cpu"), amp_dtype=None, progress=print):
+                       device=torch.device("cpu"), amp_dtype=None, progress=print,
+                       decode="exact"):
     """Evaluate `model` under each protocol, write its files; {name: summary entry}."""
     entries = {}
     for protocol in protocols:
         logits = protocol_logits(model, val_dataset, protocol, batch_size=batch_size,
                                  num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta,
-                                 device=device, amp_dtype=amp_dtype)
+                                 device=device, amp_dtype=amp_dtype, decode=decode)
         if len(logits) != len(labels):
             raise EvaluateError(f"{val_dataset} gave {len(logits)} images, the run's "
                                 f"val_labels.npy has {len(labels)}")
@@ -172,7 +175,8 @@ def evaluate_run(run_dir, protocols, *, val_dataset=None, force=False, batch_siz
             model, run_dir, todo, val_dataset=val_dataset, labels=labels,
             num_classes=int(summary["num_classes"]),
             batch_size=batch_size or int(validation.get("batch_size", 512)),
-            lr_tta=bool(validation.get("lr_tta", 1)), device=device, amp_dtype=amp_dtype)
+            lr_tta=bool(validation.get("lr_tta", 1)), device=device, amp_dtype=amp_dtype,
+            decode=config.get("augment", {}).get("decode", "exact"))
         # Read again under the lock: another evaluation may have added entries meanwhile.
         summary = runs.read_json(run_dir / runs.SUMMARY_FILE)
         summary["protocols"] = {**summary.get("protocols", {}), **entries}

@@ -35,12 +35,12 @@ from ffcv_bias import ffcv_patches
 ffcv_patches.apply()
 
 from ffcv.fields.basics import IntDecoder  # noqa: E402
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
-from ffcv_bias.augment import SeededRandomResizedCropDecoder, per_sample_min_scale  # noqa: E402
+from ffcv_bias.augment import (CenterCropDecoder, SeededRandomResizedCropDecoder,  # noqa: E402
+                               per_sample_min_scale)
 
 # ImageNet statistics on the 0-255 scale, as in ffcv-imagenet.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -88,6 +88,18 @@ class SeededLoader:
         self.crop_decoder = crop_decoder
         self.resolution_decoder = resolution_decoder or crop_decoder
         self.epoch = 0
+
+    @property
+    def decode_fallbacks(self):
+        """{reason: images} the fast decoder handed to the exact path so far (augment.decode
+        =fast; empty when none, or in exact mode)."""
+        return self.resolution_decoder.fallback.fallbacks
+
+    @property
+    def fast_decode_active(self):
+        """True when images are decoded the fast way (asked for, and the extension loads);
+        known once the loader has compiled its pipeline (its first batch)."""
+        return self.resolution_decoder.fallback.fast_active
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -141,9 +153,10 @@ def _image_tail(device=None):
 def create_train_loader(path, *, batch_size, resolution, seed, min_scale=0.08, max_scale=1.0,
                         ratio=(3 / 4, 4 / 3), flip=True, class_min_scale=None, num_workers=2,
                         distributed=False, indices=None, in_memory=True, drop_last=True,
-                        batches_ahead=3, device=None):
+                        batches_ahead=3, device=None, decode="exact"):
     """Training loader: random order seeded by (seed, epoch), seeded crop + flip.
-    `device`: a CUDA device makes it yield tensors already on that GPU.
+    `device`: a CUDA device makes it yield tensors already on that GPU. `decode`: 'exact'
+    (full JPEG decode, then resize) or 'fast' (decode the crop only; augment.decode).
 
     `class_min_scale`: None, or a vector of per-class lower bounds (looked up through each
     sample's label; 1.0 = that class is never cropped). `indices`: train on a subset.
@@ -155,7 +168,7 @@ def create_train_loader(path, *, batch_size, resolution, seed, min_scale=0.08, m
     decoder = SeededRandomResizedCropDecoder((resolution, resolution), seed=seed,
                                              min_scale=min_scale, max_scale=max_scale,
                                              ratio=ratio, flip=flip,
-                                             sample_min_scale=sample_bounds)
+                                             sample_min_scale=sample_bounds, decode=decode)
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=OrderOption.RANDOM, os_cache=in_memory, distributed=distributed,
                     seed=int(seed), indices=None if indices is None else np.asarray(indices),
@@ -167,10 +180,11 @@ def create_train_loader(path, *, batch_size, resolution, seed, min_scale=0.08, m
 
 def create_val_loader(path, *, batch_size, resolution, crop_ratio=DEFAULT_CROP_RATIO,
                       num_workers=2, distributed=False, in_memory=True, batches_ahead=3,
-                      device=None):
-    """Validation loader: beton order, centre crop of `crop_ratio` of the short side, no drop."""
+                      device=None, decode="exact"):
+    """Validation loader: beton order, centre crop of `crop_ratio` of the short side, no drop.
+    `decode` as in create_train_loader ('exact' is ffcv's CenterCropRGBImageDecoder)."""
     open_reader(path)
-    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
+    decoder = CenterCropDecoder((resolution, resolution), ratio=crop_ratio, decode=decode)
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=OrderOption.SEQUENTIAL, os_cache=in_memory, distributed=distributed,
                     seed=0, drop_last=False, batches_ahead=batches_ahead,

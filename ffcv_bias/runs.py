@@ -66,6 +66,7 @@ LATER_KEY_DEFAULTS = {
     ("training", "fused_optimizer"): 0,
     ("validation", "protocols"): "",  # also in NON_RESULT_KEYS: never in the run_id
     ("training", "bn_recompute_batches"): 0,
+    ("augment", "decode"): "exact",   # full JPEG decode; 'fast' decodes the crop only
 }
 # Config values that name files: the run_id uses the file's name for datasets (moving a
 # data directory must not orphan finished runs) and the content for small input files

@@ -299,8 +299,10 @@ class Trainer:
     @param("augment.max_scale")
     @param("augment.flip")
     @param("augment.class_min_scale")
+    @param("augment.decode")
     def create_train_loader(self, train_dataset, num_workers, in_memory, keep_indices,
-                            batch_size, seed, min_scale, max_scale, flip, class_min_scale):
+                            batch_size, seed, min_scale, max_scale, flip, class_min_scale,
+                            decode):
         indices = None
         if keep_indices:
             indices = read_keep_indices(keep_indices, int(self.sidecar["num_samples"]))
@@ -312,7 +314,7 @@ class Trainer:
             min_scale=min_scale, max_scale=max_scale, flip=flip,
             class_min_scale=class_bounds, num_workers=self.loader_threads,
             distributed=self.info.group_running, indices=indices, in_memory=in_memory,
-            device=self.device)
+            device=self.device, decode=decode)
 
     @param("data.val_dataset")
     @param("data.num_workers")
@@ -320,12 +322,13 @@ class Trainer:
     @param("validation.batch_size")
     @param("validation.resolution")
     @param("validation.crop_ratio")
+    @param("augment.decode")
     def create_val_loader(self, val_dataset, num_workers, in_memory, batch_size, resolution,
-                          crop_ratio):
+                          crop_ratio, decode):
         return create_val_loader(val_dataset, batch_size=batch_size, resolution=resolution,
                                  crop_ratio=crop_ratio, num_workers=self.loader_threads,
                                  distributed=self.info.group_running, in_memory=in_memory,
-                                 device=self.device)
+                                 device=self.device, decode=decode)
 
     @param("model.arch")
     @param("model.dropout")
@@ -498,9 +501,15 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
         images = steps * self.nested["training"]["batch_size"] * self.info.world_size
-        return {"lr": float(self.lr_schedule[first_iteration + steps - 1]),
-                "train_loss": float(mean_loss), "epoch_seconds": seconds,
-                "images_per_second": images / seconds, "resolution": loader.resolution}
+        stats = {"lr": float(self.lr_schedule[first_iteration + steps - 1]),
+                 "train_loss": float(mean_loss), "epoch_seconds": seconds,
+                 "images_per_second": images / seconds, "resolution": loader.resolution}
+        if self.nested["augment"].get("decode") == "fast":
+            # Images so far that the fast decoder handed to the exact one, by reason (this
+            # rank's loader); the log says whether 'fast' really decoded the fast way.
+            stats["decode_fallbacks"] = loader.decode_fallbacks
+            stats["fast_decode_active"] = loader.fast_decode_active
+        return stats
 
     def check_steps(self, step_losses, start, end, epoch):
         """Stop every rank together on a non-finite loss or a SIGTERM (one collective)."""
@@ -629,7 +638,7 @@ class Trainer:
             self.model, self.run_dir, parse_protocols(protocols), val_dataset=val_dataset,
             labels=self.val_labels, num_classes=self.num_classes, batch_size=batch_size,
             num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta, device=self.device,
-            amp_dtype=self.amp_dtype)
+            amp_dtype=self.amp_dtype, decode=self.nested["augment"].get("decode", "exact"))
 
     # -- the record ------------------------------------------------------------------
 
@@ -801,19 +810,21 @@ def build_optimizer(name, groups, training):
     raise ConfigError(f"training.optimizer: unknown optimizer {name!r}")
 
 
-def compile_for_resolutions(module, resolutions):
+def compile_for_resolutions(module, resolutions, backend="inductor"):
     """torch.compile(module) with room for one graph per training resolution.
 
     Each progressive-resizing resolution is a new input shape: with dynamic=False dynamo
     compiles one static graph per resolution (fast kernels, no shape guards in them) and
     must not hit its recompile limit (8 by default) half-way through the ramp, where it
-    would fall back to eager silently."""
+    would fall back to eager silently. `backend` other than inductor: for checks of the
+    compiled path on a CPU (bench/gpu_check.py --tiny: aot_eager traces the same graphs in
+    seconds, where inductor's C++ code generation takes minutes)."""
     import torch._dynamo.config as dynamo_config
     needed = len(resolutions) + 2  # + margin for a guard failure (e.g. train/eval mode)
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
             setattr(dynamo_config, name, needed)
-    return torch.compile(module, dynamic=False)
+    return torch.compile(module, dynamic=False, backend=backend)
 
 
 def truncate_log(log_path, epochs_done):

@@ -82,6 +82,15 @@ class Text(Checker):
 WD_EXEMPT_SETS = ("norm", "norm_bias_embed")
 WD_EXEMPT_DEFAULT = "norm_bias_embed"
 
+# augment.decode (ffcv_bias/fast_decode.py, which imports ffcv and numba: this module
+# loads those only when needed, hence the copy of its DECODE_MODES, checked equal by the
+# tests). The default stays 'exact': a new default would enter the run_id of every planned
+# run (runs.LATER_KEY_DEFAULTS keeps only the old behaviour's value out of it) and a
+# relaunched sweep would train its finished runs again. 'fast' is chosen per config;
+# README "Fast decoding" has the measurements.
+DECODE_MODES = ("exact", "fast")
+DECODE_DEFAULT = "exact"
+
 
 # The names of ffcv_bias.models.ARCHITECTURES, kept here because this module must not
 # import torch (tests check the two agree). Checked when the config is parsed, so the
@@ -229,6 +238,12 @@ def declare_sections():
         class_min_scale=Param(Text(), "file of per-class crop lower bounds, one per class "
                                       "(.json list, .txt one per line or .npy); replaces "
                                       "min_scale class by class; empty = off", default=""),
+        decode=Param(OneOf(*DECODE_MODES), "JPEG decoding of training and validation images: "
+                                           "'exact' = the whole image, then resize the crop; "
+                                           "'fast' = only the crop, DCT-scaled when it is >= "
+                                           "2x the output (same crops, slightly different "
+                                           "resampling; README 'Fast decoding')",
+                     default=DECODE_DEFAULT),
     )
     Section("model", "the network").params(
         arch=Param(ArchName(), "architecture (ffcv_bias.models: resnet18, resnet50, resnet20, "

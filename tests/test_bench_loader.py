@@ -1,5 +1,6 @@
-"""Smoke test of bench/loader.py in a tiny mode: it runs end to end and reports all four
-pipelines. It asserts nothing about speed (that is what the benchmark is for)."""
+"""Smoke test of bench/loader.py in a tiny mode: it runs end to end over a 2x2 grid of cells
+and reports every pipeline, ratio and goal. It asserts nothing about speed (that is what the
+benchmark is for)."""
 import json
 import re
 import subprocess
@@ -7,9 +8,10 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "loader.py"
-# "(a) label   median img/s   best img/s   vs (d)   img/CPU-s   warm-up s"
-ROW = re.compile(r"^\(([abcd])\) .*?\s([0-9]+\.[0-9]) +[0-9]+\.[0-9] +[0-9]+\.[0-9]{2} +"
-                 r"[0-9]+\.[0-9] +[0-9]+\.[0-9]$")
+# "res tau | (a) (a') (b) (c) (d) | a'/a a'/b a'/c a'/d | wall a'/b | MAE same"
+ROW = re.compile(r"^ +(\d+) +([0-9.]+) \| +" + r" +".join([r"(\d+)"] * 5) + r" \| +"
+                 + r" +".join([r"([0-9]+\.[0-9]{2})"] * 4) + r" \| +([0-9]+\.[0-9]{2}) \| +"
+                 r"([0-9]+\.[0-9]{2}) +(\d+)%$")
 
 
 def run_bench(*args, timeout=600):
@@ -17,29 +19,38 @@ def run_bench(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def test_tiny_run_prints_all_four_figures(tmp_path):
+def test_tiny_run_prints_every_cell_ratio_and_goal(tmp_path):
     json_path = tmp_path / "figures.json"
-    result = run_bench("--images", "40", "--classes", "4", "--batch-size", "16",
-                       "--resolution", "32", "--epochs", "1", "--workers", "2",
-                       "--workdir", str(tmp_path / "data"), "--json", str(json_path))
+    result = run_bench("--images", "32", "--classes", "4", "--batch-size", "16",
+                       "--resolutions", "160,24", "--taus", "1.0,0.08", "--max-sides", "96",
+                       "--epochs", "1", "--workers", "2", "--workdir", str(tmp_path / "data"),
+                       "--json", str(json_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {match.group(1): match.group(2)
-            for match in map(ROW.match, result.stdout.splitlines()) if match}
-    assert sorted(rows) == ["a", "b", "c", "d"], result.stdout
-    assert all(float(rate) > 0 for rate in rows.values())
-    assert re.search(r"^\(a\)/\(c\) .* = [0-9.]+ +\(goal >= 3", result.stdout, re.M)
-    assert re.search(r"^\(a\)/\(b\) .* = [0-9.]+ +\(goal >= 0.9", result.stdout, re.M)
-    assert "machine: " in result.stdout and "command: python bench/loader.py" in result.stdout
+    rows = [match.groups() for match in map(ROW.match, result.stdout.splitlines()) if match]
+    assert [(res, tau) for res, tau, *_ in rows] == [("160", "1"), ("160", "0.08"),
+                                                     ("24", "1"), ("24", "0.08")], result.stdout
     figures = json.loads(json_path.read_text())
-    assert figures["settings"]["images"] == 40
-    # The medians in the JSON are the ones printed in the table.
-    assert {name: f"{rate:.1f}" for name, rate in
-            figures["images_per_second_median"].items()} == rows
-    # The train pipelines drop the last partial batch (2 x 16 of 40); (d) decodes all 40.
-    assert figures["images_per_epoch"] == {"a": 32, "b": 32, "c": 32, "d": 40}
-    # The data was really written: 40 JPEG files in 4 class folders, and a beton.
-    assert len(list((tmp_path / "data" / "imagefolder").glob("class_*/*.jpg"))) == 40
-    assert (tmp_path / "data" / "bench.beton").is_file()
+    medians = figures["images_per_cpu_second_median"]
+    for res, tau, exact, fast, ffcv, torch_rate, decode, *ratios, wall, mae, same in rows:
+        key = f"96/{res}/{tau}"
+        # The table prints the JSON's medians, and its ratios are their ratios.
+        assert int(exact) == round(medians[f"{key}/a"]) and int(fast) == round(medians[f"{key}/af"])
+        assert abs(float(ratios[1]) - medians[f"{key}/af"] / medians[f"{key}/b"]) < 0.006
+        assert int(decode) == round(medians["96/-/-/d"])
+        assert 0 <= int(same) <= 100 and float(mae) >= 0
+        if res == "160":  # every crop of a <= 96 px image is under 2x 160 px: scale 1
+            assert (float(mae), int(same)) == (0.0, 100)
+    # Goal lines at 160 px for both taus, the (d) goal at tau 1 only.
+    goals = [line for line in result.stdout.splitlines() if line.startswith("  160 px, tau")]
+    assert len(goals) == 2 and all("(a')/(b) = " in line and "(a')/(c) = " in line
+                                   for line in goals)
+    assert "(a')/(d)" in goals[0] and "(a')/(d)" not in goals[1]
+    assert "fast decoder: active, fallbacks none" in result.stdout
+    assert "command: python bench/loader.py" in result.stdout and "machine: " in result.stdout
+    # Train loaders drop the last partial batch (2 x 16 of 32: none here); (d) decodes all.
+    assert figures["images_per_epoch"]["96/24/0.08/a"] == 32
+    assert figures["images_per_epoch"]["96/-/-/d"] == 32
+    assert len(list((tmp_path / "data" / "side96" / "imagefolder").glob("class_*/*.jpg"))) == 32
 
 
 def test_bad_arguments_fail_with_one_line():
@@ -47,3 +58,18 @@ def test_bad_arguments_fail_with_one_line():
     assert result.returncode != 0
     assert "--images (8) must be >= --batch-size (16)" in result.stderr
     assert "Traceback" not in result.stderr
+    result = run_bench("--taus", "0,1", timeout=120)
+    assert result.returncode != 0 and "out of range: '0,1'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_decode_mechanism_bench_prints_three_mechanisms_per_crop():
+    script = SCRIPT.parent / "decode_mechanism.py"
+    result = subprocess.run([sys.executable, str(script), "--images", "2", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^ +\d+x\d+ \(([0-9.]+)\) +1/(\d) +([0-9.]+) +([0-9.]+) +([0-9.]+)$",
+                      result.stdout, re.M)
+    assert [(area, scale) for area, scale, *_ in rows] == [("1", "2"), ("0.35", "1"),
+                                                           ("0.08", "1")], result.stdout
+    assert all(float(value) > 0 for row in rows for value in row[2:])

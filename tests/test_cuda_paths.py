@@ -359,13 +359,26 @@ def test_fused_optimizer_only_when_asked(name):
     assert not default.defaults.get("fused") and fused.defaults["fused"] is True
 
 
-def test_compile_wraps_the_training_module_with_room_for_every_resolution(monkeypatch):
+def test_compile_wraps_the_training_module_with_room_for_every_resolution():
     import torch._dynamo.config as dynamo_config
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
+    # dynamo's own patch, not monkeypatch: monkeypatch's undo deletes the key from torch's
+    # config module, and every later torch.compile in the process then fails.
+    with dynamo_config.patch(recompile_limit=2):
+        module = torch.nn.Linear(2, 2)
+        compiled = train.compile_for_resolutions(module, list(range(160, 193, 8)))  # 5 sizes
+        assert compiled._orig_mod is module  # wrapped, not compiled until called
+        assert dynamo_config.recompile_limit == 7
+
+
+def test_compile_backend_is_passed_to_torch_compile():
+    # bench/gpu_check.py --tiny traces the compiled variants with aot_eager on a CPU.
+    torch.manual_seed(0)
     module = torch.nn.Linear(2, 2)
-    compiled = train.compile_for_resolutions(module, list(range(160, 193, 8)))  # 5 sizes
-    assert compiled._orig_mod is module  # wrapped, not compiled until called
-    assert dynamo_config.recompile_limit == 7
+    compiled = train.compile_for_resolutions(module, [32], backend="aot_eager")
+    inputs = torch.randn(4, 2)
+    assert torch.equal(compiled(inputs), module(inputs))
+    with pytest.raises(Exception, match="no_such_backend"):
+        train.compile_for_resolutions(module, [32], backend="no_such_backend")
 
 
 def test_ddp_keeps_its_gradient_bucket_views(tiny_fashion_betons, tmp_path, monkeypatch):

@@ -45,15 +45,18 @@ FAKE_TRAINER = textwrap.dedent('''
             return 1
         checkpoint = run_dir / runs.CHECKPOINT_FILE
         start = json.loads(checkpoint.read_text())["epoch"] + 1 if checkpoint.is_file() else 0
+        log = run_dir / runs.LOG_FILE  # as the real trainer: keep the checkpointed epochs' lines
+        kept = log.read_text().splitlines(keepends=True)[:start] if log.is_file() else []
+        log.write_text("".join(kept))
         with open(run_dir / "trainings.txt", "a") as handle:
             handle.write(f"start {start}\\n")
         stop = []
         signal.signal(signal.SIGTERM, lambda *args: stop.append(True))
         for epoch in range(start, config["training"]["epochs"]):
             time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0.05")))
-            write_json(checkpoint, {"epoch": epoch})
-            with open(run_dir / runs.LOG_FILE, "a") as handle:
+            with open(log, "a") as handle:  # the log line first, then the checkpoint (as train.py)
                 handle.write(json.dumps({"epoch": epoch}) + "\\n")
+            write_json(checkpoint, {"epoch": epoch})
             if stop:
                 return EXIT_PREEMPTED
         write_json(run_dir / runs.SUMMARY_FILE, {"run_id": run_dir.name, "top1": 0.5})

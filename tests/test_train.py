@@ -158,6 +158,47 @@ def test_same_config_gives_bit_identical_logits(finished_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# augment.decode=fast in the trainer (the decoder itself: tests/test_decode_fast.py)
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jpeg_fashion_betons(tmp_path_factory):
+    """(train.beton, val.beton) of 200 / 100 Fashion-MNIST images stored as JPEG."""
+    from conftest import FASHION_DIR, _read_idx, _stratified_subset, write_tiny_beton
+    if not FASHION_DIR.is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed (run `make setup`)")
+    out = tmp_path_factory.mktemp("jpeg_fashion")
+    paths = []
+    for split, prefix, per_class in (("train", "train", 20), ("val", "t10k", 10)):
+        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+        keep = _stratified_subset(labels, per_class)
+        paths.append(write_tiny_beton(out / f"fashion-mnist_{split}.beton", images[keep],
+                                      labels[keep], split, write_mode="jpg"))
+    return tuple(paths)
+
+
+def test_fast_decode_is_recorded_and_trains_like_exact_below_twice_the_output(
+        jpeg_fashion_betons, tmp_path):
+    exact_args = train_args(jpeg_fashion_betons, tmp_path / "exact")
+    fast_args = train_args(jpeg_fashion_betons, tmp_path / "fast", "--augment.decode=fast")
+    assert train_in_process(exact_args) == EXIT_OK
+    assert train_in_process(fast_args) == EXIT_OK
+    exact_dir, fast_dir = run_dir_of(exact_args), run_dir_of(fast_args)
+    assert exact_dir.name != fast_dir.name  # 'fast' enters the run_id, 'exact' does not
+    for run_dir, decode in ((exact_dir, "exact"), (fast_dir, "fast")):
+        config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+        assert config["augment"]["decode"] == decode
+    assert all(line["fast_decode_active"] is True and line["decode_fallbacks"] == {}
+               for line in read_log(fast_dir))
+    assert "decode_fallbacks" not in read_log(exact_dir)[0]
+    # 28 px images at 28 px: no crop reaches twice the output, so the fast path decodes
+    # the exact path's pixels, and the two runs train and validate identically.
+    assert (fast_dir / runs.VAL_LOGITS_FILE).read_bytes() == \
+        (exact_dir / runs.VAL_LOGITS_FILE).read_bytes()
+
+
+# --------------------------------------------------------------------------------------
 # Weight decay groups as the trainer builds them
 # --------------------------------------------------------------------------------------
 

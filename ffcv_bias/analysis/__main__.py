@@ -3,6 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ffcv_bias.analysis import where
 from ffcv_bias.analysis.analyze import run_analysis
 from ffcv_bias.analysis.records import AnalysisError
 from ffcv_bias.analysis.report import summary_text
@@ -36,6 +37,10 @@ def build_parser():
                         help="folds of the cross-fitted oracle and selection: each class's "
                              "setting is chosen on K-1 blocks of seeds and scored on the "
                              "remaining one (default 2: halves)")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="analyse only the runs whose config has KEY = VALUE (repeatable), "
+                             "e.g. one slice of a folder holding two sweeps; the others are "
+                             "counted as skipped")
     parser.add_argument("--protocol", default=None, metavar="RES@CROP_RATIO",
                         help="analyse the runs under this test protocol (summary.json's "
                              "protocols entries, see python -m ffcv_bias.evaluate); default: "
@@ -60,7 +65,9 @@ def main(argv=None):
         frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
                               out_dir=args.out, ignore_keys=args.ignore_key, top_k=args.top_k,
                               make_plots=not args.no_figures,
-                              crossfit_folds=args.crossfit_folds, protocol=args.protocol)
+                              crossfit_folds=args.crossfit_folds, protocol=args.protocol,
+                              where_conditions=[where.parse_condition(text)
+                                                for text in args.where])
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

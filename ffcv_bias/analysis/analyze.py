@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ffcv_bias.analysis import confusion, crossfit, paired, power, protocols, report, stats, tables
+from ffcv_bias.analysis import (confusion, crossfit, paired, power, protocols, report, stats,
+                                tables, where)
 from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
                                         dotted_get, load_runs)
 from ffcv_bias.atomic import atomic_path
@@ -149,7 +150,8 @@ def confusion_figure(data, frames, out_dir, suffix):
 
 
 def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), top_k=5,
-                 make_plots=True, crossfit_folds=crossfit.DEFAULT_FOLDS, protocol=None):
+                 make_plots=True, crossfit_folds=crossfit.DEFAULT_FOLDS, protocol=None,
+                 where_conditions=()):
     """Analyse every run record under `run_dirs`; returns {name: DataFrame}.
 
     run_dirs: a folder or a list of folders, searched recursively for run directories.
@@ -169,6 +171,8 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
         analysis/protocols.py); None = each run's main protocol. Runs sharing >= 2
         protocols also get the protocol tables (protocols, protocol_choice,
         protocol_per_class) and protocols.png.
+    where_conditions: (key, value) pairs (analysis/where.py): only runs whose config
+        matches all of them are analysed; the others are counted in skipped.
     Raises AnalysisError on bad input (no complete run, mixed datasets, unpoolable runs).
     """
     if not isinstance(crossfit_folds, int) or crossfit_folds < 2:
@@ -176,7 +180,7 @@ def run_analysis(run_dirs, vary, reference=None, out_dir=None, ignore_keys=(), t
                             f"{crossfit_folds})")
     roots = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     vary_keys = [vary] if isinstance(vary, str) else list(vary)
-    run_set = load_runs(roots)
+    run_set = where.select_where(load_runs(roots), where_conditions)
     if protocol is not None:
         run_set = protocols.select_protocol(run_set, protocol)
     _check_vary_keys(run_set, vary_keys)

@@ -13,6 +13,9 @@ confusion_flows.csv, for each setting and each class it hurts: the classes that 
         lost  = r_ref[c, c] - r_s[c, c]          (points of accuracy the class lost)
         gain  = r_s[c, j] - r_ref[c, j]          (for j != c; the gains sum to `lost`)
         share = gain / lost                       (of the loss that went to class j)
+    The gains of all j sum to `lost`, so the positive ones sum to at least `lost`: where
+    some confusions fell, the rising ones' shares add up to more than 100% (Dress -2.5
+    pts going to Shirt 200% means its Shirt confusion rose 5 points, others fell 2.5).
     The hurt classes are those whose one-sided Welch p_less < ALPHA at the setting (the
     welch table), or, when none is, the WORST_WHEN_NONE largest drops (flagged). Each
     gets its ABSORBERS largest positive gains.

@@ -10,6 +10,7 @@ import numpy as np
 from ffcv_bias.analysis import trust_report
 from ffcv_bias.analysis.stats import setting_blocks
 from ffcv_bias.analysis.tables import compared_index, format_setting, rows_where
+from ffcv_bias.analysis.where import OUTSIDE_STATE
 from ffcv_bias.atomic import write_text
 
 # Columns holding accuracies (fractions in the CSVs), shown as percentages in the page.
@@ -313,10 +314,11 @@ def summary_text(frames, vary_keys, out_dir=None):
              f"{len(skipped)} skipped" + (" (" + ", ".join(
                  f"{count} {state}" for state, count in skipped["state"].value_counts().items())
                  + ")" if len(skipped) else "")]
-    for _, row in skipped.head(10).iterrows():
+    listed = skipped[skipped["state"] != OUTSIDE_STATE] if len(skipped) else skipped
+    for _, row in listed.head(10).iterrows():  # runs outside --where are only counted
         lines.append(f"  skipped {row['run_dir']}: {row['state']}, {row['reason']}")
-    if len(skipped) > 10:
-        lines.append(f"  ... {len(skipped) - 10} more in skipped.csv")
+    if len(listed) > 10:
+        lines.append(f"  ... {len(listed) - 10} more in skipped.csv")
     lines += [f"  WARNING {w}" for w in trust_report.record_warnings(skipped)]
     for label, group in _group_frames(frames, vary_keys):
         if label:
