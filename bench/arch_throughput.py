@@ -46,11 +46,12 @@ from typing import NamedTuple
 import torch
 
 from ffcv_bias import atomic
+from ffcv_bias.common import env
+from ffcv_bias.common.errors import EXIT_OK, UserError, main_guard
 from ffcv_bias.config import ConfigError
-from ffcv_bias.models import ARCHITECTURES, create_model, weight_decay_groups
+from ffcv_bias.models import ARCHITECTURES, weight_decay_groups
 from ffcv_bias.train_config import bn_weight_decay, resolve_config, wd_exempt
 
-EXIT_BAD_INPUT = 2
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "rn50_configs"
 MIB = 2 ** 20
 # The step's cost does not depend on the learning rate's value, but the weights must stay
@@ -95,8 +96,8 @@ FP32 = Mode("fp32_nchw", "fp32 NCHW", None, torch.contiguous_format, torch.float
 MODES = (FP32, BF16)  # baseline first: it also warms the process up (threads, allocator)
 
 
-class BenchError(Exception):
-    """Bad input: main() prints it on one line and exits with EXIT_BAD_INPUT."""
+class BenchError(UserError):
+    """Bad input: main() prints it on one line and exits with EXIT_USAGE (2)."""
 
 
 class Plan(NamedTuple):
@@ -180,7 +181,7 @@ def parse_archs(text):
 
 def parse_device(text):
     if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return env.default_device()
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -264,16 +265,15 @@ def check_resolution(plan, model):
 # ==========================================================================================
 
 def build_model(plan, device, memory_format):
-    model_config, training = plan.nested["model"], plan.nested["training"]
-    torch.manual_seed(0)  # both modes start from the same weights
+    """The recipe's model, freshly initialized from seed 0 (both modes start from the same
+    weights), in training mode."""
+    from ffcv_bias.studies import trained
     try:
-        model = create_model(plan.arch, plan.recipe.num_classes,
-                             dropout=model_config["dropout"],
-                             drop_path=model_config["drop_path"],
-                             use_blurpool=bool(training["use_blurpool"]))
+        model = trained.build_model(plan.arch, plan.recipe.num_classes, seed=0,
+                                    **trained.model_options(plan.nested))
     except ValueError as error:
         raise BenchError(f"{plan.arch}: recipe {plan.recipe.config_file}: {error}") from None
-    return model.to(device, memory_format=memory_format)
+    return model.to(device, memory_format=memory_format).train()
 
 
 def build_optimizer_for(plan, model):
@@ -408,17 +408,8 @@ def describe_plan(plan, batch_size):
 
 
 def cpu_description():
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    native_bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"}) or ["none"]
-    return (f"{model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+    native_bf16 = sorted(env.cpu_flags() & {"avx512_bf16", "amx_bf16"}) or ["none"]
+    return (f"{env.cpu_model()}, {os.cpu_count()} cores ({env.usable_cpu_count()} usable), "
             f"native bf16 instructions: {', '.join(native_bf16)}")
 
 
@@ -476,14 +467,11 @@ def write_json(path, header, results, complete):
         atomic.write_json(path, {**header, "complete": complete, "results": results})
 
 
+@main_guard()
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        options = parse_arguments(argv)
-        plans = plan_runs(options)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    options = parse_arguments(argv)
+    plans = plan_runs(options)
     if options.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     command = shlex.join(["python", "bench/arch_throughput.py", *argv])
@@ -517,7 +505,7 @@ def main(argv=None):
     write_json(options.json, header, results, complete=True)
     if options.json is not None:
         print(f"figures written to {options.json}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ffcv_bias import fast_decode  # noqa: E402
 from ffcv_bias.atomic import write_json  # noqa: E402
+from ffcv_bias.common import env  # noqa: E402
 from ffcv_bias.datasets import convert  # noqa: E402
 
 RATIO = (3 / 4, 4 / 3)
@@ -456,22 +457,12 @@ def fidelity(sets, cells):
 # Report
 # ==========================================================================================
 
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def machine_lines():
     import ffcv
     import numba
     import PIL
     return [
-        f"machine: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {cpu_model()}",
+        f"machine: {os.cpu_count()} cores ({env.usable_cpu_count()} usable), {env.cpu_model()}",
         f"versions: python {sys.version.split()[0]}, torch {torch.__version__}, "
         f"ffcv {ffcv.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
         f"pillow {PIL.__version__} (libjpeg-turbo: {features.check_feature('libjpeg_turbo')}), "
@@ -592,7 +583,7 @@ def parse_args(argv):
                         default=[512, 256],
                         help="image sets by their max side (default 512,256)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--workers", type=positive_int, default=env.usable_cpu_count(),
                         help="threads (ffcv, decode) or processes (torch); default: all cores")
     parser.add_argument("--epochs", type=positive_int, default=3,
                         help="timed rounds, after one warm-up epoch per loader (default 3)")

@@ -25,7 +25,7 @@ import torch
 from fastargs import Param, Section, get_current_config
 
 from ffcv_bias import distributed
-from ffcv_bias.config import ConfigError
+from ffcv_bias.common.errors import EXIT_OK, main_guard
 from ffcv_bias.train import StopRequest, Trainer, load_into_fastargs
 from ffcv_bias.train_config import declare_sections, resolve_config
 
@@ -103,13 +103,10 @@ def parse(argv):
     return nested, bench
 
 
+@main_guard()
 def main(argv=None):
-    try:
-        nested, bench = parse(argv)
-        pairs, bare_batches = bench["pairs"], bench["bare_batches"]
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    nested, bench = parse(argv)  # a bad config: ConfigError, exit 2
+    pairs, bare_batches = bench["pairs"], bench["bare_batches"]
     with tempfile.TemporaryDirectory() as run_dir, StopRequest() as stop:
         trainer = Trainer(nested, run_dir, distributed.setup(0, 1, 0, 1, start_group=False),
                           stop)
@@ -136,7 +133,7 @@ def main(argv=None):
               f"{statistics.median(bare):.1f} images/s)")
         print(f"loop time spent waiting for the loader: {timed.wait_seconds:.2f} s of "
               f"{loop_seconds:.1f} s ({100 * timed.wait_seconds / loop_seconds:.2f}%)")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

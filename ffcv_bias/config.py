@@ -21,12 +21,14 @@ import yaml
 from fastargs import get_current_config
 from fastargs.validation import Checker
 
+from ffcv_bias.common.errors import UserError
+
 
 # libyaml's loader when present: a sweep resolves its base config once per run.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration: the message is one line that names the offending key."""
 
 

@@ -27,16 +27,18 @@ import numpy as np
 import torch
 
 from ffcv_bias import atomic, metrics, runs
+from ffcv_bias.common import env
+from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, UserError, main_guard
 from ffcv_bias.loaders import BetonError, create_val_loader, normalize, read_labels
 from ffcv_bias.models import create_model, eval_logits
 from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
                                      preds_file)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-class EvaluateError(RuntimeError):
-    """A run that cannot be evaluated; the message is one line."""
+class EvaluateError(UserError, RuntimeError):
+    """A run that cannot be evaluated; the message is one line (exit 1)."""
+    exit_code = EXIT_FAILURE
 
 
 def protocol_logits(model, val_dataset, protocol, *, batch_size, num_workers=1,
@@ -156,7 +158,7 @@ def evaluate_run(run_dir, protocols, *, val_dataset=None, force=False, batch_siz
     if not todo:
         print(f"{run_dir.name}: already has {', '.join(p.name for p in protocols)}")
         return []
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or env.default_device()
     validation = config.get("validation", {})
     val_dataset = val_dataset or config["data"]["val_dataset"]
     with runs.run_lock(run_dir):
@@ -200,23 +202,19 @@ def build_parser():
     return parser
 
 
+@main_guard(failures=(runs.RunLockedError, atomic.NoRoomError))
 def main(argv=None):
+    """Exit 0, 1 (a run could not be evaluated) or 2 (bad --protocols)."""
     args = build_parser().parse_args(argv)
     try:
         protocols = parse_protocols(args.protocols)
     except ProtocolError as error:
-        print(f"error: --protocols: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UserError(f"--protocols: {error}") from None
     if not protocols:
-        print("error: --protocols: no protocol given", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        for run_dir in args.run_dirs:
-            evaluate_run(run_dir, protocols, val_dataset=args.val_dataset, force=args.force,
-                         batch_size=args.batch_size)
-    except (EvaluateError, runs.RunLockedError, atomic.NoRoomError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        raise UserError("--protocols: no protocol given")
+    for run_dir in args.run_dirs:
+        evaluate_run(run_dir, protocols, val_dataset=args.val_dataset, force=args.force,
+                     batch_size=args.batch_size)
     return EXIT_OK
 
 

@@ -123,6 +123,15 @@ def accuracy_from_predictions(predictions, labels, num_classes):
                                                                num_classes))}
 
 
+def accuracy_summary(logits, labels, num_classes, predictions=None):
+    """A summary's accuracies: top1 and per_class_acc from `predictions` (default: decided
+    on `logits` as given), top5 from `logits`; the trainer's and the probe's, alike."""
+    if predictions is None:
+        predictions = predictions_from_logits(logits)
+    return {**accuracy_from_predictions(predictions, labels, num_classes),
+            "top5": topk_accuracy(logits, labels, k=5)}
+
+
 # ----------------------------------------------------------------------------------------
 # The record's prediction files
 # ----------------------------------------------------------------------------------------

@@ -47,14 +47,11 @@ model init and dropout of the seed (and the rank). On CPU, runs are deterministi
 same config gives bit-identical val_logits.npy, even when killed and resumed (with the
 same torch thread count). On CUDA set training.deterministic=1 for the same property.
 """
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -71,6 +68,8 @@ from fastargs.decorators import param
 from tqdm import tqdm
 
 from ffcv_bias import atomic, distributed, evaluate, metrics, runs
+from ffcv_bias import record
+from ffcv_bias.common import env
 from ffcv_bias.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
 from ffcv_bias.beton_fingerprint import current_fingerprints
 from ffcv_bias.config import ConfigError, flatten, validate_all
@@ -195,7 +194,7 @@ def choose_torch_threads(local_world_size):
     """OMP_NUM_THREADS when the launcher set it, else this process's share of the cores."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = env.usable_cpu_count()
     return max(1, cores // local_world_size)
 
 
@@ -204,7 +203,7 @@ def choose_loader_threads(configured, local_world_size):
     one (left to the training loop), within NUMBA_NUM_THREADS when the launcher set it."""
     if configured > 0:
         return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = env.usable_cpu_count()
     threads = max(1, cores // local_world_size - 1)
     if os.environ.get("NUMBA_NUM_THREADS", "").isdigit():
         threads = min(threads, max(1, int(os.environ["NUMBA_NUM_THREADS"])))
@@ -243,15 +242,15 @@ def set_rng_state(state, device):
 # ---------------------------------------------------------------------------------------
 
 def accuracy_metrics(logits, labels, num_classes, predictions=None):
-    """top1 and per-class top-1 (None for a class with no sample) from `predictions`
-    (default: decided on `logits` as given), top5 and cross-entropy from `logits`."""
-    if predictions is None:
-        predictions = metrics.predictions_from_logits(logits)
+    """metrics.accuracy_summary (top1, per_class_acc, top5) and the cross-entropy of
+    `logits`."""
+    return {**metrics.accuracy_summary(logits, labels, num_classes, predictions),
+            "loss": cross_entropy(logits, labels)}
+
+
+def cross_entropy(logits, labels):
     scores = torch.from_numpy(np.asarray(logits, dtype=np.float32))
-    return {**metrics.accuracy_from_predictions(predictions, labels, num_classes),
-            "top5": metrics.topk_accuracy(logits, labels, k=5),
-            "loss": float(F.cross_entropy(scores, torch.from_numpy(
-                np.asarray(labels, dtype=np.int64))))}
+    return float(F.cross_entropy(scores, torch.from_numpy(np.asarray(labels, dtype=np.int64))))
 
 
 # ---------------------------------------------------------------------------------------
@@ -734,21 +733,18 @@ class Trainer:
         `extras`: further summary entries (record_extras: bn_check, protocols)."""
         if not self.info.is_main:
             return None
-        weights = {name: tensor.detach().cpu().contiguous()
-                   for name, tensor in self.model.state_dict().items()}
-        atomic.torch_save(self.run_dir / runs.WEIGHTS_FILE, weights)
-        metrics.write_predictions(self.run_dir, logits, self.val_labels)
-        # Read back what analysis will read, so the summary agrees with the files exactly.
-        saved_logits = np.load(self.run_dir / runs.VAL_LOGITS_FILE)
-        final = accuracy_metrics(saved_logits, np.load(self.run_dir / runs.VAL_LABELS_FILE),
-                                 self.num_classes, np.load(self.run_dir / runs.VAL_PREDS_FILE))
-        summary = {"run_id": self.run_id, "top1": final["top1"], "top5": final["top5"],
-                   "per_class_acc": final["per_class_acc"], "n_val": int(len(saved_logits)),
+        final = record.write_final(self.run_dir, self.model.state_dict(), logits,
+                                   self.val_labels, self.num_classes)
+        summary = {"run_id": self.run_id, "top1": final.accuracy["top1"],
+                   "top5": final.accuracy["top5"],
+                   "per_class_acc": final.accuracy["per_class_acc"],
+                   "n_val": int(len(final.logits)),
                    "epochs": epochs, "train_seconds": round(self.train_seconds, 3),
                    "num_classes": self.num_classes, "val_dataset": val_dataset,
-                   "val_loss": final["loss"], "classes": self.sidecar.get("classes")}
+                   "val_loss": cross_entropy(final.logits, final.labels),
+                   "classes": self.sidecar.get("classes")}
         summary.update(extras or {})
-        atomic.write_json(self.run_dir / runs.SUMMARY_FILE, summary)
+        record.write_summary(self.run_dir, summary)
         return summary
 
 
@@ -849,32 +845,6 @@ def truncate_log(log_path, epochs_done):
 # Run directory: config.json, error.txt, provenance
 # ---------------------------------------------------------------------------------------
 
-def git_commit():
-    """(commit, dirty) of the repository this package is in, or (None, None)."""
-    source_dir = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source_dir), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None, None
-        dirty = subprocess.run(["git", "-C", str(source_dir), "diff", "--quiet", "HEAD"],
-                               capture_output=True, timeout=30).returncode != 0
-        return commit.stdout.strip(), dirty
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-
-
-def package_versions():
-    """Installed versions (ffcv's own __version__ says 0.0.3rc1 in its 1.0.2 release)."""
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "ffcv", "numpy", "numba"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def check_run_dir(run_dir, run_id):
     """Refuse a directory that holds another run's config; remove a stale error.txt."""
     stored = runs.read_json_object(run_dir / runs.CONFIG_FILE)  # None: missing or corrupt
@@ -895,17 +865,17 @@ def check_run_dir(run_dir, run_id):
 def write_config(run_dir, nested, info, command):
     """config.json at the first start (a resumed run keeps the original one)."""
     path = run_dir / runs.CONFIG_FILE
-    commit, dirty = git_commit()
+    commit, dirty = env.git_commit()
     meta = {"run_id": runs.run_id(nested), "betons": current_fingerprints(nested),
             "git": commit, "git_dirty": dirty,
-            "versions": package_versions(), "host": socket.gethostname(),
+            "versions": env.package_versions(), "host": socket.gethostname(),
             "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "world_size": info.world_size, "device": str(info.device),
             "torch_threads": torch.get_num_threads(),
             "loader_threads": choose_loader_threads(nested["data"]["num_workers"],
                                                     info.local_world_size)}
     if not path.is_file():
-        atomic.write_json(path, {**nested, "meta": meta})
+        record.write_config(run_dir, {**nested, "meta": meta})
     print(f"run {meta['run_id']}: {run_dir}\ngit {commit}{' (dirty)' if dirty else ''}\n"
           + "\n".join(f"  {'.'.join(key)}: {value}"
                       for key, value in sorted(flatten(nested).items())), flush=True)

@@ -48,17 +48,23 @@ def write_tiny_beton(path, images, labels, split, write_mode="raw"):
     return path
 
 
+def fashion_subset_betons(out, per_class, name="fashion-mnist_{split}.beton"):
+    """(train.beton, val.beton) in `out`: class-stratified subsets of the real Fashion-MNIST,
+    per_class = {"train": n, "val": m} images of each class."""
+    if not FASHION_DIR.is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed (run `make setup`)")
+    paths = []
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+        keep = _stratified_subset(labels, per_class[split])
+        paths.append(write_tiny_beton(out / name.format(split=split), images[keep],
+                                      labels[keep], split))
+    return tuple(paths)
+
+
 @pytest.fixture(scope="session")
 def tiny_fashion_betons(tmp_path_factory):
     """(train.beton, val.beton): 60 / 20 images per class of the real Fashion-MNIST."""
-    if not FASHION_DIR.is_dir():
-        pytest.skip("Debian package dataset-fashion-mnist is not installed (run `make setup`)")
-    out = tmp_path_factory.mktemp("tiny_fashion")
-    paths = []
-    for split, prefix, per_class in (("train", "train", 60), ("val", "t10k", 20)):
-        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
-        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
-        keep = _stratified_subset(labels, per_class)
-        paths.append(write_tiny_beton(out / f"fashion-mnist_{split}.beton",
-                                      images[keep], labels[keep], split))
-    return tuple(paths)
+    return fashion_subset_betons(tmp_path_factory.mktemp("tiny_fashion"),
+                                 {"train": 60, "val": 20})

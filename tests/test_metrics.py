@@ -1,15 +1,15 @@
 """One tie rule for every accuracy: predictions (metrics.py), the trainer's summary, the
-transfer probe's summary, the analysis fallback on old records, and the float32 head."""
+record writer's summary (the transfer probe's), the analysis fallback on old records, and
+the float32 head."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from ffcv_bias import metrics, runs
+from ffcv_bias import metrics, record, runs
 from ffcv_bias.analysis.records import accuracy_from_logits, load_runs
 from ffcv_bias.models import ARCHITECTURES, create_model, eval_logits, final_linear
-from ffcv_bias.studies.transfer import accuracy_summary
 from ffcv_bias.train import accuracy_metrics
 
 NUM_CLASSES = 6
@@ -54,18 +54,21 @@ def test_top2_ties_give_one_top1_everywhere(tmp_path):
 
     trainer = accuracy_metrics(logits.astype(np.float16), labels, NUM_CLASSES,
                                metrics.predictions_from_logits(logits))
-    transfer = accuracy_summary(logits.astype(np.float16), labels, NUM_CLASSES)
+    summary = metrics.accuracy_summary(logits.astype(np.float16), labels, NUM_CLASSES)
+    # The record writer decides on the float32 logits, then scores the saved float16 ones.
+    written = record.write_final(tmp_path / "new", {}, logits, labels, NUM_CLASSES)
     write_old_record(tmp_path / "runs" / "old", logits, labels)
     fallback, fallback_top1, fallback_top5, _ = accuracy_from_logits(
         tmp_path / "runs" / "old", need_top5=True)
     loaded = load_runs([tmp_path / "runs"])
 
-    for result in (trainer, transfer):
+    for result in (trainer, summary, written.accuracy):
         assert result["top1"] == top1 and result["per_class_acc"] == pytest.approx(per_class)
     assert fallback_top1 == top1 and fallback.tolist() == pytest.approx(per_class)
     assert loaded.per_class_acc[0].tolist() == pytest.approx(per_class)
     # top-5 ranks with the same rule: with 6 classes only the 6th-ranked label misses.
-    assert trainer["top5"] == transfer["top5"] == fallback_top5 == loaded.top5[0]
+    assert trainer["top5"] == summary["top5"] == written.accuracy["top5"] == fallback_top5 \
+        == loaded.top5[0]
 
 
 def test_write_predictions_then_read_back(tmp_path):

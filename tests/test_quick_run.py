@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ffcv_bias import runs
-from tests.conftest import FASHION_DIR, _read_idx, _stratified_subset, write_tiny_beton
+from tests.conftest import fashion_subset_betons
 from tests.test_train import REPO, THREADS_ENV, run_dir_of
 
 CONFIG = REPO / "rn50_configs" / "fashion_mnist_cpu.yaml"
@@ -22,17 +22,8 @@ CONFIG = REPO / "rn50_configs" / "fashion_mnist_cpu.yaml"
 @pytest.fixture(scope="module")
 def subset_betons(tmp_path_factory):
     """2,000 training images (200 per class) and 1,000 test images (100 per class)."""
-    if not FASHION_DIR.is_dir():
-        pytest.skip("Debian package dataset-fashion-mnist is not installed (run `make setup`)")
-    out = tmp_path_factory.mktemp("quick_run")
-    paths = []
-    for split, prefix, per_class in (("train", "train", 200), ("val", "t10k", 100)):
-        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
-        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
-        keep = _stratified_subset(labels, per_class)
-        paths.append(write_tiny_beton(out / f"fashion-mnist-{split}.beton", images[keep],
-                                      labels[keep], split))
-    return paths
+    return fashion_subset_betons(tmp_path_factory.mktemp("quick_run"),
+                                 {"train": 200, "val": 100}, name="fashion-mnist-{split}.beton")
 
 
 def quick_run(betons, folder, *extra):

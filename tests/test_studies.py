@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ffcv_bias import runs
-from ffcv_bias.studies import class_bounds, preservation, transfer
+from ffcv_bias.studies import class_bounds, preservation, trained, transfer
 
 EPOCHS = 3
 
@@ -289,6 +289,10 @@ def test_transfer_writes_probe_run_records(transfer_out, source_runs, target_bet
         assert config["data"]["val_dataset"] == str(target_betons[1].resolve())
         assert config["probe"]["epochs"] == 40 and config["probe"]["resolution"] == 28
         assert summary["run_id"] == probe_dir.name == runs.run_id(config)
+        # A trained run's provenance (common/env): the commit, whether it was dirty, versions.
+        meta = config["meta"]
+        assert {"git", "git_dirty", "host", "start_time", "source_run_dir"} <= set(meta)
+        assert set(meta["versions"]) == {"python", "torch", "ffcv", "numpy", "numba"}
         logits = np.load(probe_dir / runs.VAL_LOGITS_FILE)
         labels = np.load(probe_dir / runs.VAL_LABELS_FILE)
         assert logits.dtype == np.float16 and logits.shape == (50, 5)
@@ -531,3 +535,29 @@ def test_figures_name_the_extreme_classes_when_there_are_many(tmp_path):
     written = preservation.make_figures(per_class, pd.DataFrame(mean_rows), tmp_path, "model")
     assert [p.name for p in written] == ["val_crop.png", "mean_curves.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_one_loader_builds_every_study_s_model(tmp_path):
+    """studies/trained.py: the options a config sets, a seeded fresh init, strict loading
+    with a one-line error, and the same model for preservation, transfer and diet."""
+    from ffcv_bias.studies import diet
+    config = {"model": {"arch": "resnet8", "dropout": 0.25}, "training": {"use_blurpool": 1}}
+    assert trained.model_options(config) == {"dropout": 0.25, "drop_path": 0.0,
+                                             "use_blurpool": True}
+    options = trained.model_options(config)
+    first = trained.build_model("resnet8", 10, seed=3, **options)
+    again = trained.build_model("resnet8", 10, seed=3, **options)
+    assert not first.training
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                 again.state_dict().values()))
+    torch.save({"module." + k: v for k, v in first.state_dict().items()}, tmp_path / "ddp.pt")
+    state = trained.read_state_dict(tmp_path / "ddp.pt")          # the DDP prefix goes
+    nested = {**config, "model": {**config["model"], "drop_path": 0.0}}
+    loaded = diet.build_model(nested, 10, tmp_path / "ddp.pt", "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                 loaded.state_dict().values()))
+    with pytest.raises(trained.StudyError, match="do not fit resnet8 with 7 classes and "
+                                                 "BlurPool: fc.bias is \\(10,\\)") as error:
+        trained.build_model("resnet8", 7, state, **options)
+    assert len(str(error.value).splitlines()) == 1
+    assert preservation.load_trained_model is trained.load_trained_model

@@ -110,6 +110,22 @@ def _pick_per_class(class_starts, counts, eligible, rng):
     return marked
 
 
+def _write_val_sidecar(out_dir, num_classes, n_per_class, class_names=None):
+    """The val set every run of one call shares: `out_dir` made, the labels (class c
+    n_per_class[c] times, in class order) and the `.classes.json` of a val beton that is
+    never written (the records only name it). Classes are `syn_000`, ... unless
+    `class_names` are given. Returns (val_dataset, class_counts, labels)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    class_counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (num_classes,))
+    labels = np.repeat(np.arange(num_classes), class_counts)
+    val_dataset = out_dir / "synthetic_val.beton"
+    names = list(class_names) if class_names else [f"syn_{i:03d}" for i in range(num_classes)]
+    Path(str(val_dataset) + ".classes.json").write_text(json.dumps(
+        {"dataset": "synthetic", "split": "val", "num_samples": int(len(labels)),
+         "num_classes": num_classes, "classes": names}))
+    return val_dataset, class_counts, labels
+
+
 def make_synthetic_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50,
                         effects=None, base_acc=0.75, noise_std=0.02,
                         with_logits=False, per_class_in_summary=True,
@@ -138,15 +154,9 @@ def make_synthetic_runs(out_dir, settings, seeds, num_classes=10, n_per_class=50
     if not per_class_in_summary and not with_logits:
         raise ValueError("per_class_in_summary=False needs with_logits=True")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    val_dataset, class_counts, labels = _write_val_sidecar(out_dir, num_classes, n_per_class,
+                                                           class_names)
     rng = np.random.default_rng(seed)
-    class_counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (num_classes,))
-    labels = np.repeat(np.arange(num_classes), class_counts)
-    val_dataset = out_dir / "synthetic_val.beton"
-    names = list(class_names) if class_names else [f"syn_{i:03d}" for i in range(num_classes)]
-    sidecar = {"dataset": "synthetic", "split": "val", "num_samples": int(len(labels)),
-               "num_classes": num_classes, "classes": names}
-    Path(str(val_dataset) + ".classes.json").write_text(json.dumps(sidecar))
 
     seeds = list(seeds)
     shared = shared_seed_offsets(len(seeds), num_classes, seed_shared_std, seed)
@@ -265,15 +275,8 @@ def make_prediction_runs(out_dir, settings, seeds, num_classes=10, n_per_class=5
     fail). Returns {"run_dirs": [Path], "val_dataset": Path, "labels": np.ndarray}.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    val_dataset, _, labels = _write_val_sidecar(out_dir, num_classes, n_per_class, class_names)
     rng = np.random.default_rng(seed)
-    class_counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (num_classes,))
-    labels = np.repeat(np.arange(num_classes), class_counts)
-    val_dataset = out_dir / "synthetic_val.beton"
-    names = list(class_names) if class_names else [f"syn_{i:03d}" for i in range(num_classes)]
-    Path(str(val_dataset) + ".classes.json").write_text(json.dumps(
-        {"dataset": "synthetic", "split": "val", "num_samples": int(len(labels)),
-         "num_classes": num_classes, "classes": names}))
     shared_labels = out_dir / run_record.VAL_LABELS_FILE
     np.save(shared_labels, labels)
     reference_acc = np.broadcast_to(np.asarray(base_acc, dtype=np.float64), (num_classes,))

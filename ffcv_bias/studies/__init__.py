@@ -14,6 +14,8 @@ module's docstring:
                   Fig. 7) from an analysis (Welch test) or a preservation study; the file
                   `augment.class_min_scale` reads.
 - `diet`          data-diet scores (EL2N, GraNd) and pruned training sets (Pote et al.).
+- `trained`       not a command: a run's (or a state_dict file's) model, loaded once for all
+                  of them (and for bench/arch_throughput.py).
 
 This package file imports nothing heavy: `class_bounds` runs without torch or ffcv.
 """

@@ -45,12 +45,13 @@ from pathlib import Path
 import pandas as pd
 
 from ffcv_bias.atomic import write_json
+from ffcv_bias.common.errors import EXIT_OK, UserError, main_guard
 
 WELCH_COLUMNS = ("setting", "class", "class_name", "diff", "p_less", "q_less")
 LABEL_LOSS_COLUMNS = ("split", "transform", "class", "class_name", "last_preserving_setting")
 
 
-class BoundsError(ValueError):
+class BoundsError(UserError, ValueError):
     """Bad input: the message is one line naming the problem."""
 
 
@@ -257,31 +258,29 @@ def build_parser():
     return parser
 
 
+@main_guard()
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        written = []
-        if args.command == "from-analysis":
-            paths = output_paths(args.out, args.tau)
-            for tau, path in zip(args.tau, paths):
-                check_output(path)
-                content = bounds_from_analysis(args.analysis_out, tau, setting=args.setting,
-                                               criterion=args.criterion,
-                                               confidence=args.confidence,
-                                               correction=args.correction)
-                written.append((content, path))
-        else:
-            check_output(args.out)
-            content = bounds_from_preservation(args.preservation_out, split=args.split,
-                                               unrecognized=args.unrecognized)
-            written.append((content, args.out))
-    except BoundsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    # Every bound is computed before the first file is written: a bad tau writes none.
+    written = []
+    if args.command == "from-analysis":
+        paths = output_paths(args.out, args.tau)
+        for tau, path in zip(args.tau, paths):
+            check_output(path)
+            content = bounds_from_analysis(args.analysis_out, tau, setting=args.setting,
+                                           criterion=args.criterion,
+                                           confidence=args.confidence,
+                                           correction=args.correction)
+            written.append((content, path))
+    else:
+        check_output(args.out)
+        content = bounds_from_preservation(args.preservation_out, split=args.split,
+                                           unrecognized=args.unrecognized)
+        written.append((content, args.out))
     for content, path in written:
         write_json(path, content)
         print(describe(content, path))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

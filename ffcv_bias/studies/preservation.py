@@ -51,7 +51,6 @@ Outputs in --out (every file written atomically):
 Runs on CUDA when available (channels_last, bf16 autocast), otherwise on CPU (float32).
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,10 @@ import torch
 from numba import njit
 from tqdm import tqdm
 
-from ffcv_bias import ffcv_patches, runs
+from ffcv_bias import ffcv_patches
+from ffcv_bias.common import plots
+from ffcv_bias.common.errors import EXIT_OK, main_guard
+from ffcv_bias.common.tables import write_csv
 
 ffcv_patches.apply()  # before any ffcv import: ffcv would pin torch to one thread
 
@@ -70,11 +72,14 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.transforms import Squeeze, ToTensor, ToTorchImage  # noqa: E402
 
-from ffcv_bias.atomic import atomic_path, write_json  # noqa: E402
+from ffcv_bias.atomic import write_json  # noqa: E402
 from ffcv_bias.augment import SeededRandomResizedCropDecoder, sample_key, uniform  # noqa: E402
 from ffcv_bias.loaders import (IMAGENET_MEAN, IMAGENET_STD, BetonError,  # noqa: E402
                                SeededLoader, read_labels)
-from ffcv_bias.models import ARCHITECTURES, create_model  # noqa: E402
+from ffcv_bias.models import ARCHITECTURES  # noqa: E402
+from ffcv_bias.studies.trained import (StudyError, default_workers,  # noqa: E402
+                                      inference_setup, load_trained_model, pick_device,
+                                      read_class_names)
 
 DEFAULT_SETTINGS = {
     "crop": (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.15, 0.1, 0.08),   # area fraction kept
@@ -92,163 +97,6 @@ _JITTER_DRAWS = 102
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 NAMED_CLASSES_IN_FIGURE = 12
-
-
-class StudyError(ValueError):
-    """Bad input for a study: the message is one line naming the problem."""
-
-
-# ----------------------------------------------------------------------------------------
-# Trained models: run directories and bare state_dict files
-# ----------------------------------------------------------------------------------------
-
-def read_state_dict(path):
-    """A state_dict from a .pt/.pth file: ours (weights.pt, checkpoint.pt), torchvision's,
-    or one wrapped in {'state_dict'|'model': ...} and/or saved from DDP ('module.')."""
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise StudyError(f"cannot read weights {path}: {type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(content, dict) and isinstance(content.get(wrapper), dict):
-            content = content[wrapper]
-            break
-    if not isinstance(content, dict) or not all(torch.is_tensor(v) for v in content.values()):
-        raise StudyError(f"{path} does not hold a state_dict (a mapping name -> tensor)")
-    cleaned = {}
-    for name, tensor in content.items():
-        for prefix in ("module.", "_orig_mod."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        cleaned[name] = tensor
-    return cleaned
-
-
-def describe_run(run_dir):
-    """What a run directory says about its model: arch, classes, options, eval settings."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / runs.CONFIG_FILE
-    if not config_path.is_file():
-        raise StudyError(f"{run_dir} is not a run directory (no {runs.CONFIG_FILE})")
-    config = runs.read_json(config_path)
-    summary = {}
-    if runs.is_complete(run_dir):
-        summary = runs.read_json(run_dir / runs.SUMMARY_FILE)
-    validation = config.get("validation", {})
-    return {
-        "run_dir": str(run_dir),
-        "run_id": summary.get("run_id") or config.get("meta", {}).get("run_id") or run_dir.name,
-        "config": config,
-        "arch": config.get("model", {}).get("arch"),
-        "dropout": float(config.get("model", {}).get("dropout", 0.0)),
-        "use_blurpool": bool(config.get("training", {}).get("use_blurpool", 0)),
-        "num_classes": summary.get("num_classes"),
-        "resolution": validation.get("resolution"),
-        "crop_ratio": validation.get("crop_ratio"),
-        "weights": str(run_dir / runs.WEIGHTS_FILE),
-    }
-
-
-def classifier_layer(model):
-    """(name, module) of the model's final Linear (fc, head, classifier, classifier.2)."""
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear)]
-    if not linears:
-        raise StudyError(f"{type(model).__name__} has no Linear classifier")
-    return linears[-1]
-
-
-def build_model(arch, num_classes, state_dict, *, dropout=0.0, use_blurpool=False,
-                source="weights"):
-    """create_model(...) with `state_dict` loaded strictly; a one-line error on mismatch."""
-    if arch not in ARCHITECTURES:
-        raise StudyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    model = create_model(arch, int(num_classes), dropout=dropout, use_blurpool=use_blurpool)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(name for name in set(expected) & set(state_dict)
-                         if expected[name].shape != state_dict[name].shape)
-    if missing or unexpected or wrong_shape:
-        details = []
-        if wrong_shape:
-            name = wrong_shape[0]
-            details.append(f"{name} is {tuple(state_dict[name].shape)}, the model wants "
-                           f"{tuple(expected[name].shape)}")
-        if missing:
-            details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise StudyError(f"{source} do not fit {arch} with {num_classes} classes"
-                         f"{' and BlurPool' if use_blurpool else ''}: " + "; ".join(details))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
-
-
-def load_trained_model(weights, *, arch=None, num_classes=None, use_blurpool=None,
-                       default_num_classes=None):
-    """(model in eval mode on CPU, info dict) from a run directory or a state_dict file.
-
-    num_classes: explicit value, else the run's summary.json, else `default_num_classes`
-    (the evaluated dataset's class count).
-    """
-    weights = Path(weights)
-    if weights.is_dir():
-        info = describe_run(weights)
-        if not Path(info["weights"]).is_file():
-            raise StudyError(f"run {weights} has no {runs.WEIGHTS_FILE} (not finished?)")
-        info["arch"] = arch or info["arch"]
-        if use_blurpool is not None:
-            info["use_blurpool"] = bool(use_blurpool)
-    elif weights.is_file():
-        if not arch:
-            raise StudyError(f"{weights} is a bare state_dict: pass --arch "
-                             f"({', '.join(ARCHITECTURES)})")
-        info = {"run_dir": None, "run_id": None, "config": None, "arch": arch, "dropout": 0.0,
-                "use_blurpool": bool(use_blurpool), "num_classes": None, "resolution": None,
-                "crop_ratio": None, "weights": str(weights)}
-    else:
-        raise StudyError(f"--weights {weights}: no such run directory or file")
-    info["num_classes"] = int(num_classes or info["num_classes"] or default_num_classes or 0)
-    if info["num_classes"] < 1:
-        raise StudyError(f"cannot tell how many classes {weights} has: pass --num-classes")
-    state_dict = read_state_dict(info["weights"])
-    model = build_model(info["arch"], info["num_classes"], state_dict,
-                        dropout=info["dropout"], use_blurpool=info["use_blurpool"],
-                        source=f"weights {info['weights']}")
-    return model, info
-
-
-def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StudyError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def inference_setup(model, device):
-    """The model on `device` for evaluation, and the autocast context factory to use."""
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        return model, lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return model, lambda: torch.autocast("cpu", enabled=False)
-
-
-def read_class_names(beton_path):
-    """Class names from the beton's .classes.json sidecar (a clear error when missing)."""
-    from ffcv_bias.datasets import DatasetError, read_classes
-    try:
-        return list(read_classes(beton_path)["classes"])
-    except DatasetError as error:
-        raise StudyError(str(error)) from None
-
-
-def default_workers():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, cores or 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -526,11 +374,6 @@ def label_loss_table(per_class, threshold):
     return pd.DataFrame(rows, columns=columns)
 
 
-def write_csv(frame, path):
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 # ----------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------
@@ -553,9 +396,7 @@ def _named_classes(curves, k=5):
 
 
 def plot_transform(block, mean_block, transform, title, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     settings = mild_to_strong(transform, block["setting"].unique())
     positions = np.arange(len(settings))
@@ -579,15 +420,11 @@ def plot_transform(block, mean_block, transform, title, path):
     axis.set_title(title)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    plots.save_png(figure, path, dpi=110)
 
 
 def plot_mean_curves(mean_frame, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     transforms = list(dict.fromkeys(mean_frame["transform"]))
     figure, axes = plt.subplots(1, len(transforms), figsize=(4.5 * len(transforms), 3.8),
@@ -608,9 +445,7 @@ def plot_mean_curves(mean_frame, path):
         axis.set_ylim(-0.02, 1.02)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    plots.save_png(figure, path, dpi=110)
 
 
 def make_figures(per_class, mean_frame, out_dir, model_label):
@@ -758,42 +593,39 @@ def build_parser():
     return parser
 
 
+@main_guard(BetonError)
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        class_names = read_class_names(args.dataset)
-        if args.train_dataset and read_class_names(args.train_dataset) != class_names:
-            raise StudyError(f"{args.train_dataset} and {args.dataset} list different classes")
-        model, info = load_trained_model(args.weights, arch=args.arch,
-                                         num_classes=args.num_classes,
-                                         use_blurpool=args.blurpool,
-                                         default_num_classes=len(class_names))
-        if info["num_classes"] != len(class_names):
-            raise StudyError(f"the model has {info['num_classes']} classes, {args.dataset} "
-                             f"has {len(class_names)}")
-        transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
-        unknown = [t for t in transforms if t not in TRANSFORMS]
-        if unknown:
-            raise StudyError(f"unknown transform {unknown[0]!r}; known: {', '.join(TRANSFORMS)}")
-        settings = {t: getattr(args, t) for t in transforms}
-        resolution = args.resolution or info["resolution"] or 224
-        label = info["run_id"] or Path(info["weights"]).name
-        meta = {"weights": info["weights"], "run_dir": info["run_dir"],
-                "run_id": info["run_id"], "arch": info["arch"],
-                "num_classes": info["num_classes"], "use_blurpool": info["use_blurpool"],
-                "command": [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)}
-        frames = run_preservation(
-            model, val_dataset=args.dataset, out_dir=args.out, class_names=class_names,
-            train_dataset=args.train_dataset, settings=settings, draws=args.draws,
-            seed=args.seed, resolution=resolution, batch_size=args.batch_size,
-            num_workers=args.workers, device=pick_device(args.device),
-            loss_threshold=args.loss_threshold, max_train_images=args.max_train_images,
-            make_plots=not args.no_figures, model_label=f"{info['arch']} {label}", meta=meta)
-    except (StudyError, BetonError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    class_names = read_class_names(args.dataset)
+    if args.train_dataset and read_class_names(args.train_dataset) != class_names:
+        raise StudyError(f"{args.train_dataset} and {args.dataset} list different classes")
+    model, info = load_trained_model(args.weights, arch=args.arch,
+                                     num_classes=args.num_classes,
+                                     use_blurpool=args.blurpool,
+                                     default_num_classes=len(class_names))
+    if info["num_classes"] != len(class_names):
+        raise StudyError(f"the model has {info['num_classes']} classes, {args.dataset} "
+                         f"has {len(class_names)}")
+    transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise StudyError(f"unknown transform {unknown[0]!r}; known: {', '.join(TRANSFORMS)}")
+    settings = {t: getattr(args, t) for t in transforms}
+    resolution = args.resolution or info["resolution"] or 224
+    label = info["run_id"] or Path(info["weights"]).name
+    meta = {"weights": info["weights"], "run_dir": info["run_dir"],
+            "run_id": info["run_id"], "arch": info["arch"],
+            "num_classes": info["num_classes"], "use_blurpool": info["use_blurpool"],
+            "command": [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)}
+    frames = run_preservation(
+        model, val_dataset=args.dataset, out_dir=args.out, class_names=class_names,
+        train_dataset=args.train_dataset, settings=settings, draws=args.draws,
+        seed=args.seed, resolution=resolution, batch_size=args.batch_size,
+        num_workers=args.workers, device=pick_device(args.device),
+        loss_threshold=args.loss_threshold, max_train_images=args.max_train_images,
+        make_plots=not args.no_figures, model_label=f"{info['arch']} {label}", meta=meta)
     print(summary_text(frames, args.out))
-    return 0
+    return EXIT_OK
 
 
 def summary_text(frames, out_dir):

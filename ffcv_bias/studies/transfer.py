@@ -31,7 +31,8 @@ For each source run:
      config.json    the source's config with data.train_dataset / data.val_dataset set to
                     the target betons and a `probe` section (the recipe above); also
                     "source_run" (the source's run_id) and "meta" (source_run_dir, git,
-                    versions, host, start time). The run_id is runs.run_id(config): the
+                    git_dirty, versions, host, start time: a trained run's provenance).
+                    The run_id is runs.run_id(config): the
                     source's result-changing values (augment.min_scale, training.seed ...),
                     the target's file names and the probe recipe.
      log.jsonl      one line per probe epoch: epoch, lr, train_loss.
@@ -49,11 +50,8 @@ float32), otherwise on CPU. On CPU the whole study is deterministic.
 """
 import argparse
 import copy
-import json
 import math
-import platform
 import socket
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -64,12 +62,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ffcv_bias import atomic, metrics, runs
+from ffcv_bias import record, runs
+from ffcv_bias.common import env
+from ffcv_bias.common.errors import EXIT_OK, main_guard
 from ffcv_bias.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
                                read_labels)
-from ffcv_bias.studies.preservation import (StudyError, build_model, classifier_layer,
-                                            default_workers, describe_run, inference_setup,
-                                            pick_device, read_class_names, read_state_dict)
+from ffcv_bias.studies.trained import (StudyError, build_model, classifier_layer,
+                                       default_workers, describe_run, inference_setup,
+                                       model_from_info, pick_device, read_class_names)
 
 PROBE_RECIPE = "linear probe on frozen forward_features; standardized / sqrt(D); zero init; " \
                "SGD nesterov 0.9; per-step cosine lr to 0; cross-entropy; L2 on weights"
@@ -109,12 +109,9 @@ def find_source_runs(paths):
 def load_source(run_dir):
     """(backbone model on CPU in eval mode, run info) of one source run."""
     info = describe_run(run_dir)
-    state_dict = read_state_dict(info["weights"])
     if not info["num_classes"]:
         raise StudyError(f"{run_dir}/summary.json has no num_classes")
-    model = build_model(info["arch"], info["num_classes"], state_dict, dropout=info["dropout"],
-                        use_blurpool=info["use_blurpool"], source=f"weights {info['weights']}")
-    return model, info
+    return model_from_info(info), info
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,22 +216,14 @@ def probe_model_state(backbone, info, num_classes, weight, bias):
     state[f"{classifier_name}.bias"] = bias.detach().float().cpu()
     # Check it loads into the target-sized model (raises a one-line error if not).
     build_model(info["arch"], num_classes, state, dropout=info["dropout"],
-                use_blurpool=info["use_blurpool"], source="the probe's weights")
+                drop_path=info["drop_path"], use_blurpool=info["use_blurpool"],
+                source="the probe's weights")
     return state
 
 
 # ----------------------------------------------------------------------------------------
 # Metrics and the record
 # ----------------------------------------------------------------------------------------
-
-def accuracy_summary(logits, labels, num_classes, predictions=None):
-    """top1 and per-class top-1 (None for a class without images) from `predictions`
-    (default: decided on `logits`), top5 from `logits`; the trainer's tie rule."""
-    if predictions is None:
-        predictions = metrics.predictions_from_logits(logits)
-    return {**metrics.accuracy_from_predictions(predictions, labels, num_classes),
-            "top5": metrics.topk_accuracy(logits, labels, k=5)}
-
 
 def probe_config(source_config, source_id, target_train, target_val, probe):
     config = copy.deepcopy({k: v for k, v in source_config.items() if k != "meta"})
@@ -246,40 +235,27 @@ def probe_config(source_config, source_id, target_train, target_val, probe):
     return config
 
 
-def git_commit():
-    """The commit of the repository this package is in, or None."""
-    try:
-        result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse",
-                                 "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def provenance(source_dir, command):
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "numpy": np.__version__}
-    return {"git": git_commit(), "versions": versions,
+    """The probe's `meta` beyond its run_id: the same provenance as a trained run's."""
+    commit, dirty = env.git_commit()
+    return {"git": commit, "git_dirty": dirty, "versions": env.package_versions(),
             "host": socket.gethostname(), "source_run_dir": str(source_dir),
             "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command}
 
 
 def write_probe_record(run_dir, config, log, state, val_logits, val_labels, summary_extra):
-    """Everything but the summary, then summary.json last (its presence = complete)."""
-    atomic.write_json(run_dir / runs.CONFIG_FILE, config)
-    atomic.write_text(run_dir / runs.LOG_FILE,
-                      "".join(json.dumps(row) + "\n" for row in log))
-    atomic.torch_save(run_dir / runs.WEIGHTS_FILE, state)
-    metrics.write_predictions(run_dir, val_logits, val_labels.astype(np.int64))
-    saved = np.load(run_dir / runs.VAL_LOGITS_FILE)
-    num_classes = saved.shape[1]
-    accuracy = accuracy_summary(saved, np.load(run_dir / runs.VAL_LABELS_FILE), num_classes,
-                                np.load(run_dir / runs.VAL_PREDS_FILE))
-    summary = {"run_id": config["meta"]["run_id"], **accuracy, "n_val": int(len(saved)),
-               "num_classes": num_classes, "val_dataset": config["data"]["val_dataset"],
-               **summary_extra}
-    atomic.write_json(run_dir / runs.SUMMARY_FILE, summary)
+    """Everything but the summary, then summary.json last (its presence = complete): the
+    trainer's record writer, so a probe's record reads like a trained run's."""
+    record.write_config(run_dir, config)
+    record.write_log(run_dir, log)
+    num_classes = val_logits.shape[1]
+    final = record.write_final(run_dir, state, val_logits, val_labels.astype(np.int64),
+                               num_classes)
+    summary = {"run_id": config["meta"]["run_id"], **final.accuracy,
+               "n_val": int(len(final.logits)), "num_classes": num_classes,
+               "val_dataset": config["data"]["val_dataset"], **summary_extra}
+    record.write_summary(run_dir, summary)
     return summary
 
 
@@ -408,19 +384,16 @@ def build_parser():
     return parser
 
 
+@main_guard(BetonError)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
-    try:
-        results = run_transfer(
-            args.source_runs, target_train=args.train, target_val=args.val, out_dir=args.out,
-            resolution=args.resolution, crop_ratio=args.crop_ratio, epochs=args.epochs,
-            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-            feature_batch_size=args.feature_batch_size, num_workers=args.workers,
-            device=pick_device(args.device), command=command)
-    except (StudyError, BetonError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    results = run_transfer(
+        args.source_runs, target_train=args.train, target_val=args.val, out_dir=args.out,
+        resolution=args.resolution, crop_ratio=args.crop_ratio, epochs=args.epochs,
+        lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        feature_batch_size=args.feature_batch_size, num_workers=args.workers,
+        device=pick_device(args.device), command=command)
     for run_dir, summary in results:
         if summary is not None:
             print(f"probe {summary['run_id']} (source {summary['source_run']}): "
@@ -428,7 +401,7 @@ def main(argv=None):
                   f"{run_dir}")
     print(f"{len(results)} probe record(s) in {args.out}; next: python -m ffcv_bias.analysis "
           f"{args.out} --vary augment.min_scale --out REPORT_DIR")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

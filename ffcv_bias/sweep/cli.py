@@ -7,9 +7,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ffcv_bias.common.env import usable_cpu_count
+from ffcv_bias.common.errors import main_guard
 from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.sweep import slurm as slurm_backend
-from ffcv_bias.sweep.runner import (TrainerPool, available_cores, default_train_script,
+from ffcv_bias.sweep.runner import (TrainerPool, default_train_script,
                                     detect_gpus, requested_gpus)
 from ffcv_bias.sweep.spec import (SweepError, describe, load_sweep, plan, slurm_settings,
                                   world_size)
@@ -167,7 +169,7 @@ def launch_local(todo, sweep, args, train_script, gpus):
     max_parallel = (args.max_parallel or sweep.max_parallel
                     or max(1, len(gpus) // processes_per_run))
     pool = TrainerPool(train_script)
-    threads = max(1, available_cores() // (max_parallel * processes_per_run))
+    threads = max(1, usable_cpu_count() // (max_parallel * processes_per_run))
     placement = (f"GPUs {','.join(gpus)} round-robin, {processes_per_run} per run"
                  if gpus else "CPU") + f", {threads} threads per process"
     print(f"local: {max_parallel} at a time, {placement}")
@@ -259,11 +261,9 @@ def wait_for_jobs(submitted, name, poll_s=5.0):
     return 1 if any(state != "complete" for state in states) else 0
 
 
+@main_guard()
 def main(argv=None):
+    """Exit 0, 1 (a run failed or is not complete) or 2 (SweepError: bad input)."""
     args = build_parser().parse_args(argv)
     commands = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status}
-    try:
-        return commands[args.command](args)
-    except SweepError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return commands[args.command](args)

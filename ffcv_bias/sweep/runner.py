@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ffcv_bias import atomic, runs
+from ffcv_bias.common.env import usable_cpu_count
 from ffcv_bias.train_config import EXIT_PREEMPTED
 
 TRAIN_LOG_FILE = "train.log"
@@ -90,13 +91,6 @@ def requested_gpus(text):
         raise ValueError(f"--gpus {text}: GPU {','.join(unknown)} is not one of this "
                          f"machine's GPUs ({','.join(visible)})")
     return requested
-
-
-def available_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def loader_threads_for(cpu_share):
@@ -265,7 +259,7 @@ class TrainerPool:
         slots = queue.Queue()
         for slot in range(max_parallel):
             slots.put(slot)
-        threads = max(1, available_cores() // (max_parallel * processes_per_run))
+        threads = max(1, usable_cpu_count() // (max_parallel * processes_per_run))
 
         def work(run):
             slot = slots.get()

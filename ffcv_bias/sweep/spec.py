@@ -15,6 +15,7 @@ from typing import Optional
 import yaml
 
 from ffcv_bias import runs
+from ffcv_bias.common.errors import UserError
 
 SEED_KEY = "training.seed"
 FOLDER_KEY = "logging.folder"
@@ -27,7 +28,7 @@ SLURM_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_no
 SLURM_MODES = ("pack", "ddp")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A bad sweep file or sweep command: the message is one line naming the problem."""
 
 

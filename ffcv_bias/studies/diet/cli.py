@@ -127,7 +127,8 @@ Exit status: 0 done, 1 a training run failed, 2 bad input (one line on stderr).
 import argparse
 import sys
 
-from ffcv_bias.studies.diet.common import GRAND_PARAMS, PRUNE_CHOICES, DietError, TrainingFailed
+from ffcv_bias.common.errors import EXIT_OK, main_guard
+from ffcv_bias.studies.diet.common import GRAND_PARAMS, PRUNE_CHOICES, DietError
 from ffcv_bias.studies.diet.common import parse_overrides
 from ffcv_bias.studies.diet.figures import run_figures
 from ffcv_bias.studies.diet.prune import run_prune
@@ -204,25 +205,20 @@ def build_parser():
     return parser
 
 
+@main_guard()
 def main(argv=None):
+    """Exit 0, 1 (a score run's training failed: TrainingFailed) or 2 (bad input)."""
     parser = build_parser()
     options, extra = parser.parse_known_args(argv)
-    try:
-        if options.command == "score":
-            run_scores(options, parse_overrides(extra))
-        elif extra:
-            raise DietError(f"unexpected argument '{extra[0]}'")
-        elif options.command == "prune":
-            run_prune(options)
-        else:
-            run_figures(options)
-    except TrainingFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except DietError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    if options.command == "score":
+        run_scores(options, parse_overrides(extra))
+    elif extra:
+        raise DietError(f"unexpected argument '{extra[0]}'")
+    elif options.command == "prune":
+        run_prune(options)
+    else:
+        run_figures(options)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

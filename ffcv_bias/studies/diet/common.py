@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_bias import atomic
+from ffcv_bias.common.errors import EXIT_FAILURE, UserError
 from ffcv_bias.config import ConfigError
 
 # Scores a score directory can hold (el2n_init / grand_init only with --also-init;
@@ -17,12 +18,13 @@ PRUNE_CHOICES = SCORE_NAMES + (CLASS_QUOTA,)
 GRAND_PARAMS = ("all", "last")
 
 
-class DietError(Exception):
-    """Bad input or a failed step; the message is one line naming the problem."""
+class DietError(UserError):
+    """Bad input or a failed step; the message is one line naming the problem (exit 2)."""
 
 
 class TrainingFailed(DietError):
     """A score run's trainer exited with an error (exit status 1)."""
+    exit_code = EXIT_FAILURE
 
 
 def parse_seeds(text):

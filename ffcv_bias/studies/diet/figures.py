@@ -4,22 +4,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ffcv_bias import atomic
+from ffcv_bias.common import plots
+from ffcv_bias.common.tables import write_csv
 from ffcv_bias.studies.diet.common import PRUNE_CHOICES, DietError, format_sparsity, load_scores
 from ffcv_bias.studies.diet.prune import keep_ratio_table
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _save_figure(figure, path):
-    with atomic.atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    _pyplot().close(figure)
+    plots.save_png(figure, path, dpi=130, bbox_inches="tight")
 
 
 def _highlighted_classes(final_values, count=5):
@@ -33,7 +25,7 @@ def _highlighted_classes(final_values, count=5):
 def plot_keep_ratio(table, sparsities, path, title="class-wise keep ratio"):
     """Keep ratio of each class vs sparsity (Pote et al. Fig. 6); with many classes only
     the five that keep most and the five that keep least are coloured and named."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     x = [0.0] + list(sparsities)
     ratios = np.column_stack([np.ones(len(table))] +
                              [table[f"ratio_{format_sparsity(s)}"].to_numpy() for s in sparsities])
@@ -131,7 +123,7 @@ def fair_best_worst(score_runs, class_names, k):
 def plot_best_worst(per_class, chosen, score, path, notes):
     """Pote et al. Fig. 4: accuracy of the dense model's best and worst classes vs sparsity,
     classes chosen on other seeds than those drawn (see split_dense_seeds)."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for axis, group in zip(axes, ("best", "worst")):
         for class_id in chosen[group]:
@@ -154,7 +146,7 @@ def plot_best_worst(per_class, chosen, score, path, notes):
 
 def plot_by_score(settings, column, ylabel, title, path):
     """One line per score of a settings-table statistic vs sparsity, +- sd over seeds."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for score, rows in settings.groupby("data.score", sort=True):
         rows = rows.sort_values("setting")
@@ -189,8 +181,7 @@ def keep_ratio_for_runs(scores_dir, score, sparsities, out):
     class_names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
     kept, _ = kept_sets(score, arrays, meta, sparsities)
     table = keep_ratio_table(arrays["labels"], class_names, kept)
-    with atomic.atomic_path(out / f"keep_ratio_{score}.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+    write_csv(table, out / f"keep_ratio_{score}.csv", float_format="%.6g")
     plot_keep_ratio(table, sparsities, out / f"keep_ratio_{score}.png",
                     title=f"class-wise keep ratio ({score})")
 
@@ -212,8 +203,8 @@ def run_figures(options):
         sparsities = sorted(s for s in score_runs["sparsity"].unique() if s > 0)
         if options.scores and score in PRUNE_CHOICES and sparsities:
             keep_ratio_for_runs(options.scores, score, sparsities, out)
-    with atomic.atomic_path(out / "best_worst_classes.csv") as tmp:
-        pd.concat(tables, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
+    write_csv(pd.concat(tables, ignore_index=True), out / "best_worst_classes.csv",
+              float_format="%.6g")
     plot_by_score(settings, "class_std", "std of per-class accuracy",
                   "class-wise accuracy spread vs sparsity", out / "class_std.png")
     plot_by_score(settings, "worst_class", "worst-class accuracy",

@@ -10,6 +10,7 @@ import pandas as pd
 import yaml
 
 from ffcv_bias import atomic
+from ffcv_bias.common.tables import write_csv
 from ffcv_bias.config import ConfigError
 from ffcv_bias.studies.diet import quota
 from ffcv_bias.studies.diet.common import (CLASS_QUOTA, SCORE_NAMES, DietError, format_sparsity,
@@ -232,8 +233,7 @@ def write_prune_files(directory, options, arrays, meta, kept_by_sparsity, notes)
         atomic.save_npy(keep_files[sparsity], kept)
     class_names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
     table = keep_ratio_table(arrays["labels"], class_names, kept_by_sparsity)
-    with atomic.atomic_path(directory / "keep_ratio.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+    write_csv(table, directory / "keep_ratio.csv", float_format="%.6g")
     plot_keep_ratio(table, sparsities, directory / "keep_ratio.png",
                     title=f"class-wise keep ratio ({options.score})")
     atomic.write_json(directory / PRUNE_META_FILE, {

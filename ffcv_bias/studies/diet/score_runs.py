@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ffcv_bias import atomic, runs
+from ffcv_bias.common import env
+from ffcv_bias.common.tables import write_csv
 from ffcv_bias.studies.diet import quota
 from ffcv_bias.studies.diet.common import (DietError, TrainingFailed, _save_npz,
                                            parse_seeds, resolve_trainer_config, trainer_args)
@@ -122,7 +124,7 @@ def _score_setup(nested, options, resolution, num_classes, labels):
     import torch
     from ffcv_bias.loaders import create_val_loader
     try:
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(options.device) if options.device else env.default_device()
     except RuntimeError as error:
         raise DietError(f"--device {options.device}: {error}") from None
     # The val-style loader over the TRAIN beton: sequential, whole image, no augmentation.
@@ -372,11 +374,9 @@ def write_scores(out, labels, per_run, baselines, meta):
     names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
     table = pd.DataFrame({"index": indices, "label": labels,
                           "class_name": np.array(names, dtype=object)[labels], **scores})
-    with atomic.atomic_path(out / "scores.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.8g")
+    write_csv(table, out / "scores.csv", float_format="%.8g")
     correlations = correlation_table(scores, meta["epochs"])
-    with atomic.atomic_path(out / CORRELATIONS_FILE) as tmp:
-        correlations.to_csv(tmp, index=False, float_format="%.6f")
+    write_csv(correlations, out / CORRELATIONS_FILE, float_format="%.6f")
     if "class_quota" in meta:
         write_recall_table(out, meta["class_quota"], names)
     meta["scores"] = list(scores)
@@ -388,5 +388,4 @@ def write_recall_table(out, class_quota, class_names):
     table = pd.DataFrame({"class": np.arange(len(class_names)), "class_name": class_names,
                           "n_val": class_quota["n_val_per_class"],
                           "recall": class_quota["recall"]})
-    with atomic.atomic_path(out / quota.RECALL_FILE) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6f")
+    write_csv(table, out / quota.RECALL_FILE, float_format="%.6f")

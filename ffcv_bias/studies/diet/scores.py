@@ -108,17 +108,12 @@ def score_dataset(model, loader, device, parameter_names, chunk_size, descriptio
 
 
 def build_model(nested, num_classes, weights_path, device, seed=None):
-    """The run's architecture with its final weights (or a seeded fresh init), eval mode."""
-    import torch
-    from ffcv_bias.models import create_model
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = create_model(nested["model"]["arch"], num_classes,
-                         dropout=nested["model"]["dropout"],
-                         use_blurpool=bool(nested["training"]["use_blurpool"]))
-    if weights_path is not None:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+    """The run's architecture with its weights (or a seeded fresh init), eval mode."""
+    from ffcv_bias.studies import trained
+    state_dict = None if weights_path is None else trained.read_state_dict(weights_path)
+    model = trained.build_model(nested["model"]["arch"], num_classes, state_dict,
+                                **trained.model_options(nested), seed=seed,
+                                source=f"weights {weights_path}")
     return model.to(device).eval()
 
 
