@@ -18,15 +18,15 @@
 Each step is the same command a user would type; the demo only chains them.
 """
 import argparse
-import importlib.metadata
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 from scipy import stats
+
+from ffcv_bias.common import env
 
 DATA_DIR = Path("data")
 # The demo's own subsets, class-stratified: (split, images, path). Half the test set
@@ -61,32 +61,21 @@ def ensure_betons():
                  f"--cfg.split={split}", f"--cfg.subset={size}", f"--cfg.write_path={path}"])
 
 
-def cpu_model():
-    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+# What the demo's numbers depend on; opencv-python resizes every crop.
+SUMMARY_PACKAGES = ("torch", "ffcv", "numpy", "numba", "opencv-python")
 
 
 def software_versions():
-    """Versions of what the numbers depend on (read from package metadata: no import)."""
-    versions = [f"python {platform.python_version()}"]
-    for package in ("torch", "ffcv", "numpy", "numba", "opencv-python"):
-        try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{package} (not installed)")
-    return ", ".join(versions)
+    """'python 3.11.7, torch 2.13.0+cpu, ...' (read from package metadata: no import)."""
+    return ", ".join(f"{name} {version or '(not installed)'}"
+                     for name, version in env.package_versions(SUMMARY_PACKAGES).items())
 
 
 def print_machine():
     """Bit-identical results hold on one machine and software stack only (DESIGN.md: an AMD
-    EPYC and an Intel Xeon gave 80.76% vs 80.75% ... 74.96% vs 75.22% for the same demo)."""
-    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; {software_versions()}")
+    EPYC and an Intel Xeon gave 80.76% vs 80.75% ... 74.96% vs 75.22% for the demo of the
+    previous round)."""
+    print(f"\nmachine: {env.cpu_model()}, {os.cpu_count()} cores; {software_versions()}")
     print("  same machine + same software: bit-identical numbers; another CPU or version: "
           "expect differences of the order of the ± seed std shown (the std over seeds, n "
           "runs per setting)")

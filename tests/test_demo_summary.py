@@ -15,7 +15,7 @@ def test_the_summary_gives_machine_versions_and_a_seed_std_beside_each_number(tm
     demo.print_machine()
     demo.print_summary(tmp_path / "report")
     out = capsys.readouterr().out
-    assert f"machine: {demo.cpu_model()}" in out and "torch " in out and "numpy " in out
+    assert f"machine: {demo.env.cpu_model()}" in out and "torch " in out and "numpy " in out
     assert "bit-identical" in out
     tau_lines = [line for line in out.splitlines() if line.startswith("  tau=")]
     means = [line for line in tau_lines if "top1=" in line]
