@@ -166,6 +166,28 @@ class FallbackCounter:
                 in zip(fast_decode.FALLBACK_REASONS, self.counts) if count}
 
 
+def compile_crop_decoder(fallback):
+    """decode_crop(image_data, temp_buffer, mode, height, width, top, left, crop_h, crop_w,
+    destination) -> status, compiled, for both decoders below: a JPEG field is decoded the
+    `fallback.decode` way (exact or fast; status as fast_decode.compile_crop_resizer's), a
+    raw RGB field is cropped and resized as stored (status 0: nothing to count). Sets
+    `fallback.fast_active`."""
+    crop_resize_c, fallback.fast_active = fast_decode.compile_crop_resizer(fallback.decode)
+    resize_crop_c = Compiler.compile(resize_crop)
+    jpg = IMAGE_MODES["jpg"]
+
+    def decode_crop(image_data, temp_buffer, mode, height, width, top, left, crop_h, crop_w,
+                    destination):
+        if mode == jpg:
+            return crop_resize_c(image_data, temp_buffer, height, width, top, left, crop_h,
+                                 crop_w, destination)
+        resize_crop_c(image_data.reshape(height, width, 3), top, top + crop_h, left,
+                      left + crop_w, destination)
+        return 0
+
+    return Compiler.compile(decode_crop)
+
+
 def validate_scale(min_scale, max_scale):
     if not 0.0 < min_scale <= max_scale <= 1.0:
         raise ValueError(f"crop scale must satisfy 0 < min_scale <= max_scale <= 1, "
@@ -217,12 +239,9 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         return sample_crop
 
     def generate_code(self):
-        jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        crop_resize_c, self.fallback.fast_active = fast_decode.compile_crop_resizer(
-            self.fallback.decode)
-        resize_crop_c = Compiler.compile(resize_crop)
+        decode_crop = compile_crop_decoder(self.fallback)
         tally = fast_decode.tally
         state_address = self.live_state.ctypes.data
         bounds_address = self.sample_min_scale.ctypes.data
@@ -252,13 +271,9 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
                 top, left, crop_h, crop_w, flip = sample_crop(
                     seed, epoch, source_ix, height, width, low, high,
                     log_ratio_low, log_ratio_high)
-                if field['mode'] == jpg:
-                    statuses[dst_ix] = crop_resize_c(image_data, temp_storage[dst_ix], height,
-                                                     width, top, left, crop_h, crop_w,
-                                                     destination[dst_ix])
-                else:
-                    resize_crop_c(image_data.reshape(height, width, 3), top, top + crop_h,
-                                  left, left + crop_w, destination[dst_ix])
+                statuses[dst_ix] = decode_crop(image_data, temp_storage[dst_ix], field['mode'],
+                                               height, width, top, left, crop_h, crop_w,
+                                               destination[dst_ix])
                 if do_flip and flip:
                     flip_columns(destination[dst_ix])
             tally(statuses, _int64_at(counts_address), num_reasons)
@@ -284,12 +299,9 @@ class CenterCropDecoder(ResizedCropRGBImageDecoder):
         return get_center_crop
 
     def generate_code(self):
-        jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        crop_resize_c, self.fallback.fast_active = fast_decode.compile_crop_resizer(
-            self.fallback.decode)
-        resize_crop_c = Compiler.compile(resize_crop)
+        decode_crop = compile_crop_decoder(self.fallback)
         center_crop = Compiler.compile(get_center_crop)
         tally = fast_decode.tally
         counts_address = self.fallback.counts.ctypes.data
@@ -306,13 +318,9 @@ class CenterCropDecoder(ResizedCropRGBImageDecoder):
                 height = np.uint32(field['height'])
                 width = np.uint32(field['width'])
                 top, left, crop_h, crop_w = center_crop(height, width, None, ratio)
-                if field['mode'] == jpg:
-                    statuses[dst_ix] = crop_resize_c(image_data, temp_storage[dst_ix], height,
-                                                     width, top, left, crop_h, crop_w,
-                                                     destination[dst_ix])
-                else:
-                    resize_crop_c(image_data.reshape(height, width, 3), top, top + crop_h,
-                                  left, left + crop_w, destination[dst_ix])
+                statuses[dst_ix] = decode_crop(image_data, temp_storage[dst_ix], field['mode'],
+                                               height, width, top, left, crop_h, crop_w,
+                                               destination[dst_ix])
             tally(statuses, _int64_at(counts_address), num_reasons)
             return destination[:len(batch_indices)]
 
