@@ -46,7 +46,8 @@ def format_setting(value):
     return str(value)
 
 
-def _same(a, b):
+def same_value(a, b):
+    """Equal settings: numbers to within float rounding (1e-9 relative), others exactly."""
     if _is_number(a) and _is_number(b):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
     return a == b
@@ -64,7 +65,7 @@ def parse_reference(text, values):
     for value in values:
         if _is_number(value):
             try:
-                if _same(float(text), value):
+                if same_value(float(text), value):
                     return value
             except ValueError:
                 pass
@@ -79,7 +80,7 @@ def default_reference(key, values):
     natural = NO_REGULARIZATION.get(key.split(".")[-1])
     if natural is not None:
         for value in values:
-            if _same(value, natural):
+            if same_value(value, natural):
                 return value
     return sort_settings(values)[0]
 

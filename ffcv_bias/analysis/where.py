@@ -5,12 +5,11 @@ weight-decay sweep share the tau = 100%, default-weight-decay arm: one run_id, t
 once). Each analysis then keeps the runs whose config has KEY = VALUE; the runs it leaves
 out are counted (state `outside --where` in skipped.csv), never silently dropped.
 """
-import math
-
 import numpy as np
 import yaml
 
 from ffcv_bias.analysis.records import AnalysisError, RunSet, SkippedRun, dotted_get
+from ffcv_bias.analysis.tables import same_value
 
 OUTSIDE_STATE = "outside --where"
 _ABSENT = object()
@@ -36,14 +35,6 @@ def parse_condition(text):
     return key, parsed
 
 
-def _matches(actual, wanted):
-    numbers = (int, float)
-    if isinstance(actual, numbers) and isinstance(wanted, numbers) \
-            and not isinstance(actual, bool) and not isinstance(wanted, bool):
-        return math.isclose(actual, wanted, rel_tol=1e-9, abs_tol=1e-15)
-    return actual == wanted
-
-
 def select_where(run_set, conditions):
     """The RunSet restricted to runs matching every (key, value); the others go to
     `skipped` as OUTSIDE_STATE. Raises AnalysisError when no run matches."""
@@ -53,7 +44,7 @@ def select_where(run_set, conditions):
     for index, run in enumerate(run_set.runs):
         mismatch = next(((key, actual) for key, wanted in conditions
                          for actual in [dotted_get(run.config, key, _ABSENT)]
-                         if actual is _ABSENT or not _matches(actual, wanted)), None)
+                         if actual is _ABSENT or not same_value(actual, wanted)), None)
         if mismatch is None:
             keep.append(index)
             continue
