@@ -88,8 +88,7 @@ SIGNIFICANT = 0.05
 
 def print_means(runs, label):
     """Mean top-1 per setting, ± std over seeds, n."""
-    value_column = runs.columns[1]
-    per_setting = runs.groupby(value_column)["top1"].agg(["mean", "std", "count"])
+    per_setting = runs.groupby("setting")["top1"].agg(["mean", "std", "count"])
     print(f"\nmean top-1 per {label} (over seeds):")
     for value, row in per_setting.sort_index(ascending=False).iterrows():
         print(f"  {label}={value:<6g} top1={row['mean']:.4f} ± {row['std']:.4f}  "
@@ -112,8 +111,7 @@ def tradeoff_verdict(rise, p_rise, n_losers):
 def tradeoff_lines(runs, welch, reference, label):
     """For each setting: does it raise the mean top-1 (one-sided Welch over seeds) while a
     class falls significantly (one-sided Welch p < 0.05)? The paper's finding, in numbers."""
-    value_column = runs.columns[1]
-    top1 = {value: group["top1"].to_numpy() for value, group in runs.groupby(value_column)}
+    top1 = {value: group["top1"].to_numpy() for value, group in runs.groupby("setting")}
     lines = []
     for value in sorted((v for v in top1 if v != reference), reverse=True):
         rise = 100 * (top1[value].mean() - top1[reference].mean())
