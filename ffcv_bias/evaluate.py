@@ -33,6 +33,7 @@ from ffcv_bias.loaders import BetonError, create_val_loader, normalize, read_lab
 from ffcv_bias.models import create_model, eval_logits
 from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
                                      preds_file)
+from ffcv_bias.studies.trained import model_options
 
 
 
@@ -105,11 +106,9 @@ def load_run_model(run_dir, config, summary, device):
     weights_path = run_dir / runs.WEIGHTS_FILE
     if not weights_path.is_file():
         raise EvaluateError(f"{run_dir}: no {runs.WEIGHTS_FILE} (nothing to evaluate)")
-    model_config, training = config.get("model", {}), config.get("training", {})
+    model_config = config.get("model", {})
     model = create_model(model_config["arch"], int(summary["num_classes"]),
-                         dropout=model_config.get("dropout", 0.0),
-                         use_blurpool=bool(training.get("use_blurpool", 0)),
-                         drop_path=model_config.get("drop_path", 0.0))
+                         **model_options(config))
     try:
         model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     except Exception as error:
