@@ -405,10 +405,10 @@ SHIPPED_SCORE_SWEEPS = [
      ("fashion-mnist-1k_train", "fashion-mnist_val"),
      ["--config-file", str(REPO / "rn50_configs/fashion_mnist_cpu.yaml"),
       "--data.train_dataset=data/fashion-mnist-1k_train.beton", "--data.num_workers=1",
-      "--model.arch=resnet8", "--training.epochs=30", "--lr.lr_peak_epoch=6",
-      "--logging.log_level=0", "--logging.progress=0", "--epochs", "6", "--seeds", "4",
+      "--model.arch=resnet8", "--training.epochs=90", "--lr.lr_peak_epoch=18",
+      "--logging.log_level=0", "--logging.progress=0", "--epochs", "9", "--seeds", "4",
       "--max-parallel", "2", "--also-init", "--quota-val-fraction", "0.2",
-      "--out", "diet/fashion_mnist/scores"], 6, 30),
+      "--out", "diet/fashion_mnist/scores"], 9, 90),
 ]
 
 
