@@ -705,6 +705,35 @@ def test_prune_class_quota_keeps_the_quotas_and_records_the_split(scored, tmp_pa
     assert load_sweep(out / "sweep.yaml").points[1]["data.score"] == "class-quota"
 
 
+def test_laplace_recall_gives_an_error_free_class_weight():
+    # 0 errors of 20 -> error 1/22; 8 of 20 -> 9/22; 20 of 20 -> 21/22.
+    np.testing.assert_allclose(diet.laplace_recall([1.0, 0.6, 0.0], [20, 20, 20]),
+                               [1 - 1 / 22, 1 - 9 / 22, 1 - 21 / 22])
+    # Literal DRoP prunes the error-free class away; the Laplace estimate keeps some of it.
+    literal = diet.class_quotas([100, 100, 100], [1.0, 0.6, 0.6], 150)
+    smoothed = diet.class_quotas([100, 100, 100],
+                                 diet.laplace_recall([1.0, 0.6, 0.6], [20, 20, 20]), 150)
+    assert literal[0] == 0 and smoothed[0] > 0 and smoothed.sum() == 150
+
+
+def test_prune_class_quota_laplace_records_both_recalls(scored, tmp_path):
+    _, scores_dir = scored
+    arrays, meta = diet.load_scores(scores_dir)
+    out = tmp_path / "laplace"
+    assert diet.main(["prune", "--scores", str(scores_dir), "--score", "class-quota-laplace",
+                      "--sparsity", "0.5", "--out", str(out), "--seeds", "1",
+                      "--set", "training.epochs=1"]) == 0
+    info = json.loads((out / "prune.json").read_text())["class_quota"]
+    used = diet.laplace_recall(meta["class_quota"]["recall"], info["n_val_per_class"])
+    np.testing.assert_allclose(info["recall_used"], used, atol=1e-6)
+    assert info["recall"] == meta["class_quota"]["recall"] and "Laplace" in info["error_rate"]
+    expected = diet.class_quotas(np.bincount(arrays["labels"]), used, 300)
+    kept = np.load(out / "keep_class-quota-laplace_0.5.npy")
+    np.testing.assert_array_equal(np.bincount(arrays["labels"][kept], minlength=10), expected)
+    from ffcv_bias.sweep import load_sweep
+    assert load_sweep(out / "sweep.yaml").points[1]["data.score"] == "class-quota-laplace"
+
+
 def test_prune_class_quota_needs_the_recalls(tiny_fashion_betons, tmp_path, capsys):
     out = tmp_path / "init"
     argv = score_argv(tiny_fashion_betons, out, "--grand-params", "last")

@@ -70,9 +70,11 @@ prune
   go to the lower index); `random` is random pruning (the random score); `class-quota`
   (DRoP, Vysogorets et al. 2025) keeps per class a quota proportional to N_k (1 - r_k),
   r_k the held-out recall of `score --quota-val-fraction`, capped at the class size with
-  the excess redistributed, random within each class. It writes the sweep that trains on
-  them. The base config is the
-  one the scores were made with (its overrides included), unless
+  the excess redistributed, random within each class (a class without error on the split
+  weighs 0 and may be pruned away); `class-quota-laplace` is the same with each error rate
+  estimated as (errors + 1) / (n_k + 2), so no class weighs 0. It writes the sweep that
+  trains on them. The base config is the one the scores were made with (its overrides
+  included), unless
   --base-config is given; --set adds or replaces overrides. The train beton must be the
   scored one (checked through its labels). Everything is checked (the sweep planned, every
   run's config through the trainer's checks) in a hidden staging folder inside DIR before
@@ -179,7 +181,8 @@ def build_parser():
     prune.add_argument("--score", required=True, choices=PRUNE_CHOICES,
                        help="score-top: keep the highest el2n, grand, input_norm, el2n_init "
                             "or grand_init; random: random pruning; class-quota: per-class "
-                            "quotas N_k (1 - r_k) from the held-out recalls (DRoP)")
+                            "quotas N_k (1 - r_k) from the held-out recalls (DRoP); "
+                            "class-quota-laplace: the same, error rates (e + 1) / (n + 2)")
     prune.add_argument("--sparsity", required=True,
                        help="fractions pruned away, e.g. 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     prune.add_argument("--out", required=True, help="where the index files and the sweep go")

@@ -14,7 +14,11 @@ from ffcv_bias.config import ConfigError
 # input_norm since the input-norm baseline exists), then the policies prune offers.
 SCORE_NAMES = ("el2n", "grand", "random", "input_norm", "el2n_init", "grand_init")
 CLASS_QUOTA = "class-quota"
-PRUNE_CHOICES = SCORE_NAMES + (CLASS_QUOTA,)
+# DRoP with each class's error rate estimated by Laplace's rule, (errors + 1) / (n + 2):
+# a class without error on a small split no longer weighs exactly 0.
+CLASS_QUOTA_LAPLACE = "class-quota-laplace"
+QUOTA_POLICIES = (CLASS_QUOTA, CLASS_QUOTA_LAPLACE)
+PRUNE_CHOICES = SCORE_NAMES + QUOTA_POLICIES
 GRAND_PARAMS = ("all", "last")
 
 

@@ -148,14 +148,23 @@ def plot_by_score(settings, column, ylabel, title, path):
     """One line per score of a settings-table statistic vs sparsity, +- sd over seeds."""
     plt = plots.pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for score, rows in settings.groupby("data.score", sort=True):
+    # Policies often coincide (two at a worst-class accuracy of 0): distinct markers and
+    # dashes and a small sideways offset keep every line visible.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1)))]
+    groups = list(settings.groupby("data.score", sort=True))
+    step = 0.006 * max(1e-9, float(settings["setting"].max() - settings["setting"].min()))
+    for position, (score, rows) in enumerate(groups):
         rows = rows.sort_values("setting")
-        axis.errorbar(rows["setting"], rows[f"{column}_mean"],
-                      yerr=rows[f"{column}_sd"].fillna(0.0), marker="o", markersize=3,
-                      capsize=3, label=str(score) or "(none)")
+        marker, dashes = styles[position % len(styles)]
+        offset = (position - (len(groups) - 1) / 2) * step
+        axis.errorbar(rows["setting"] + offset, rows[f"{column}_mean"],
+                      yerr=rows[f"{column}_sd"].fillna(0.0), marker=marker, markersize=4,
+                      linestyle=dashes, capsize=3, label=str(score) or "(none)")
+    low, high = int(settings["n_runs"].min()), int(settings["n_runs"].max())
+    seeds = f"n = {low} seeds" if low == high else f"n = {low}-{high} seeds"
     axis.set_xlabel("data sparsity")
     axis.set_ylabel(ylabel)
-    axis.set_title(title)
+    axis.set_title(f"{title} (mean ± sd, {seeds} per point)")
     axis.legend(title="score")
     _save_figure(figure, path)
 

@@ -13,7 +13,8 @@ from ffcv_bias import atomic
 from ffcv_bias.common.tables import write_csv
 from ffcv_bias.config import ConfigError
 from ffcv_bias.studies.diet import quota
-from ffcv_bias.studies.diet.common import (CLASS_QUOTA, SCORE_NAMES, DietError, format_sparsity,
+from ffcv_bias.studies.diet.common import (CLASS_QUOTA_LAPLACE, QUOTA_POLICIES, SCORE_NAMES,
+                                           DietError, format_sparsity,
                                            load_scores, parse_seeds, resolve_trainer_config,
                                            trainer_args)
 
@@ -199,27 +200,39 @@ def kept_sets(policy, arrays, meta, sparsities):
     """({sparsity: kept indices}, notes for prune.json) of a policy, all in memory:
     score-top for a score (el2n, grand, input_norm, ...; `random` is random pruning),
     or class quotas from the scores' held-out recalls."""
-    if policy == CLASS_QUOTA:
-        recall_info = meta.get("class_quota")
-        if not recall_info:
-            raise DietError(f"the scores hold no held-out class recalls for {CLASS_QUOTA}: "
-                            f"rerun `python -m ffcv_bias.studies.diet score ... "
-                            f"--quota-val-fraction 0.1` (a split of the training set)")
-        kept, quotas = {}, {}
-        for sparsity in sparsities:
-            count = kept_count(len(arrays["labels"]), sparsity)
-            if count < 1:
-                raise DietError(f"sparsity {sparsity} keeps no image of {len(arrays['labels'])}")
-            kept[sparsity], class_quota = quota.quota_keep_indices(
-                arrays["labels"], recall_info["recall"], arrays["random"], count)
-            quotas[format_sparsity(sparsity)] = [int(q) for q in class_quota]
-        return kept, {"class_quota": {**recall_info, "quotas": quotas,
-                                      "within_class": "random (the scores' random column)"}}
+    if policy in QUOTA_POLICIES:
+        return quota_kept_sets(policy, arrays, meta, sparsities)
     if policy not in arrays:
         raise DietError(f"the scores hold no {policy!r} score (they hold "
                         f"{', '.join(n for n in SCORE_NAMES if n in arrays)}): rerun "
                         f"`python -m ffcv_bias.studies.diet score` to add it")
     return {sparsity: keep_indices(arrays[policy], sparsity) for sparsity in sparsities}, {}
+
+
+def quota_kept_sets(policy, arrays, meta, sparsities):
+    """kept_sets of class-quota (the measured recalls) or class-quota-laplace (the recalls
+    after Laplace's rule on the error counts; both are recorded)."""
+    recall_info = meta.get("class_quota")
+    if not recall_info:
+        raise DietError(f"the scores hold no held-out class recalls for {policy}: "
+                        f"rerun `python -m ffcv_bias.studies.diet score ... "
+                        f"--quota-val-fraction 0.1` (a split of the training set)")
+    recall = np.asarray(recall_info["recall"], dtype=np.float64)
+    notes = {}
+    if policy == CLASS_QUOTA_LAPLACE:
+        recall = quota.laplace_recall(recall, recall_info["n_val_per_class"])
+        notes = {"error_rate": "Laplace: (errors + 1) / (n_val + 2)",
+                 "recall_used": [round(float(r), 6) for r in recall]}
+    kept, quotas = {}, {}
+    for sparsity in sparsities:
+        count = kept_count(len(arrays["labels"]), sparsity)
+        if count < 1:
+            raise DietError(f"sparsity {sparsity} keeps no image of {len(arrays['labels'])}")
+        kept[sparsity], class_quota = quota.quota_keep_indices(
+            arrays["labels"], recall, arrays["random"], count)
+        quotas[format_sparsity(sparsity)] = [int(q) for q in class_quota]
+    return kept, {"class_quota": {**recall_info, **notes, "quotas": quotas,
+                                  "within_class": "random (the scores' random column)"}}
 
 
 def write_prune_files(directory, options, arrays, meta, kept_by_sparsity, notes):

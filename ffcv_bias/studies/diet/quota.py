@@ -8,7 +8,9 @@ column). A quota larger than its class is capped at the class size and the exces
 to the other classes in proportion to their weights, until every quota fits. A class
 with no error on the split (r_k = 1) weighs 0: it keeps images only once the classes with
 errors are full, so a small split can prune a class away entirely (the keep ratio shows
-it; a larger --quota-val-fraction measures r_k more finely).
+it; a larger --quota-val-fraction measures r_k more finely). The `class-quota-laplace`
+policy guards against that: it estimates each error rate by Laplace's rule of succession,
+(errors + 1) / (n_k + 2), so 0 errors in 20 weighs 1/22 instead of 0.
 """
 import numpy as np
 
@@ -51,6 +53,13 @@ def class_recall(predictions, labels, val_indices, num_classes):
         missing = int(np.flatnonzero(n_val == 0)[0])
         raise DietError(f"class {missing} has no image in the validation split")
     return correct / n_val, n_val
+
+
+def laplace_recall(recall, n_val):
+    """Recall after Laplace's rule on the error count: 1 - (errors + 1) / (n + 2)."""
+    recall, n_val = np.asarray(recall, dtype=np.float64), np.asarray(n_val, dtype=np.float64)
+    errors = np.rint((1.0 - recall) * n_val)
+    return 1.0 - (errors + 1.0) / (n_val + 2.0)
 
 
 def _water_fill(capacity, weights, total):
