@@ -80,8 +80,9 @@ from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize
 from ffcv_bias.models import create_model, eval_logits, weight_decay_groups
 from ffcv_bias.protocol_spec import complete_run_hint, parse_protocols
 from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
-from ffcv_bias.train_config import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED,
-                                    bn_weight_decay, check_output_folder,
+from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
+from ffcv_bias.train_config import (bn_weight_decay, check_output_folder,
                                     check_recorded_betons, declare_sections, is_distributed,
                                     read_class_min_scale, read_keep_indices, read_sidecar,
                                     resolve_config, validate_semantics, wd_exempt)

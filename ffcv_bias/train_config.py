@@ -35,16 +35,11 @@ from ffcv_bias.config import (ConfigError, EpochList, FloatInRange, OneOf, Stric
 from ffcv_bias.datasets import DatasetError, read_classes
 from ffcv_bias.protocol_spec import ProtocolError, complete_run_hint
 from ffcv_bias.protocol_spec import canonical as canonical_protocols
+# Exit codes of train_imagenet.py (the sweep launcher reads them): common/errors.py.
+from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
 
 DESCRIPTION = "Train one classifier on FFCV betons and write its run record."
-
-# Exit codes of train_imagenet.py (the sweep launcher reads them).
-EXIT_OK = 0
-EXIT_FAILURE = 1           # the run failed: error.txt in the run directory says why
-EXIT_CONFIG = 2            # bad configuration or input files (an unknown key, a corrupt
-                           # beton, ...): nothing was started, no run directory made
-EXIT_PREEMPTED = 75        # SIGTERM (e.g. SLURM preemption): stopped cleanly, relaunch resumes
-                           # from checkpoint.pt (75 is EX_TEMPFAIL: "try again later")
 
 
 class Integer(Checker):

@@ -21,7 +21,7 @@ from ffcv_bias.analysis import (confusion, crossfit, paired, power, protocols, r
                                 tables, where)
 from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
                                         dotted_get, load_runs)
-from ffcv_bias.atomic import atomic_path
+from ffcv_bias.common.tables import write_csv
 
 FRAME_NAMES = ("runs", "settings", "per_class", "welch", "table1", "oracle",
                "oracle_per_class", "selection", "paired", "table1_paired", "power",
@@ -67,11 +67,6 @@ def trust_frames(data, class_means, oracle_summary, oracle_per_class, folds):
     paired_frame = paired.paired_table(data)
     return {"paired": paired_frame, "table1_paired": paired.table1_paired(paired_frame),
             "power": power.power_table(data)}
-
-
-def write_csv(frame, path):
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
 
 
 def _check_vary_keys(run_set, vary_keys):

@@ -218,10 +218,9 @@ def flows_figure(flows, setting, path, max_classes=8, title_suffix=""):
     classes = list(dict.fromkeys(rows["class"]))[:max_classes]
     if not classes:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from ffcv_bias.analysis.figures import _save
+    from ffcv_bias.common import plots
+    plt = plots.pyplot()
     figure, axis = plt.subplots(figsize=(9, 0.6 * len(classes) + 1.6))
     palette = plt.get_cmap("tab10")
     # A name fits in a bar wider than ~7% of the widest bar (gains can exceed the loss

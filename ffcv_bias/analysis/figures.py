@@ -13,15 +13,11 @@ Bands are mean +- one standard deviation across seeds.
 the setting with the best mean top-1 (the one cross-validation would pick), or, when that
 is the reference itself, the setting farthest from it.
 """
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
-
-from ffcv_bias.analysis import tables  # noqa: E402
-from ffcv_bias.analysis.tables import format_setting, per_run_spread, rows_where  # noqa: E402
-from ffcv_bias.atomic import atomic_path  # noqa: E402
+from ffcv_bias.analysis import tables
+from ffcv_bias.analysis.tables import format_setting, per_run_spread, rows_where
+from ffcv_bias.common import plots
 
 AXIS_NAMES = {"min_scale": "random-crop lower bound tau (augment.min_scale)",
               "weight_decay": "weight decay (training.weight_decay)",
@@ -91,9 +87,7 @@ def losers_and_gainers(data, class_means, k):
 
 
 def _save(figure, path):
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    plots.save_png(figure, path, dpi=110)
 
 
 def _band(axis, x, mean, sd, band_alpha=0.15, **style):
@@ -124,6 +118,7 @@ def _short(name, width=28):
 
 def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix="", welch=None):
     x = np.arange(len(data.settings))
+    plt = plots.pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(16, 5))
     # Fixed margins (room for the legend on the right): a layout engine costs ~1 s a figure.
     figure.subplots_adjust(left=0.05, right=0.75, bottom=0.2, top=0.86, wspace=0.22)
@@ -164,6 +159,7 @@ def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix="", w
 def class_spread(data, path, title_suffix=""):
     x = np.arange(len(data.settings))
     spreads = [per_run_spread(acc) for acc in data.acc]
+    plt = plots.pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.22, top=0.85, wspace=0.22)
     std_mean, std_sd = _seed_mean_sd([s[0] for s in spreads])
@@ -193,6 +189,7 @@ def change_histogram(data, class_means, welch, path, alpha=0.05, title_suffix=""
     significant = np.zeros(data.num_classes, dtype=bool)
     if len(rows):
         significant[rows["class"].to_numpy()] = rows["p_less"].to_numpy(dtype=float) < alpha
+    plt = plots.pyplot()
     figure, axis = plt.subplots(figsize=(8.5, 4.5))
     figure.subplots_adjust(left=0.09, right=0.97, bottom=0.14, top=0.9)
     bins = np.histogram_bin_edges(change, bins=min(60, max(10, data.num_classes // 5)))

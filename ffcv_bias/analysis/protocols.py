@@ -292,7 +292,9 @@ def summary_lines(frames, n_classes=5):
 def protocol_figure(by_protocol, frames, path):
     """Left: mean top-1 per setting under each protocol; right: per-class change at the
     compared setting under the main protocol and under the cross-fitted best."""
-    from ffcv_bias.analysis.figures import _band, _save, _seed_mean_sd, _settings_axis, plt
+    from ffcv_bias.analysis.figures import _band, _save, _seed_mean_sd, _settings_axis
+    from ffcv_bias.common import plots
+    plt = plots.pyplot()
     names = list(by_protocol)
     first = by_protocol[names[0]]
     x = np.arange(len(first.settings))

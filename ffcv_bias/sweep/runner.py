@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ffcv_bias import atomic, runs
 from ffcv_bias.common.env import usable_cpu_count
-from ffcv_bias.train_config import EXIT_PREEMPTED
+from ffcv_bias.common.errors import EXIT_PREEMPTED
 
 TRAIN_LOG_FILE = "train.log"
 START_MARKER = "==> sweep: start"
