@@ -13,6 +13,7 @@ The flags are ffcv-imagenet's (`--cfg.*`, or a YAML file with `-C`); unknown key
 error. A failed write leaves nothing at write_path. The work is in ffcv_bias/datasets.py.
 """
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from ffcv_bias.config import ConfigError, OneOf, FloatInRange, StrictBool, confi
 from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.datasets import (DEFAULT_SMART_THRESHOLD, FASHION_MNIST_DIR, SOURCES,
                                 WRITE_MODES, DatasetError, convert)
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def declare_config():
@@ -148,9 +151,21 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("write_datasets.py: interrupted; nothing left at the write path",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 
+def exit_now_if_interrupted(code):
+    """After Ctrl-C, leave without the interpreter's shutdown: ffcv's writer feeds its
+    workers through a multiprocessing queue whose feeder thread, blocked on a pipe the
+    dead workers no longer read, would make the exit wait forever. Everything to clean
+    (the temporary beton, the workers, shared memory) is cleaned by then."""
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_now_if_interrupted(main()))

@@ -331,9 +331,10 @@ def read_number_file(path, key=None):
     """A 1-D array from a .npy file, a .json list or a .txt file with one number per line.
     `key` (the config key naming the file) starts the error message when given."""
     path = Path(path)
+    named = f"{key}: " if key else ""
     if not path.is_file():
         what = "a directory, not a file" if path.is_dir() else "file not found"
-        raise ConfigError(f"{key + ': ' if key else ''}{what}: {path}")
+        raise ConfigError(f"{named}{what}: {path}")
     try:
         if path.suffix == ".npy":
             values = np.load(path, allow_pickle=False)
@@ -345,9 +346,13 @@ def read_number_file(path, key=None):
         else:
             values = np.loadtxt(path, dtype=np.float64, ndmin=1)
     except (ValueError, TypeError, OSError) as error:
-        raise ConfigError(f"cannot read numbers from {path}: {error}") from None
+        # np.loadtxt's message is long and names the first bad row: its first sentence.
+        reason = str(error).split(". ")[0].rstrip(".")
+        raise ConfigError(f"{named}cannot read numbers from {path} (.npy, .json list, or "
+                          f"one number per line): {reason}") from None
     if values.ndim != 1:
-        raise ConfigError(f"{path} must hold a flat list of numbers, got shape {values.shape}")
+        raise ConfigError(f"{named}{path} must hold a flat list of numbers, got shape "
+                          f"{values.shape}")
     return values
 
 
@@ -397,7 +402,9 @@ def _require(condition, message):
         raise ConfigError(message)
 
 
-def _check_numbers(nested):
+def check_numbers(nested):
+    """The cross-field checks of numbers alone (no file is read): what `sweep plan` can
+    check on a login node that may not see the betons."""
     training, lr, resolution = nested["training"], nested["lr"], nested["resolution"]
     _require(training["epochs"] >= 1, "training.epochs must be >= 1")
     _require(0 <= training["seed"] < 2 ** 32,  # numpy's and torch's seeds are unsigned 32-bit
@@ -496,6 +503,9 @@ def _check_datasets(nested):
         _require(not Path(path).is_dir(), f"data.{key}: {path} is a directory, not a beton "
                                           f"file")
         _require(Path(path).is_file(), f"data.{key}: no such file {path}")
+        _require(not str(path).endswith(".classes.json"),
+                 f"data.{key}: {path} is a beton's class list; name the beton itself "
+                 f"({str(path)[:-len('.classes.json')]})")
         sidecars[key] = read_sidecar(path, f"data.{key}")
     _check_not_the_training_set(nested["data"])
     _check_same_classes(nested["data"], sidecars["train_dataset"]["classes"],
@@ -545,7 +555,7 @@ def _check_pruning(nested, num_train):
 
 def validate_semantics(nested):
     """Cross-field checks the per-key checkers cannot make; raises ConfigError."""
-    _check_numbers(nested)
+    check_numbers(nested)
     _check_batch_memory(nested)
     sidecars = _check_datasets(nested)
     num_classes = int(sidecars["train_dataset"]["num_classes"])

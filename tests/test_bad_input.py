@@ -65,9 +65,10 @@ COMMANDS = {
     "write": ([str(REPO / "write_datasets.py")], "write_datasets.py: error: "),
     "analysis": (["-m", "ffcv_bias.analysis"], "error: "),
     "sweep": (["-m", "ffcv_bias.sweep"], "error: "),
+    "diet": (["-m", "ffcv_bias.studies.diet"], "error: "),
 }
 EXIT_WRITE_FAILED = 1  # write_datasets.py
-EXIT_MODULE_CLI_ERROR = 2  # python -m ffcv_bias.analysis, python -m ffcv_bias.sweep
+EXIT_MODULE_CLI_ERROR = 2  # python -m ffcv_bias.analysis / .sweep / .studies.diet
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +219,8 @@ def sweep_crop_bound_zero(ws):
     train, val = ws.good_betons()
     base = ws.file("base.yaml", yaml.safe_dump({
         "data": {"train_dataset": str(train), "val_dataset": str(val)},
-        "model": {"arch": "resnet8"}, "training": {"epochs": 1, "batch_size": 32}}))
+        "model": {"arch": "resnet8"}, "training": {"epochs": 2, "batch_size": 32},
+        "lr": {"lr_peak_epoch": 1}}))
     sweep = ws.file("crop.yaml", yaml.safe_dump({
         "base": str(base), "folder": str(ws.runs), "seeds": 1,
         "grid": {"augment.min_scale": [1.0, 0]}}))
@@ -372,7 +374,8 @@ def sweep_file(ws, betons, grid):
     train, val = betons
     base = ws.file("base.yaml", yaml.safe_dump({
         "data": {"train_dataset": str(train), "val_dataset": str(val)},
-        "model": {"arch": "resnet8"}, "training": {"epochs": 1, "batch_size": 32}}))
+        "model": {"arch": "resnet8"}, "training": {"epochs": 2, "batch_size": 32},
+        "lr": {"lr_peak_epoch": 1}}))
     return ws.file("sweep.yaml", yaml.safe_dump({
         "base": str(base), "folder": str(ws.runs), "seeds": 1, "grid": grid}))
 
@@ -474,10 +477,71 @@ def too_big_batch(override, key):
                            "; lower ")
 
 
+# -- issue 18, a fresh campaign: what a careless user typed next -------------------------
+
+def analysis_out_is_the_runs_dir(ws):
+    synthetic_runs(ws.runs, num_classes=6)
+    argv = analysis_args(ws, ws.runs)
+    argv[argv.index("--out") + 1] = str(ws.runs)
+    return BadInput(argv, [f"--out {ws.runs} is the runs directory it reads"])
+
+
+def analysis_out_inside_a_run(ws):
+    run_dir = synthetic_runs(ws.runs, num_classes=6)["run_dirs"][0]
+    argv = analysis_args(ws, ws.runs)
+    argv[argv.index("--out") + 1] = str(run_dir / "report")
+    return BadInput(argv, [f"is inside the run directory {run_dir}"])
+
+
+def sweep_override_out_of_range(ws):
+    sweep = sweep_file(ws, ws.good_betons(), {"augment.min_scale": [1.0]})
+    content = yaml.safe_load(sweep.read_text())
+    content["overrides"] = {"training.epochs": -3}
+    sweep.write_text(yaml.safe_dump(content))
+    return BadInput(["launch", str(sweep)],
+                    ["1 runs have a bad config", "training.epochs must be >= 1"])
+
+
+def sweep_slurm_without_slurm(ws):
+    sweep = sweep_file(ws, ws.good_betons(), {"augment.min_scale": [1.0]})
+    empty_bin = ws.root / "bin"
+    empty_bin.mkdir()
+    ws.request.getfixturevalue("monkeypatch").setenv("PATH", str(empty_bin))
+    return BadInput(["launch", str(sweep), "--backend", "slurm", "--time", "10",
+                     "--cpus-per-task", "4", "--mem", "8G"],
+                    ["--backend slurm: sbatch and srun not found on PATH", "--dry-run"],
+                    may_leave=[empty_bin])
+
+
+def train_dataset_is_its_class_list(ws):
+    train, _ = ws.good_betons()
+    sidecar = classes_json(train)
+    return BadInput(ws.train_args(f"--data.train_dataset={sidecar}"),
+                    [f"data.train_dataset: {sidecar} is a beton's class list",
+                     f"name the beton itself ({train})"])
+
+
+def keep_indices_not_numbers(ws):
+    keep = ws.file("keep.txt", "1,2,3\n")
+    return BadInput(ws.train_args(f"--data.keep_indices={keep}"),
+                    [f"data.keep_indices: cannot read numbers from {keep}",
+                     "one number per line"])
+
+
+def diet_score_out_is_a_file(ws):
+    out = ws.file("scores", "a file where the score folder should go\n")
+    train, val = ws.good_betons()
+    return BadInput(["score", f"--data.train_dataset={train}", f"--data.val_dataset={val}",
+                     "--model.arch=resnet8", "--epochs", "1", "--seeds", "1",
+                     "--out", str(out)],
+                    [f"--out: cannot create {out}: it is a file, not a directory"])
+
+
 BETON = "truncated or corrupt beton"
 CHANGED = "a beton rewritten under the same name"
 OUTPUT = "output path or batch memory"
 SMALLER = "smaller ones"
+FRESH = "a fresh campaign (issue 18, second round)"
 CASES = [
     Case("truncated_train_beton", BETON, "train", truncated_train_beton, EXIT_CONFIG,
          subprocess=True),
@@ -560,6 +624,19 @@ CASES = [
     Case("missing_class_min_scale", SMALLER, "train", missing_class_min_scale, EXIT_CONFIG),
     Case("analysis_negative_top_k", SMALLER, "analysis", analysis_negative_top_k,
          EXIT_MODULE_CLI_ERROR),
+    Case("analysis_out_is_the_runs_dir", FRESH, "analysis", analysis_out_is_the_runs_dir,
+         EXIT_MODULE_CLI_ERROR, subprocess=True),
+    Case("analysis_out_inside_a_run", FRESH, "analysis", analysis_out_inside_a_run,
+         EXIT_MODULE_CLI_ERROR),
+    Case("sweep_override_out_of_range", FRESH, "sweep", sweep_override_out_of_range,
+         EXIT_MODULE_CLI_ERROR),
+    Case("sweep_slurm_without_slurm", FRESH, "sweep", sweep_slurm_without_slurm,
+         EXIT_MODULE_CLI_ERROR),
+    Case("train_dataset_is_its_class_list", FRESH, "train", train_dataset_is_its_class_list,
+         EXIT_CONFIG),
+    Case("keep_indices_not_numbers", FRESH, "train", keep_indices_not_numbers, EXIT_CONFIG),
+    Case("diet_score_out_is_a_file", FRESH, "diet", diet_score_out_is_a_file,
+         EXIT_MODULE_CLI_ERROR),
 ]
 
 ISSUE_ITEMS = {BETON, "beton label count vs its classes.json",
@@ -568,7 +645,7 @@ ISSUE_ITEMS = {BETON, "beton label count vs its classes.json",
                "empty or missing dataset directory", "corrupt JPEG files",
                "run directory with another run's config",
                "analysis over folders with no complete run", "analysis over mixed datasets",
-               "NaN loss", CHANGED, "unknown model.arch", OUTPUT, SMALLER}
+               "NaN loss", CHANGED, "unknown model.arch", OUTPUT, SMALLER, FRESH}
 
 
 # --------------------------------------------------------------------------------------
@@ -587,6 +664,9 @@ def run_in_process(command, argv, monkeypatch, capsys):
     elif command == "analysis":
         from ffcv_bias.analysis.__main__ import main as analysis_main
         main = lambda: analysis_main(argv)  # noqa: E731
+    elif command == "diet":
+        from ffcv_bias.studies.diet import main as diet_main
+        main = lambda: diet_main(argv)  # noqa: E731
     else:
         from ffcv_bias.sweep.cli import main as sweep_main
         main = lambda: sweep_main(argv)  # noqa: E731
@@ -797,3 +877,20 @@ def test_image_folder_says_how_many_files_are_not_images(tmp_path, capsys):
     assert not_images >= 3 and err.count("skipping") == 1, err
     assert f"skipping {not_images} files that are not images" in err
     assert not any(path.endswith((".txt", ".DS_Store")) for path in paths)
+
+
+def test_analysis_says_when_it_did_less_than_asked(tmp_path, capsys):
+    """Not errors, but a user must not read a 2-fold cross-fit as the 5 folds asked for,
+    or a one-setting report as a comparison."""
+    from ffcv_bias.analysis.__main__ import main as analysis_main
+    synthetic_runs(tmp_path / "runs", num_classes=6)  # settings 1.0 and 0.08, seeds 0-1
+    base = [str(tmp_path / "runs"), "--vary", "augment.min_scale", "--no-figures"]
+    assert analysis_main(base + ["--crossfit-folds", "5", "--out", str(tmp_path / "a")]) == 0
+    assert ("note: --crossfit-folds 5: the fewest seeds per setting is 2, so the cross-fit "
+            "used 2 folds") in capsys.readouterr().err
+    assert analysis_main(base + ["--where", "augment.min_scale=1.0",
+                                 "--out", str(tmp_path / "b")]) == 0
+    assert "note: the runs hold one value of augment.min_scale (1.0): nothing is compared" \
+        in capsys.readouterr().err
+    assert analysis_main(base + ["--out", str(tmp_path / "c")]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -56,6 +56,43 @@ def check_args(args):
         require_creatable_dir(args.out)
     except OutputPathError as error:
         raise AnalysisError(f"--out: {error}") from None
+    check_out_outside_runs(args.out, args.run_dirs)
+
+
+def check_out_outside_runs(out, run_dirs):
+    """The report must not land among the records it reads: a report written into a runs
+    folder (or a run directory) mixes its CSVs with the records, and a rerun would search
+    its own output."""
+    out = Path(out).resolve()
+    for root in run_dirs:
+        root = Path(root).resolve()
+        if out == root:
+            raise AnalysisError(f"--out {out} is the runs directory it reads: give a folder "
+                                f"outside it (e.g. reports/NAME)")
+    for folder in (out, *out.parents):
+        if (folder / "config.json").is_file() and any(
+                folder == Path(r).resolve() or Path(r).resolve() in folder.parents
+                for r in run_dirs):
+            raise AnalysisError(f"--out {out} is inside the run directory {folder}: give "
+                                f"a folder outside the runs")
+
+
+def notes_on_the_request(frames, args):
+    """Lines for stderr where the analysis did less than asked (nothing is wrong)."""
+    lines = []
+    oracle = frames.get("oracle")
+    if oracle is not None and "crossfit_folds" in oracle and len(oracle):
+        used = int(oracle["crossfit_folds"].min())
+        if 2 <= used < args.crossfit_folds:
+            lines.append(f"note: --crossfit-folds {args.crossfit_folds}: the fewest seeds per "
+                         f"setting is {used}, so the cross-fit used {used} folds (one seed "
+                         f"each); oracle.csv's crossfit_folds records it")
+    settings = frames.get("settings")
+    if settings is not None and "setting" in settings and settings["setting"].nunique() < 2:
+        lines.append(f"note: the runs hold one value of {args.vary[0]} "
+                     f"({settings['setting'].iloc[0]}): nothing is compared, the report "
+                     f"describes that setting alone")
+    return lines
 
 
 def main(argv=None):
@@ -71,6 +108,8 @@ def main(argv=None):
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for line in notes_on_the_request(frames, args):
+        print(line, file=sys.stderr)
     print(summary_text(frames, args.vary, args.out))
     return 0
 

@@ -17,6 +17,7 @@ Submitted jobs are recorded in `<folder>/.sweep/jobs.json` (job id -> run ids), 
 lets `plan`/`status`/`launch` see runs whose job is still waiting in the queue.
 """
 import re
+import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -157,8 +158,21 @@ def executor_parameters(settings, name, max_parallel, cluster):
     return params
 
 
+def require_slurm_commands():
+    """submitit submits with sbatch and needs srun in the job: without them it raises a
+    RuntimeError (a traceback); this says it in one line, before any file is written."""
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        raise SweepError(f"--backend slurm: {' and '.join(missing)} not found on PATH (this "
+                         f"is not a SLURM login node?); run the launch where sbatch works, "
+                         f"or use --backend local / submitit-local, or --dry-run to see "
+                         f"the jobs")
+
+
 def make_executor(folder, settings, name, max_parallel, cluster):
     import submitit
+    if cluster == "slurm":
+        require_slurm_commands()
     log_folder = Path(folder) / SWEEP_DIR / "submitit" / "%j"
     executor = submitit.AutoExecutor(folder=log_folder, cluster=cluster,
                                      slurm_max_num_timeout=settings.max_timeouts,

@@ -318,10 +318,18 @@ def expand(sweep, folder=None):
 
 
 def default_resolver():
+    """The trainer's parser plus its checks of numbers (epochs >= 1, min_scale <=
+    max_scale, ...), so `plan` and `launch` mark a run invalid before any job starts. Not
+    the file checks: a login node may not see the betons the compute nodes will read."""
     # Imported here: the trainer's parser is the one source of truth for run ids, and
     # importing it must not pull torch into `plan` (train_config promises not to).
-    from ffcv_bias.train_config import resolve_config
-    return resolve_config
+    from ffcv_bias.train_config import check_numbers, resolve_config
+
+    def resolve_and_check(args):
+        config = resolve_config(args)
+        check_numbers(config)
+        return config
+    return resolve_and_check
 
 
 def resolve_runs(planned, resolve=None):

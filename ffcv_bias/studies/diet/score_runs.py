@@ -12,6 +12,7 @@ import pandas as pd
 from ffcv_bias import atomic, runs
 from ffcv_bias.common import env
 from ffcv_bias.common.tables import write_csv
+from ffcv_bias.output_paths import creation_problem
 from ffcv_bias.studies.diet import quota
 from ffcv_bias.studies.diet.common import (DietError, TrainingFailed, _save_npz,
                                            parse_seeds, resolve_trainer_config, trainer_args)
@@ -295,6 +296,9 @@ def run_scores(options, overrides):
     _check_score_options(options, overrides)
     seeds = parse_seeds(options.seeds)
     out = Path(options.out)
+    problem = creation_problem(out)
+    if problem:  # before any run is planned or trained: --out holds them all
+        raise DietError(f"--out: cannot create {out}: {problem}")
     base_args, planned = plan_score_runs(options, overrides, seeds)
     nested = planned[0].config
     train_dataset = nested["data"]["train_dataset"]
