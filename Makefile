@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# libjpeg62-turbo-dev: the libjpeg API headers for ffcv_bias/_fastjpeg.c (augment.decode=fast)
+# libjpeg62-turbo-dev: the libjpeg API headers for ffcv_bias/data/_fastjpeg.c (augment.decode=fast)
 DEBIAN_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev \
                    dataset-fashion-mnist
 STAMP := $(VENV)/.installed
@@ -31,7 +31,7 @@ debian:
 # torch goes in first, pinned by constraints.txt: ffcv's dependencies ask for plain `torch`,
 # which on an empty environment would pull a CUDA build and several GB of packages.
 # The C extension's source too: editing it must rebuild it (pip install -e compiles it).
-$(STAMP): setup.py constraints.txt ffcv_bias/_fastjpeg.c
+$(STAMP): setup.py constraints.txt ffcv_bias/data/_fastjpeg.c
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt numpy numba opencv-python pillow pyyaml

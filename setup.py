@@ -37,8 +37,8 @@ def pkgconfig(package):
 
 # Region + DCT-scaled JPEG decoding (augment.decode=fast), loaded through ctypes.
 # optional: without libjpeg's headers the install still succeeds, and the fast decoder
-# falls back to the exact one with a warning (ffcv_bias/fast_decode.py).
-fastjpeg = Extension("ffcv_bias._fastjpeg", sources=["ffcv_bias/_fastjpeg.c"],
+# falls back to the exact one with a warning (ffcv_bias/data/fast_decode.py).
+fastjpeg = Extension("ffcv_bias.data._fastjpeg", sources=["ffcv_bias/data/_fastjpeg.c"],
                      extra_compile_args=["-O3"], optional=True, **pkgconfig("libjpeg"))
 
 setup(

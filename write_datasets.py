@@ -24,8 +24,9 @@ from fastargs.state import get_current_config, set_current_config
 from ffcv_bias.config import ConfigError, OneOf, FloatInRange, StrictBool, config_to_dict, \
     parse_config
 from ffcv_bias.output_paths import creation_problem
-from ffcv_bias.datasets import (DEFAULT_SMART_THRESHOLD, FASHION_MNIST_DIR, SOURCES,
-                                WRITE_MODES, DatasetError, convert)
+from ffcv_bias.data.sources import (DEFAULT_SMART_THRESHOLD, FASHION_MNIST_DIR, SOURCES,
+                                    WRITE_MODES, DatasetError)
+from ffcv_bias.data.writer import convert
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 

@@ -11,7 +11,7 @@ Three ways to get the INTER_AREA-resized crop of a JPEG, all on the same bytes:
   tjTransform  libffcv imdecode with its crop and scale arguments: tjTransform(TJXOPT_CROP)
                transcodes the MCU-aligned crop losslessly into a new JPEG, then
                tjDecompress2 decodes it DCT-scaled; then resize_crop of the exact crop.
-  libjpeg      ffcv_bias._fastjpeg: jpeg_crop_scanline + jpeg_skip_scanlines + scale_denom
+  libjpeg      ffcv_bias.data._fastjpeg: jpeg_crop_scanline + jpeg_skip_scanlines + scale_denom
                (augment.decode=fast), then resize_crop.
 
 Images: the loader benchmark's synthetic photo-like images resized to 500x375 and encoded
@@ -34,7 +34,7 @@ from loader import positive_int, synthetic_image  # noqa: E402
 
 from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 
-from ffcv_bias import fast_decode  # noqa: E402
+from ffcv_bias.data import fast_decode  # noqa: E402
 
 HEIGHT, WIDTH, OUTPUT = 375, 500, 160
 

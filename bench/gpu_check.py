@@ -162,7 +162,7 @@ class SyntheticImages:
 
 
 def write_betons(options, folder, report):
-    from ffcv_bias.datasets import write_beton
+    from ffcv_bias.data.writer import write_beton
     width, height = options.width_height
     classes = [f"class_{index:03d}" for index in range(options.classes)]
     paths = []
@@ -189,7 +189,7 @@ def write_betons(options, folder, report):
 def reference_fingerprints(beton, options, resolution):
     """Per-batch sums of the images as the CPU pipeline yields them, read at once: the truth
     (crops are seeded by (seed, epoch, sample), so every loader of this seed agrees)."""
-    from ffcv_bias.loaders import create_train_loader
+    from ffcv_bias.data.loaders import create_train_loader
     loader = create_train_loader(beton, batch_size=options.batch, resolution=resolution, seed=0,
                                  num_workers=options.threads)
     loader.set_epoch(0)
@@ -201,7 +201,7 @@ def copied_fingerprints(beton, options, resolution, device, in_pipeline, backlog
     (`in_pipeline` False: non-blocking .to() on the compute stream, the old way) or by
     ToDevice in the pipeline. `backlog_cycles` of torch.cuda._sleep queued before each
     copy keep the GPU behind the loader. Also whether the host buffers were pinned."""
-    from ffcv_bias.loaders import create_train_loader
+    from ffcv_bias.data.loaders import create_train_loader
     loader = create_train_loader(beton, batch_size=options.batch, resolution=resolution, seed=0,
                                  num_workers=options.threads,
                                  device=device if in_pipeline else None)
@@ -485,7 +485,7 @@ def check_trainer(options, report, betons, device):
 def model_images_per_second(options, device, resolution, compiled):
     """{fused: (img/s, peak GB)} of Trainer-equivalent steps on synthetic uint8 batches,
     for-each then fused SGD on one model (compiled once)."""
-    from ffcv_bias.loaders import normalize
+    from ffcv_bias.data.loaders import normalize
     from ffcv_bias.models import create_model
     from ffcv_bias.train import compile_for_resolutions
     torch.manual_seed(0)
@@ -562,14 +562,14 @@ def check_model_throughput(options, report, device):
 def decoder_modes():
     """The decoder modes the train loader offers: ['default'] or, where the decode
     option exists (augment.decode), each of its modes."""
-    from ffcv_bias.loaders import create_train_loader
+    from ffcv_bias.data.loaders import create_train_loader
     if "decode" in inspect.signature(create_train_loader).parameters:
         return ["exact", "fast"]
     return [None]
 
 
 def loader_images_per_second(beton, options, resolution, threads, decode):
-    from ffcv_bias.loaders import create_train_loader
+    from ffcv_bias.data.loaders import create_train_loader
     extra = {"decode": decode} if decode else {}
     loader = create_train_loader(beton, batch_size=options.batch, resolution=resolution, seed=0,
                                  num_workers=threads, **extra)

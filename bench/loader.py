@@ -7,12 +7,12 @@ DataLoader vs bare decode, over output sizes, crop scales and image sizes, in on
 
 What is measured, in images per second and per CPU second, on the same JPEG images:
 
-  (a)  ours, exact  ffcv_bias.loaders.create_train_loader(decode='exact'): ffcv Loader + our
+  (a)  ours, exact  ffcv_bias.data.loaders.create_train_loader(decode='exact'): ffcv Loader + our
                     seeded random-resized-crop + flip decoder; full JPEG decode, then
                     INTER_AREA resize of the crop (ffcv's way).
   (a') ours, fast   the same with decode='fast' (augment.decode=fast): only the crop is
                     decoded, DCT-scaled by 1/2, 1/4 or 1/8 when it is at least that many
-                    times the output (ffcv_bias/fast_decode.py). The same crops as (a).
+                    times the output (ffcv_bias/data/fast_decode.py). The same crops as (a).
   (b)  ffcv         a stock ffcv Loader: RandomResizedCropRGBImageDecoder(scale=(tau, 1)),
                     RandomHorizontalFlip, ToTensor, ToTorchImage; same beton, batch, workers,
                     RANDOM order, os_cache.
@@ -66,7 +66,7 @@ import torch
 
 # Imported before any ffcv Loader is built: it patches ffcv (without the patch, every Loader
 # would also set torch's thread count to its worker count).
-from ffcv_bias import loaders  # noqa: I001
+from ffcv_bias.data import loaders  # noqa: I001
 
 import cv2  # noqa: E402
 from ffcv.fields.basics import IntDecoder  # noqa: E402
@@ -78,10 +78,10 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImag
 from PIL import Image, ImageDraw, features  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ffcv_bias import fast_decode  # noqa: E402
+from ffcv_bias.data import fast_decode  # noqa: E402
 from ffcv_bias.atomic import write_json  # noqa: E402
 from ffcv_bias.common import env  # noqa: E402
-from ffcv_bias.datasets import convert  # noqa: E402
+from ffcv_bias.data.writer import convert
 
 RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10

@@ -29,7 +29,7 @@ import torch
 from ffcv_bias import atomic, metrics, runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, UserError, main_guard
-from ffcv_bias.loaders import BetonError, create_val_loader, normalize, read_labels
+from ffcv_bias.data.loaders import BetonError, create_val_loader, normalize, read_labels
 from ffcv_bias.models import create_model, eval_logits
 from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
                                      preds_file)

@@ -71,12 +71,13 @@ from ffcv_bias import atomic, distributed, evaluate, metrics, runs
 from ffcv_bias import record
 from ffcv_bias.common import env
 from ffcv_bias.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
-from ffcv_bias.beton_fingerprint import current_fingerprints
+from ffcv_bias.data.fingerprint import current_fingerprints
 from ffcv_bias.config import ConfigError, flatten, validate_all
-from ffcv_bias.datasets import DatasetError, check_beton
+from ffcv_bias.data.sources import DatasetError
+from ffcv_bias.data.sidecar import check_beton
 from ffcv_bias.faults import crash_point
-from ffcv_bias.loaders import (create_train_loader, create_val_loader, normalize,
-                               read_labels)
+from ffcv_bias.data.loaders import (create_train_loader, create_val_loader, normalize,
+                                    read_labels)
 from ffcv_bias.models import create_model, eval_logits, weight_decay_groups
 from ffcv_bias.protocol_spec import complete_run_hint, parse_protocols
 from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch

@@ -32,7 +32,8 @@ from fastargs.validation import Checker
 
 from ffcv_bias.config import (ConfigError, EpochList, FloatInRange, OneOf, StrictBool,
                               config_to_dict, parse_config)
-from ffcv_bias.datasets import DatasetError, read_classes
+from ffcv_bias.data.sources import DatasetError
+from ffcv_bias.data.sidecar import read_classes
 from ffcv_bias.protocol_spec import ProtocolError, complete_run_hint
 from ffcv_bias.protocol_spec import canonical as canonical_protocols
 # Exit codes of train_imagenet.py (the sweep launcher reads them): common/errors.py.
@@ -77,7 +78,7 @@ class Text(Checker):
 WD_EXEMPT_SETS = ("norm", "norm_bias_embed")
 WD_EXEMPT_DEFAULT = "norm_bias_embed"
 
-# augment.decode (ffcv_bias/fast_decode.py, which imports ffcv and numba: this module
+# augment.decode (ffcv_bias/data/fast_decode.py, which imports ffcv and numba: this module
 # loads those only when needed, hence the copy of its DECODE_MODES, checked equal by the
 # tests). The default stays 'exact': a new default would enter the run_id of every planned
 # run (runs.LATER_KEY_DEFAULTS keeps only the old behaviour's value out of it) and a
@@ -633,8 +634,8 @@ def check_recorded_betons(run_dir, nested):
     """Refuse to reuse or resume a run whose config.json records other betons than the
     ones the config names now (records without fingerprints are not checked)."""
     from ffcv_bias import runs
-    from ffcv_bias.beton_fingerprint import (change_message, current_fingerprints,
-                                             first_change, recorded_fingerprints)
+    from ffcv_bias.data.fingerprint import (change_message, current_fingerprints,
+                                            first_change, recorded_fingerprints)
     recorded = recorded_fingerprints(runs.read_json_object(Path(run_dir) / runs.CONFIG_FILE))
     if not recorded:
         return

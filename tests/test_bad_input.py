@@ -184,7 +184,8 @@ def classes_json_count_vs_names(ws):
 
 def val_beton_with_5_of_10_classes(ws):
     """A real val beton of Fashion-MNIST's first 5 classes, written by our writer."""
-    from ffcv_bias.datasets import ArrayImages, write_beton
+    from ffcv_bias.data.sources import ArrayImages
+    from ffcv_bias.data.writer import write_beton
     train, full_val = ws.good_betons()
     images, labels, _ = read_beton(full_val)
     keep = labels < 5
@@ -330,7 +331,7 @@ def record_run(ws, args, complete=True):
     """The record a finished (or, complete=False, a started) run leaves: config.json with
     the fingerprints of the betons the args name now, and summary.json. Made by hand, not
     by training: these cases are about what the trainer decides before it trains."""
-    from ffcv_bias.beton_fingerprint import current_fingerprints
+    from ffcv_bias.data.fingerprint import current_fingerprints
     nested = resolve_config(args)
     run_id = runs.run_id(nested)
     run_dir = Path(nested["logging"]["folder"]) / run_id
@@ -754,7 +755,7 @@ def test_corrupt_summary_is_moved_aside_and_the_run_retrained(tiny_fashion_beton
     """A truncated summary.json is not "complete": the rerun moves it into corrupt-<time>/,
     resumes from the final checkpoint and writes the same record again; nothing else of
     the run is deleted. The first start records both betons' fingerprints."""
-    from ffcv_bias.beton_fingerprint import current_fingerprints
+    from ffcv_bias.data.fingerprint import current_fingerprints
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = train_args(tiny_fashion_betons, tmp_path / "runs", "--training.epochs=1")
     code, _, err = train_in_this_process(args, monkeypatch, capsys)
@@ -834,16 +835,16 @@ def test_a_record_without_fingerprints_stays_complete(tiny_fashion_betons, tmp_p
 
 def test_fingerprint_is_the_files_not_its_path(tiny_fashion_betons, tmp_path):
     from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
-    from ffcv_bias import beton_fingerprint
-    assert beton_fingerprint.HEADER_TYPE == HeaderType
-    assert beton_fingerprint.ALLOC_TABLE_TYPE == ALLOC_TABLE_TYPE
+    from ffcv_bias.data import fingerprint
+    assert fingerprint.HEADER_TYPE == HeaderType
+    assert fingerprint.ALLOC_TABLE_TYPE == ALLOC_TABLE_TYPE
     train, val = tiny_fashion_betons
     copy = tmp_path / "elsewhere.beton"
     shutil.copy(train, copy)
     shutil.copy(classes_json(train), classes_json(copy))
-    assert beton_fingerprint.fingerprint(copy) == beton_fingerprint.fingerprint(train)
-    assert beton_fingerprint.fingerprint(val) != beton_fingerprint.fingerprint(train)
-    assert beton_fingerprint.fingerprint(train)["num_samples"] == 600
+    assert fingerprint.fingerprint(copy) == fingerprint.fingerprint(train)
+    assert fingerprint.fingerprint(val) != fingerprint.fingerprint(train)
+    assert fingerprint.fingerprint(train)["num_samples"] == 600
 
 
 def test_known_archs_are_the_model_registry():
@@ -865,7 +866,7 @@ def test_sweep_plan_names_the_folder_when_every_run_is_invalid(tiny_fashion_beto
 
 def test_image_folder_says_how_many_files_are_not_images(tmp_path, capsys):
     from fixtures_datasets import make_image_folder
-    from ffcv_bias.datasets import list_image_folder
+    from ffcv_bias.data.sources import list_image_folder
     make_image_folder(tmp_path / "train")
     (tmp_path / "train" / "moth" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "zebra" / ".DS_Store").write_bytes(b"\0")

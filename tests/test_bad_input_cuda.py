@@ -117,7 +117,8 @@ def tiny_sweep(tiny_fashion_betons, tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({
         "data": {"train_dataset": str(train), "val_dataset": str(val)},
-        "model": {"arch": "resnet8"}, "training": {"epochs": 1, "batch_size": 32}}))
+        "model": {"arch": "resnet8"}, "training": {"epochs": 2, "batch_size": 32},
+        "lr": {"lr_peak_epoch": 1}}))
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"base": str(base), "folder": str(tmp_path / "runs"),
                                      "seeds": 2}))

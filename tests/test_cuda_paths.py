@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from test_train import (REPO, run_dir_of, train_args, train_in_process, train_subprocess)
-from ffcv_bias import distributed, ffcv_patches, runs, train
+from ffcv_bias import distributed, runs, train
+from ffcv_bias.data import ffcv_patches
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import TrainerPool, loader_thread_args
 from ffcv_bias.sweep.spec import SlurmSettings, SweepError
@@ -115,7 +116,7 @@ def transform_names(loader, field):
 
 @pytest.mark.parametrize("make", ["train", "val"])
 def test_cuda_pipelines_copy_to_the_device_right_after_to_tensor(tiny_fashion_betons, make):
-    from ffcv_bias.loaders import create_train_loader, create_val_loader
+    from ffcv_bias.data.loaders import create_train_loader, create_val_loader
     train_beton, val_beton = tiny_fashion_betons
 
     def build(device):
@@ -144,7 +145,7 @@ def test_a_batch_read_after_the_loader_moved_on_is_another_batch(tiny_fashion_be
     the loader has since decoded for another batch, while the labels (copied at yield)
     stay this batch's. Read at yield time (what the copy in the pipeline does, on the
     slot's stream before the slot is handed out again) every batch is its own."""
-    from ffcv_bias.loaders import create_train_loader
+    from ffcv_bias.data.loaders import create_train_loader
     loader = create_train_loader(tiny_fashion_betons[0], batch_size=32, resolution=28, seed=0,
                                  num_workers=1, batches_ahead=3)
 
@@ -207,7 +208,7 @@ def test_loader_thread_selects_its_streams_gpu_first(monkeypatch):
 
 
 def test_patches_are_installed_on_ffcvs_epoch_iterator():
-    import ffcv_bias.loaders  # noqa: F401 - applies the patches
+    import ffcv_bias.data.loaders  # noqa: F401 - applies the patches
     from ffcv.loader.epoch_iterator import EpochIterator
     assert EpochIterator.run is ffcv_patches._run_on_streams_device
     assert EpochIterator.run_pipeline is ffcv_patches._run_pipeline_after_slot_copy

@@ -14,9 +14,10 @@ from fixtures_datasets import (JPEG_MODE, RAW_MODE, corrupt_folder, decoded,
                                make_cifar10_dir, make_cifar100_dir, make_fashion_dir,
                                make_image_folder, make_inaturalist_tree, read_beton, save_image,
                                smooth_image)
-from ffcv_bias import datasets
-from ffcv_bias.datasets import (ArrayImages, DatasetError, ImageFiles, check_beton,
-                                read_classes, stratified_subset, write_beton)
+from ffcv_bias.data import sidecar, sources
+from ffcv_bias.data.sources import ArrayImages, DatasetError, ImageFiles, stratified_subset
+from ffcv_bias.data.sidecar import check_beton, read_classes
+from ffcv_bias.data.writer import write_beton
 from write_datasets import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,14 +78,14 @@ def test_fashion_mnist_reader_accepts_uncompressed_idx(tmp_path):
         gz_path = tmp_path / f"{stem}.gz"
         (tmp_path / stem).write_bytes(gzip.decompress(gz_path.read_bytes()))
         gz_path.unlink()
-    dataset, class_names = datasets.read_source("fashion-mnist", tmp_path, "val")
+    dataset, class_names = sources.read_source("fashion-mnist", tmp_path, "val")
     images, labels = content["val"]
     assert class_names == FASHION_CLASSES and np.array_equal(dataset.labels, labels)
     image, label = dataset[3]
     assert image.shape == (28, 28, 3) and np.array_equal(image[:, :, 1], images[3])
     assert label == labels[3]
     with pytest.raises(DatasetError, match="unknown dataset 'mnist'"):
-        datasets.read_source("mnist", tmp_path, "val")
+        sources.read_source("mnist", tmp_path, "val")
 
 
 @pytest.mark.parametrize("source", ["cifar10", "cifar100"])
@@ -456,7 +457,7 @@ def test_check_beton_rejects_a_file_that_is_not_a_beton(tmp_path):
     fake = tmp_path / "fake.beton"
     fake.write_bytes(b"\x07" * 4096)
     with pytest.raises(DatasetError, match="not an ffcv beton"):
-        datasets.inspect_beton(fake)
+        sidecar.inspect_beton(fake)
 
 
 # ------------------------------------------------------------------------------------------
@@ -464,7 +465,7 @@ def test_check_beton_rejects_a_file_that_is_not_a_beton(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 def test_embedded_default_writes_both_fashion_mnist_splits(tmp_path):
-    if not datasets.FASHION_MNIST_DIR.is_dir():
+    if not sources.FASHION_MNIST_DIR.is_dir():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     result = subprocess.run([sys.executable, str(REPO / "write_datasets.py")],
                             capture_output=True, text=True, cwd=tmp_path)
@@ -473,5 +474,5 @@ def test_embedded_default_writes_both_fashion_mnist_splits(tmp_path):
         beton = tmp_path / "data" / f"fashion-mnist_{split}.beton"
         classes = check_beton(beton)
         assert classes["num_samples"] == count and classes["classes"] == FASHION_CLASSES
-        labels = datasets.inspect_beton(beton)
+        labels = sidecar.inspect_beton(beton)
         assert np.bincount(labels).tolist() == [count // 10] * 10

@@ -1,4 +1,4 @@
-"""augment.decode=fast (ffcv_bias/fast_decode.py) against the exact path, on real JPEGs
+"""augment.decode=fast (ffcv_bias/data/fast_decode.py) against the exact path, on real JPEGs
 written here: every subsampling, progressive, greyscale, CMYK, truncated.
 
 The bounds: at DCT scale 1 the fast path must equal the exact path bit for bit. When it
@@ -23,10 +23,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ffcv_bias import fast_decode, runs, train_config
-from ffcv_bias.augment import sample_crop
+from ffcv_bias import runs, train_config
+from ffcv_bias.data import fast_decode
+from ffcv_bias.data.augment import sample_crop
 from ffcv_bias.config import ConfigError
-from ffcv_bias.loaders import create_train_loader, create_val_loader
+from ffcv_bias.data.loaders import create_train_loader, create_val_loader
 
 MAE_BOUND = 20.0
 MEDIAN_MAE_BOUND = 10.0

@@ -195,7 +195,7 @@ def scored(tiny_fashion_betons, tmp_path_factory):
 
 
 def test_score_command_writes_whole_consistent_scores(scored):
-    from ffcv_bias.loaders import read_labels
+    from ffcv_bias.data.loaders import read_labels
     betons, out = scored
     arrays, meta = diet.load_scores(out)
     labels = read_labels(betons[0])
@@ -238,7 +238,7 @@ def test_score_command_writes_whole_consistent_scores(scored):
 def test_scores_are_those_of_the_saved_weights_on_unaugmented_images(scored):
     """EL2N of run 1 recomputed by hand: its epoch-1 weights, the train beton in order,
     whole images (centre crop ratio 1.0) at 16 px, no flip."""
-    from ffcv_bias.loaders import create_val_loader, normalize
+    from ffcv_bias.data.loaders import create_val_loader, normalize
     betons, out = scored
     arrays, meta = diet.load_scores(out)
     run_dir = out / "runs" / meta["run_ids"][1]
@@ -484,7 +484,7 @@ def test_save_weights_at_keeps_that_epochs_weights_and_changes_nothing(
     logits; the kept weights are the epoch-1 model (they reproduce log.jsonl's epoch-1
     per-class accuracy on the val set)."""
     from ffcv_bias import train as trainer
-    from ffcv_bias.loaders import create_val_loader, normalize
+    from ffcv_bias.data.loaders import create_val_loader, normalize
     base = trainer_overrides(tiny_fashion_betons) + ["--validation.lr_tta=0"]
     folders = {name: tmp_path / name for name in ("plain", "kept")}
     assert trainer.main(base + [f"--logging.folder={folders['plain']}"]) == 0
@@ -532,7 +532,7 @@ def test_save_weights_at_refuses_an_epoch_after_the_last(tiny_fashion_betons, tm
 def test_input_norm_is_the_norm_of_the_normalized_image(scored):
     """Recomputed from the decoded pixels with numpy: (x - mean) / std over the whole
     16 px image, L2 over all channels and pixels."""
-    from ffcv_bias.loaders import IMAGENET_MEAN, IMAGENET_STD, create_val_loader
+    from ffcv_bias.data.loaders import IMAGENET_MEAN, IMAGENET_STD, create_val_loader
     betons, out = scored
     arrays, _ = diet.load_scores(out)
     loader = create_val_loader(betons[0], batch_size=128, resolution=16, crop_ratio=1.0,
@@ -663,7 +663,7 @@ def test_scores_record_the_held_out_recalls_of_the_training_split(scored):
 def test_class_quota_recalls_never_read_the_test_split(scored, tmp_path, monkeypatch):
     """Every loader the score command opens reads the training beton: a spy on the
     loaders while the recalls are recomputed."""
-    from ffcv_bias import loaders
+    from ffcv_bias.data import loaders
     betons, out = scored
     opened = []
     real = loaders.create_val_loader

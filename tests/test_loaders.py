@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_bias import ffcv_patches
-from ffcv_bias.augment import sample_crop
-from ffcv_bias.loaders import (BetonError, create_train_loader, create_val_loader, normalize,
-                               read_labels)
+from ffcv_bias.data import ffcv_patches
+from ffcv_bias.data.augment import sample_crop
+from ffcv_bias.data.loaders import (BetonError, create_train_loader, create_val_loader, normalize,
+                                    read_labels)
 from ffcv_bias.train_config import read_class_min_scale
 
 LOG_RATIO = (np.log(3 / 4), np.log(4 / 3))
@@ -172,7 +172,7 @@ def test_loader_does_not_change_torch_thread_count(tmp_path):
     script = """
 import torch
 torch.set_num_threads(2)
-import ffcv_bias.loaders as L
+import ffcv_bias.data.loaders as L
 from ffcv.pipeline.compiler import Compiler
 Compiler.set_num_threads(1)
 print(torch.get_num_threads())

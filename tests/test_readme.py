@@ -143,7 +143,7 @@ class Outcome:
 def make_tiny_fashion_idx(root, train_size=600, val_size=200):
     """A class-stratified slice of Debian's Fashion-MNIST, written back in its IDX format
     (600 training images: more than the README snippet's batch of 256)."""
-    from ffcv_bias.datasets import FASHION_MNIST_DIR, read_idx, stratified_subset
+    from ffcv_bias.data.sources import FASHION_MNIST_DIR, read_idx, stratified_subset
     root.mkdir(parents=True)
     for prefix, size in (("train", train_size), ("t10k", val_size)):
         images = read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")
@@ -351,7 +351,7 @@ def check_run_record(run_dir):
 
 
 def check_betons(sandbox, words, outcome):
-    from ffcv_bias.datasets import check_beton
+    from ffcv_bias.data.sidecar import check_beton
     dataset = option(words, "--cfg.dataset", "fashion-mnist")
     split = option(words, "--cfg.split", "both")
     write_path = option(words, "--cfg.write_path")
@@ -485,7 +485,7 @@ def check_diet_prune(sandbox, words, outcome):
 
 
 def check_demo(sandbox, words, outcome):
-    from ffcv_bias.datasets import check_beton
+    from ffcv_bias.data.sidecar import check_beton
     assert check_beton(sandbox.path("data/fashion-mnist-1k_train.beton"))["num_samples"] == 1000
     for report in ("demo/report", "demo/report_weight_decay"):
         analysis_outputs(sandbox.path(report))
@@ -741,7 +741,7 @@ def run_python_snippet(sandbox, snippet):
 @pytest.fixture(scope="module")
 def readme_sandbox(tmp_path_factory):
     """Every README command run once, in order, in one sandbox; outcomes by command."""
-    from ffcv_bias.datasets import FASHION_MNIST_DIR
+    from ffcv_bias.data.sources import FASHION_MNIST_DIR
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip("Debian package dataset-fashion-mnist is not installed (run `make setup`)")
     sandbox = make_sandbox(tmp_path_factory.mktemp("readme_sandbox"))

@@ -86,7 +86,7 @@ def target_betons(tmp_path_factory):
 
 def plain_eval_per_class(model, val_beton, num_classes, batch_size=64):
     """Per-class accuracy with the validation loader (whole image, crop_ratio 1.0)."""
-    from ffcv_bias.loaders import create_val_loader, normalize
+    from ffcv_bias.data.loaders import create_val_loader, normalize
     loader = create_val_loader(val_beton, batch_size=batch_size, resolution=28, crop_ratio=1.0,
                                num_workers=1)
     hits = np.zeros(num_classes)

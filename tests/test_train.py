@@ -242,7 +242,7 @@ def free_port():
 
 def test_two_gloo_processes_write_a_complete_record_in_beton_order(tiny_fashion_betons,
                                                                    tmp_path):
-    from ffcv_bias.loaders import create_val_loader, normalize
+    from ffcv_bias.data.loaders import create_val_loader, normalize
     from ffcv_bias.models import create_model
     args = train_args(tiny_fashion_betons, tmp_path, "--dist.world_size=2",
                       f"--dist.port={free_port()}", "--training.epochs=1",

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ffcv_bias import metrics
 from ffcv_bias import runs as run_record
-from ffcv_bias.beton_fingerprint import describe, recorded_fingerprints
+from ffcv_bias.data.fingerprint import describe, recorded_fingerprints
 
 
 class AnalysisError(Exception):

@@ -61,7 +61,7 @@ import torch
 from numba import njit
 from tqdm import tqdm
 
-from ffcv_bias import ffcv_patches
+from ffcv_bias.data import ffcv_patches
 from ffcv_bias.common import plots
 from ffcv_bias.common.errors import EXIT_OK, main_guard
 from ffcv_bias.common.tables import write_csv
@@ -73,9 +73,9 @@ from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.transforms import Squeeze, ToTensor, ToTorchImage  # noqa: E402
 
 from ffcv_bias.atomic import write_json  # noqa: E402
-from ffcv_bias.augment import SeededRandomResizedCropDecoder, sample_key, uniform  # noqa: E402
-from ffcv_bias.loaders import (IMAGENET_MEAN, IMAGENET_STD, BetonError,  # noqa: E402
-                               SeededLoader, read_labels)
+from ffcv_bias.data.augment import SeededRandomResizedCropDecoder, sample_key, uniform  # noqa: E402
+from ffcv_bias.data.loaders import (IMAGENET_MEAN, IMAGENET_STD, BetonError,  # noqa: E402
+                                    SeededLoader, read_labels)
 from ffcv_bias.models import ARCHITECTURES  # noqa: E402
 from ffcv_bias.studies.trained import (StudyError, default_workers,  # noqa: E402
                                       inference_setup, load_trained_model, pick_device,
@@ -178,7 +178,7 @@ class CropLoader:
     of its area, alpha changeable between passes without recompiling.
 
     The seeded crop decoder reads per-sample lower bounds through their address at run
-    time (augment.py); with the decoder's own max_scale at or below every alpha, the range
+    time (data/augment.py); with the decoder's own max_scale at or below every alpha, the range
     of each sample is [alpha, alpha]. Writing alpha into that array (in place) between
     passes changes the crop; `set_draw(d)` sets the epoch of the (seed, epoch, index) hash.
     """

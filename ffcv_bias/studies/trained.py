@@ -183,7 +183,8 @@ def inference_setup(model, device):
 
 def read_class_names(beton_path):
     """Class names from the beton's .classes.json sidecar (a clear error when missing)."""
-    from ffcv_bias.datasets import DatasetError, read_classes
+    from ffcv_bias.data.sources import DatasetError
+    from ffcv_bias.data.sidecar import read_classes
     try:
         return list(read_classes(beton_path)["classes"])
     except DatasetError as error:

@@ -65,8 +65,8 @@ from tqdm import tqdm
 from ffcv_bias import record, runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_OK, main_guard
-from ffcv_bias.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
-                               read_labels)
+from ffcv_bias.data.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,
+                                    read_labels)
 from ffcv_bias.studies.trained import (StudyError, build_model, classifier_layer,
                                        default_workers, describe_run, inference_setup,
                                        model_from_info, pick_device, read_class_names)

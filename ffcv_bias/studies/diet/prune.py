@@ -182,7 +182,7 @@ def write_empty_base(out):
 
 def check_same_training_set(config_files, overrides, arrays):
     """The pruned runs' train beton must be the scored one (same labels in the same order)."""
-    from ffcv_bias.loaders import read_labels
+    from ffcv_bias.data.loaders import read_labels
     args = trainer_args(config_files, overrides)
     nested = resolve_trainer_config(args, check_files=False)
     train_dataset = nested["data"]["train_dataset"]

@@ -123,7 +123,7 @@ def score_one_model(label, nested, weights_path, init_seed, setup, cache_dir):
 
 def _score_setup(nested, options, resolution, num_classes, labels):
     import torch
-    from ffcv_bias.loaders import create_val_loader
+    from ffcv_bias.data.loaders import create_val_loader
     try:
         device = torch.device(options.device) if options.device else env.default_device()
     except RuntimeError as error:
@@ -291,7 +291,7 @@ def holdout_recall(holdout_run, val_indices, setup, options):
 
 def run_scores(options, overrides):
     """The score command: train the runs, score the training set, write the files."""
-    from ffcv_bias.loaders import read_labels
+    from ffcv_bias.data.loaders import read_labels
     from ffcv_bias.train_config import read_sidecar
     _check_score_options(options, overrides)
     seeds = parse_seeds(options.seeds)

@@ -90,7 +90,7 @@ def per_sample_scores(model, inputs, labels, parameter_names, chunk_size=None):
 def score_dataset(model, loader, device, parameter_names, chunk_size, description="scoring"):
     """(EL2N, GraNd, labels) of every sample the loader yields, in its order (numpy)."""
     import torch
-    from ffcv_bias.loaders import normalize
+    from ffcv_bias.data.loaders import normalize
 
     el2n, grand, labels_seen = [], [], []
     for images, labels in tqdm(loader, desc=description, unit="batch", leave=False,
@@ -121,7 +121,7 @@ def input_norms(loader, device):
     """|| x ||_2 of every image as the network sees it (normalized, whole image), in the
     loader's order: Kirsch (2023) found GraNd at initialisation tracks it (Spearman 0.96),
     so a score that ranks images like it says little beyond their pixels."""
-    from ffcv_bias.loaders import normalize
+    from ffcv_bias.data.loaders import normalize
     norms = []
     for images, _ in loader:
         inputs = normalize(images, device, channels_last=False)
@@ -132,7 +132,7 @@ def input_norms(loader, device):
 def predict(model, loader, device):
     """(predicted class, label) of every image the loader yields, in its order."""
     import torch
-    from ffcv_bias.loaders import normalize
+    from ffcv_bias.data.loaders import normalize
     predictions, labels_seen = [], []
     with torch.no_grad():
         for images, labels in loader:

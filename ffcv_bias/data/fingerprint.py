@@ -29,7 +29,8 @@ import os
 
 import numpy as np
 
-from ffcv_bias.datasets import DatasetError, read_classes
+from ffcv_bias.data.sources import DatasetError
+from ffcv_bias.data.sidecar import read_classes
 
 HEADER_TYPE = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
                         ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)

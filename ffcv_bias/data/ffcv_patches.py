@@ -29,7 +29,20 @@ Kept in one module so they are easy to audit and to drop once upstream fixes the
    stream after each batch is submitted and makes the loader thread wait for it
    (`synchronize`) before decoding into that slot again. It costs nothing while the GPU
    keeps up, and throttles the loader (instead of corrupting a batch) when it does not.
+
+5. (writing betons) `DatasetWriter` polls a shared counter until every sample is written,
+   with no timeout: a worker that died (disk full, killed) means a writer that hangs
+   forever. `watching_workers` wraps the `Process` name ffcv's writer module uses, to see
+   the workers, and a watchdog thread turns a dead one into WriterWorkerDied. Not part of
+   `apply()`: data/writer.py enters it around each write.
 """
+import contextlib
+import functools
+import os
+import signal
+import sys
+import threading
+
 import numba
 import torch
 
@@ -40,6 +53,8 @@ _TORCH_THREADS_BEFORE_FFCV = torch.get_num_threads()
 from ffcv.loader import epoch_iterator  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.graph import Graph  # noqa: E402
+
+from ffcv_bias.atomic import NO_ROOM_ERRNOS  # noqa: E402
 
 _ORIGINAL_RUN = epoch_iterator.EpochIterator.run
 _ORIGINAL_RUN_PIPELINE = epoch_iterator.EpochIterator.run_pipeline
@@ -110,3 +125,121 @@ def apply():
     epoch_iterator.EpochIterator.run_pipeline = _run_pipeline_after_slot_copy
     torch.set_num_threads(_TORCH_THREADS_BEFORE_FFCV)
     _APPLIED["done"] = True
+
+
+# ---------------------------------------------------------------------------------------
+# 5. The writer: ffcv's DatasetWriter waits forever for a worker that died
+# ---------------------------------------------------------------------------------------
+# (used by data/writer.py's run_writer; imported there only when a beton is written)
+
+class WriterWorkerDied(Exception):
+    """Raised in the main thread (through SIGUSR1) when a writer worker process died."""
+
+
+class WorkerWatchdog(threading.Thread):
+    """Signals the main thread when a writer worker dies (disk full, killed, a bug).
+
+    ffcv's DatasetWriter polls a shared counter until every sample is written and has no
+    timeout: without this, a dead worker means a process that hangs forever. The signal
+    (SIGUSR1, sent to this process) interrupts ffcv's polling loop; the handler set by
+    `watching_workers` turns it into WriterWorkerDied.
+    """
+
+    def __init__(self, workers, poll_seconds=0.2):
+        super().__init__(daemon=True)
+        self.workers = workers  # filled by recording_writer_processes as ffcv starts them
+        self.poll_seconds = poll_seconds
+        self.dead_exitcode = None
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(self.poll_seconds):
+            for worker in list(self.workers):
+                if worker.exitcode not in (None, 0):
+                    self.dead_exitcode = worker.exitcode
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    return
+
+    def stop(self):
+        self.stopped.set()
+        if self.is_alive():
+            self.join()
+
+    def terminate_workers(self):
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=5)
+
+
+@contextlib.contextmanager
+def recording_writer_processes():
+    """Yield the list of worker processes ffcv's DatasetWriter starts meanwhile, each
+    running under writer_worker.
+
+    ffcv keeps its workers in a local variable; wrapping the `Process` name its writer
+    module uses is the one way to see them (their exit codes) from outside."""
+    import ffcv.writer
+    started = []
+    original = ffcv.writer.Process
+
+    def start_recorded(*args, target=None, **kwargs):
+        process = original(*args, target=functools.partial(writer_worker, target), **kwargs)
+        started.append(process)
+        return process
+
+    ffcv.writer.Process = start_recorded
+    try:
+        yield started
+    finally:
+        ffcv.writer.Process = original
+
+
+def release_shared_memory(writer):
+    """ffcv frees its shared metadata buffer only on success; free it on failure too."""
+    from multiprocessing import shared_memory
+    buffer = getattr(writer, "metadata_sm", None)
+    if isinstance(buffer, shared_memory.SharedMemory):
+        with contextlib.suppress(Exception):
+            buffer.close()
+        with contextlib.suppress(Exception):
+            buffer.unlink()
+
+
+@contextlib.contextmanager
+def watching_workers():
+    """Yield a WorkerWatchdog over the writer processes started meanwhile; its alarm
+    raises WriterWorkerDied here. Signal handlers can only be set from the main thread:
+    elsewhere the watchdog only records the workers."""
+    with recording_writer_processes() as workers:
+        watchdog = WorkerWatchdog(workers)
+        if threading.current_thread() is not threading.main_thread():
+            yield watchdog
+            return
+        previous_handler = signal.getsignal(signal.SIGUSR1)
+
+        def on_alarm(signum, frame):
+            if watchdog.dead_exitcode is not None:
+                raise WriterWorkerDied(watchdog.dead_exitcode)
+            if callable(previous_handler):  # a SIGUSR1 from someone else
+                previous_handler(signum, frame)
+
+        signal.signal(signal.SIGUSR1, on_alarm)
+        watchdog.start()
+        try:
+            yield watchdog
+        finally:
+            watchdog.stop()
+            signal.signal(signal.SIGUSR1, previous_handler)
+
+
+def writer_worker(target, *args):
+    """An ffcv writer worker that, on a full disk, exits with the errno as its exit code
+    (no traceback): run_writer then names the beton and the reason in one line."""
+    try:
+        target(*args)
+    except OSError as error:
+        if error.errno not in NO_ROOM_ERRNOS:
+            raise
+        sys.stderr.flush()
+        os._exit(error.errno)

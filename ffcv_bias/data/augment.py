@@ -22,7 +22,7 @@ ratio clamped so the crop fits: the area fraction always stays within [min_scale
 
 Decoding (`decode`, config key augment.decode): 'exact' decodes the whole JPEG, then resizes
 the crop (INTER_AREA), as ffcv does; 'fast' decodes only the crop, DCT-scaled when it is at
-least twice the output (ffcv_bias/fast_decode.py). The crop rectangle is the same in both.
+least twice the output (ffcv_bias/data/fast_decode.py). The crop rectangle is the same in both.
 `CenterCropDecoder` is the validation decoder (ffcv's centre crop) with the same choice.
 """
 import numpy as np
@@ -33,7 +33,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_c
 from ffcv.libffcv import resize_crop
 from ffcv.pipeline.compiler import Compiler
 
-from ffcv_bias import fast_decode
+from ffcv_bias.data import fast_decode
 
 # Number of 64-bit draws per sample: 2 per crop try (area, aspect) x 10 tries,
 # 2 for the position, 1 for the flip. Each has its own counter, so changing one

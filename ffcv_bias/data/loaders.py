@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffcv_bias import ffcv_patches
+from ffcv_bias.data import ffcv_patches
 
 ffcv_patches.apply()
 
@@ -39,8 +39,8 @@ from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
-from ffcv_bias.augment import (CenterCropDecoder, SeededRandomResizedCropDecoder,  # noqa: E402
-                               per_sample_min_scale)
+from ffcv_bias.data.augment import (CenterCropDecoder, SeededRandomResizedCropDecoder,  # noqa: E402
+                                    per_sample_min_scale)
 
 # ImageNet statistics on the 0-255 scale, as in ffcv-imagenet.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

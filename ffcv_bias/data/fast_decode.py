@@ -3,7 +3,7 @@ the output, then resize the rest of the way.
 
 The exact path (augment.decode=exact, ffcv's own way) decodes every pixel of the JPEG with
 libjpeg-turbo, then resizes the crop with OpenCV's INTER_AREA. The fast path asks the small
-C extension `ffcv_bias._fastjpeg` (libjpeg API: jpeg_crop_scanline + jpeg_skip_scanlines +
+C extension `ffcv_bias.data._fastjpeg` (libjpeg API: jpeg_crop_scanline + jpeg_skip_scanlines +
 scale_denom) for the crop rectangle only, then runs the same INTER_AREA resize on it:
 
   - At DCT scale 1 (a crop smaller than twice the output side) the decoded pixels are the
@@ -95,10 +95,10 @@ def _self_check(function):
 
 def _load_library():
     try:
-        import ffcv_bias._fastjpeg as module
+        import ffcv_bias.data._fastjpeg as module
         function = _declare(ctypes.CDLL(module.__file__).fastjpeg_decode_region)
     except (ImportError, OSError, AttributeError) as error:
-        return None, (f"the extension ffcv_bias._fastjpeg is not available "
+        return None, (f"the extension ffcv_bias.data._fastjpeg is not available "
                       f"({type(error).__name__}: {error}); build it with `pip install -e .` "
                       f"(needs libjpeg's headers: libjpeg62-turbo-dev or conda libjpeg-turbo)")
     problem = _self_check(function)

@@ -1,7 +1,7 @@
 /* Decode only a region of a JPEG, optionally DCT-scaled by 1/2, 1/4 or 1/8.
  *
  * Built by setup.py as the extension ffcv_bias._fastjpeg and called through ctypes from
- * the numba decoder (ffcv_bias/fast_decode.py), the way ffcv calls its libffcv. It uses
+ * the numba decoder (ffcv_bias/data/fast_decode.py), the way ffcv calls its libffcv. It uses
  * the libjpeg API of libjpeg-turbo 2.x ("Partial image decompression" in libjpeg.txt):
  *   - jpeg_crop_scanline: columns outside the region (rounded out to the iMCU grid) are
  *     neither IDCT'd, upsampled nor colour-converted;
