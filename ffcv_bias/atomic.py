@@ -4,7 +4,7 @@ Every file of the run record, every checkpoint and every beton goes through here
 pattern is: write to a temporary name in the same directory, flush and fsync, then
 `os.replace` onto the final name (atomic on POSIX within one file system). A full disk is
 a NoRoomError, one line naming the file. tests/test_faults.py kills writers at each step
-(the crash points of ffcv_bias/faults.py).
+(the crash points of ffcv_bias/record/faults.py).
 """
 import contextlib
 import errno
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_bias.faults import crash_point
+from ffcv_bias.record.faults import crash_point
 
 # Temporary files are hidden and end in .tmp, so no reader takes one for a result:
 # `.checkpoint.pt.<random>.tmp`.

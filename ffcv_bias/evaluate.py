@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffcv_bias import atomic, metrics, runs
+from ffcv_bias import atomic, metrics
+from ffcv_bias.record import runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, UserError, main_guard
 from ffcv_bias.data.loaders import BetonError, create_val_loader, normalize, read_labels

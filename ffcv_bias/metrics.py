@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_bias import atomic, runs
+from ffcv_bias import atomic
 
 # Rows of logits handled at once (bounds the temporary [rows, C] arrays of the top-k rank).
+from ffcv_bias.record import runs
 CHUNK_ELEMENTS = 2 ** 22
 
 

@@ -19,7 +19,7 @@ This module imports neither torch nor ffcv (train_config and analysis use it).
 from dataclasses import dataclass
 from pathlib import Path
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.metrics import protocol_file
 
 

@@ -40,7 +40,7 @@ Stopping:
 - SIGKILL, the OOM killer, a lost node: every file of the record is written to a temporary
   name and renamed, so each file present is whole; the rerun resumes from the last
   checkpoint and removes the temporaries the dead process left (tests/test_faults.py
-  kills runs at each such instant, see ffcv_bias/faults.py).
+  kills runs at each such instant, see ffcv_bias/record/faults.py).
 
 Reproducibility: the data order and the crops are functions of (seed, epoch, sample);
 model init and dropout of the seed (and the rank). On CPU, runs are deterministic: the
@@ -67,7 +67,8 @@ from fastargs import get_current_config
 from fastargs.decorators import param
 from tqdm import tqdm
 
-from ffcv_bias import atomic, distributed, evaluate, metrics, runs
+from ffcv_bias import atomic, distributed, evaluate, metrics
+from ffcv_bias.record import runs
 from ffcv_bias import record
 from ffcv_bias.common import env
 from ffcv_bias.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
@@ -75,7 +76,7 @@ from ffcv_bias.data.fingerprint import current_fingerprints
 from ffcv_bias.config import ConfigError, flatten, validate_all
 from ffcv_bias.data.sources import DatasetError
 from ffcv_bias.data.sidecar import check_beton
-from ffcv_bias.faults import crash_point
+from ffcv_bias.record.faults import crash_point
 from ffcv_bias.data.loaders import (create_train_loader, create_val_loader, normalize,
                                     read_labels)
 from ffcv_bias.models import create_model, eval_logits, weight_decay_groups

@@ -633,7 +633,7 @@ CHANGED_BETON_REMEDY = ("to train on the new beton use another logging.folder (s
 def check_recorded_betons(run_dir, nested):
     """Refuse to reuse or resume a run whose config.json records other betons than the
     ones the config names now (records without fingerprints are not checked)."""
-    from ffcv_bias import runs
+    from ffcv_bias.record import runs
     from ffcv_bias.data.fingerprint import (change_message, current_fingerprints,
                                             first_change, recorded_fingerprints)
     recorded = recorded_fingerprints(runs.read_json_object(Path(run_dir) / runs.CONFIG_FILE))
@@ -653,7 +653,7 @@ def preflight(argv=None):
     a bad config or an already complete run costs a fraction of a second, not the
     several seconds of importing torch and ffcv. Returns an exit code to stop with, or
     None to go on and train."""
-    from ffcv_bias import runs
+    from ffcv_bias.record import runs
     try:
         nested = resolve_config(argv)
         validate_semantics(nested)

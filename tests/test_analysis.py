@@ -12,7 +12,7 @@ from ffcv_bias.analysis import (AnalysisError, linear_effects, load_runs, make_s
 from ffcv_bias.analysis.records import accuracy_from_logits
 from ffcv_bias.metrics import predictions_from_logits
 from ffcv_bias.analysis.stats import benjamini_hochberg, hedges_g, welch_less
-from ffcv_bias.runs import run_lock
+from ffcv_bias.record.runs import run_lock
 
 TAUS = [1.0, 0.5, 0.08]
 

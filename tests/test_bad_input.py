@@ -51,7 +51,7 @@ import yaml
 
 from fixtures_datasets import corrupt_folder, read_beton
 from test_train import run_dir_of, train_args
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.analysis import make_synthetic_runs
 from ffcv_bias.train_config import EXIT_CONFIG, EXIT_FAILURE, resolve_config
 

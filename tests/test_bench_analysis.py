@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "analysis.py"
 TIMING = re.compile(r"^\[analysis\] run 1: 20 runs x 40 classes x 200 val images: "

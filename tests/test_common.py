@@ -144,7 +144,8 @@ def test_save_png_writes_a_png_and_closes_the_figure(tmp_path):
 def test_record_writer_writes_every_file_and_scores_what_it_wrote(tmp_path):
     import numpy as np
     import torch
-    from ffcv_bias import record, runs
+    from ffcv_bias import record
+    from ffcv_bias.record import runs
     logits = np.array([[0.1, 0.2, 0.7], [0.5, 0.25, 0.25], [0.3, 0.3, 0.4],
                        [1.0, 1.0, 0.0]], dtype=np.float32)   # the last row: a tie, class 0
     labels = np.array([2, 0, 1, 0], dtype=np.int64)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.config import ConfigError
 from ffcv_bias.schedules import (lr_per_iteration, resolution_at_epoch,
                                  resolution_per_epoch)
@@ -210,7 +210,7 @@ def test_preflight_answers_bad_configs_and_complete_runs_without_torch(fake_beto
 
 
 def test_keys_added_later_do_not_rename_runs_at_their_defaults():
-    from ffcv_bias import runs
+    from ffcv_bias.record import runs
     before = {"model": {"arch": "resnet8"}, "training": {"seed": 1, "epochs": 3},
               "lr": {"lr": 0.2}}
     after = {"model": {"arch": "resnet8", "drop_path": 0.0},
@@ -222,7 +222,7 @@ def test_keys_added_later_do_not_rename_runs_at_their_defaults():
 
 
 def test_world_size_enters_the_run_id_only_when_not_one():
-    from ffcv_bias import runs
+    from ffcv_bias.record import runs
     single = {"model": {"arch": "resnet50"}, "training": {"seed": 0}, "dist": {"port": 1}}
     eight = {"model": {"arch": "resnet50"}, "training": {"seed": 0},
              "dist": {"world_size": 8, "port": 2}}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.analysis import confusion, run_analysis
 from ffcv_bias.analysis.synthetic import make_prediction_runs, make_synthetic_runs
 

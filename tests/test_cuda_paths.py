@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from test_train import (REPO, run_dir_of, train_args, train_in_process, train_subprocess)
-from ffcv_bias import distributed, runs, train
+from ffcv_bias import distributed, train
+from ffcv_bias.record import runs
 from ffcv_bias.data import ffcv_patches
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import TrainerPool, loader_thread_args

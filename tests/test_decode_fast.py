@@ -23,7 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ffcv_bias import runs, train_config
+from ffcv_bias import train_config
+from ffcv_bias.record import runs
 from ffcv_bias.data import fast_decode
 from ffcv_bias.data.augment import sample_crop
 from ffcv_bias.config import ConfigError

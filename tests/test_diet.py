@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.studies import diet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ real one would leave. Every result is compared with the reference, trained in th
 itself, so a restart must reproduce another process's result bit for bit (the trainer
 re-seeds everything it draws from, so a child inherits no random state that matters).
 
-Where in a run a kill lands: ffcv_bias/faults.py's named crash points (inside every atomic
+Where in a run a kill lands: ffcv_bias/record/faults.py's named crash points (inside every atomic
 write, between training steps, after an epoch's log line) for the exact instants, plus
 kills from outside at seeded random moments.
 
@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.sweep import slurm
 from ffcv_bias.sweep.runner import TRAIN_LOG_FILE
 from ffcv_bias.sweep.spec import load_sweep, plan
@@ -82,7 +82,7 @@ FORKSERVER = textwrap.dedent('''
     Requests and replies are JSON lines on stdin / stdout; this process's own output and
     each child's go to files."""
     import importlib, json, os, resource, sys, time, traceback
-    from ffcv_bias import faults
+    from ffcv_bias.record import faults
     import ffcv_bias.train  # the expensive imports, once
 
     replies = os.fdopen(os.dup(1), "w", buffering=1)
@@ -459,7 +459,7 @@ def test_sigkill_mid_epoch_and_at_random_moments_then_restart_gives_the_same_log
 
 
 def test_crash_point_spec_is_checked():
-    from ffcv_bias import faults
+    from ffcv_bias.record import faults
     assert faults.parse("atomic-renamed/checkpoint.pt:2") == ("atomic-renamed/checkpoint.pt", 2)
     for bad in ("train-step", "train-step:0", ":3", "train-step:x"):
         with pytest.raises(faults.CrashSpecError, match="expected 'point:N'"):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
                                      preds_file)
 from ffcv_bias.train_config import EXIT_CONFIG, EXIT_OK, resolve_config

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from tests.conftest import fashion_subset_betons
 from tests.test_train import REPO, THREADS_ENV, run_dir_of
 

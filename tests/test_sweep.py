@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.sweep import cli, slurm, spec
 from ffcv_bias.sweep.runner import START_MARKER, TRAIN_LOG_FILE, parse_gpus
 from ffcv_bias.sweep.spec import SweepError, load_sweep, plan
@@ -29,7 +29,7 @@ FAKE_TRAINER = textwrap.dedent('''
     """Stand-in for train_imagenet.py: real config, run_id, lock and exit codes; sleeps."""
     import json, os, signal, sys, time
     from pathlib import Path
-    from ffcv_bias import runs
+    from ffcv_bias.record import runs
     from ffcv_bias.atomic import write_json
     from ffcv_bias.config import ConfigError
     from ffcv_bias.train_config import EXIT_PREEMPTED, resolve_config

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.train_config import EXIT_OK, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]

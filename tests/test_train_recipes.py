@@ -334,7 +334,7 @@ def test_vit_small_trains_with_adamw_warmup_and_clipping(tiny_fashion_betons, tm
 
 def test_convnext_tiny_runs_end_to_end_with_adamw(tiny_fashion_betons, tmp_path,
                                                  one_torch_thread):
-    from ffcv_bias import runs
+    from ffcv_bias.record import runs
     from ffcv_bias.train import main
     args = tiny_args(tiny_fashion_betons, tmp_path, "convnext_tiny")
     assert main(args) == EXIT_OK

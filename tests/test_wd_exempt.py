@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.config import ConfigError
 from ffcv_bias.models import create_model, describe_weight_decay, weight_decay_groups
 from ffcv_bias.param_groups import EXEMPT_SETS, NORM_LAYER_TYPES

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_bias import runs as run_record
+from ffcv_bias.record import runs as run_record
 from ffcv_bias.metrics import prediction_dtype
 
 

@@ -1,11 +1,24 @@
-"""The run record (docs/DESIGN.md, "The run record"): what the trainer and the transfer
-probe write, and the one writer they share.
+"""The run record (docs/DESIGN.md, "The run record"): what a run leaves, and how.
 
+- `runs`    run_id, the record's file names, run locks, completeness (complete / corrupt /
+            incomplete): shared by the trainer, the sweep launcher and the analysis;
+            imports neither torch nor ffcv
 - `writer`  config.json, log.jsonl, weights.pt, the prediction files and summary.json,
-            each atomically, summary.json last (its presence = complete).
+            each atomically, summary.json last (its presence = complete): the trainer's
+            and the transfer probe's one writer
+- `faults`  named crash points, armed only by FFCV_BIAS_CRASH_AT (the reliability tests)
 
-Run ids, file names and locks are in ffcv_bias/runs.py; accuracies in ffcv_bias/metrics.py.
+Accuracies from predictions are in ffcv_bias/metrics.py. The writer's names are also
+reachable here (`record.write_final`), imported on first use: importing `record.runs`
+must not import the writer (which imports metrics, which imports runs).
 """
-from ffcv_bias.record.writer import FinalRecord, write_config, write_final, write_log, write_summary
+_WRITER_NAMES = ("FinalRecord", "write_config", "write_final", "write_log", "write_summary")
 
-__all__ = ["FinalRecord", "write_config", "write_final", "write_log", "write_summary"]
+__all__ = list(_WRITER_NAMES)
+
+
+def __getattr__(name):
+    if name in _WRITER_NAMES:
+        from ffcv_bias.record import writer
+        return getattr(writer, name)
+    raise AttributeError(f"module 'ffcv_bias.record' has no attribute {name!r}")

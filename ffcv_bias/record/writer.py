@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ffcv_bias import atomic, metrics, runs
+from ffcv_bias import atomic, metrics
+from ffcv_bias.record import runs
 
 
 class FinalRecord(NamedTuple):

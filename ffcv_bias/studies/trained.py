@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import UserError
 from ffcv_bias.models import ARCHITECTURES, create_model

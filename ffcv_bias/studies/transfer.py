@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ffcv_bias import record, runs
+from ffcv_bias import record
+from ffcv_bias.record import runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_OK, main_guard
 from ffcv_bias.data.loaders import (DEFAULT_CROP_RATIO, BetonError, create_val_loader, normalize,

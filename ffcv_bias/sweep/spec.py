@@ -14,7 +14,7 @@ from typing import Optional
 
 import yaml
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.common.errors import UserError
 
 SEED_KEY = "training.seed"

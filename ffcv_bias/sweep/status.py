@@ -16,7 +16,7 @@ States, in the order they are decided:
 """
 from collections import Counter
 
-from ffcv_bias import runs
+from ffcv_bias.record import runs
 from ffcv_bias.sweep.spec import format_value
 
 STATES = ("complete", "running", "queued", "corrupt", "failed", "started", "missing",

@@ -16,7 +16,7 @@ PINS = Path(__file__).with_name("run_id_pins.json")
 
 def shipped_run_ids():
     """{"sweeps/NAME.yaml": [run_id or "config error: ..." per planned run], "NAME.yaml": run_id}."""
-    from ffcv_bias import runs
+    from ffcv_bias.record import runs
     from ffcv_bias.sweep import spec
     from ffcv_bias.train_config import resolve_config
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ffcv_bias import atomic, runs
+from ffcv_bias import atomic
+from ffcv_bias.record import runs
 from ffcv_bias.common import env
 from ffcv_bias.common.tables import write_csv
 from ffcv_bias.output_paths import creation_problem
