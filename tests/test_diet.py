@@ -685,13 +685,18 @@ def test_class_quota_recalls_never_read_the_test_split(scored, tmp_path, monkeyp
     assert second["class_quota"]["recall"] == first["class_quota"]["recall"]
 
 
-def test_prune_class_quota_keeps_the_quotas_and_records_the_split(scored, tmp_path):
-    _, scores_dir = scored
-    arrays, meta = diet.load_scores(scores_dir)
-    out = tmp_path / "quota"
-    assert diet.main(["prune", "--scores", str(scores_dir), "--score", "class-quota",
+def prune_at_half(scores_dir, out, policy):
+    """`diet prune` of one policy at sparsity 0.5, one seed; (arrays, meta) of the scores."""
+    assert diet.main(["prune", "--scores", str(scores_dir), "--score", policy,
                       "--sparsity", "0.5", "--out", str(out), "--seeds", "1",
                       "--set", "training.epochs=1"]) == 0
+    return diet.load_scores(scores_dir)
+
+
+def test_prune_class_quota_keeps_the_quotas_and_records_the_split(scored, tmp_path):
+    _, scores_dir = scored
+    out = tmp_path / "quota"
+    arrays, meta = prune_at_half(scores_dir, out, "class-quota")
     kept = np.load(out / "keep_class-quota_0.5.npy")
     record = json.loads((out / "prune.json").read_text())
     expected = diet.class_quotas(np.bincount(arrays["labels"]), meta["class_quota"]["recall"],
@@ -718,11 +723,8 @@ def test_laplace_recall_gives_an_error_free_class_weight():
 
 def test_prune_class_quota_laplace_records_both_recalls(scored, tmp_path):
     _, scores_dir = scored
-    arrays, meta = diet.load_scores(scores_dir)
     out = tmp_path / "laplace"
-    assert diet.main(["prune", "--scores", str(scores_dir), "--score", "class-quota-laplace",
-                      "--sparsity", "0.5", "--out", str(out), "--seeds", "1",
-                      "--set", "training.epochs=1"]) == 0
+    arrays, meta = prune_at_half(scores_dir, out, "class-quota-laplace")
     info = json.loads((out / "prune.json").read_text())["class_quota"]
     used = diet.laplace_recall(meta["class_quota"]["recall"], info["n_val_per_class"])
     np.testing.assert_allclose(info["recall_used"], used, atol=1e-6)
