@@ -13,7 +13,7 @@ same command to resume).
 """
 import sys
 
-from ffcv_bias.train_config import preflight
+from ffcv_bias.train.config import preflight
 
 
 def main():
@@ -21,7 +21,7 @@ def main():
     exit_code = preflight()
     if exit_code is not None:
         return exit_code
-    from ffcv_bias.train import main as train
+    from ffcv_bias.train.launch import main as train
     return train()
 
 

@@ -21,9 +21,9 @@ from fastargs import Param, Section
 from fastargs.config import Config
 from fastargs.state import get_current_config, set_current_config
 
-from ffcv_bias.config import ConfigError, OneOf, FloatInRange, StrictBool, config_to_dict, \
-    parse_config
-from ffcv_bias.output_paths import creation_problem
+from ffcv_bias.train.fastargs_strict import (ConfigError, FloatInRange, OneOf, StrictBool,
+                                             config_to_dict, parse_config)
+from ffcv_bias.common.output_paths import creation_problem
 from ffcv_bias.data.sources import (DEFAULT_SMART_THRESHOLD, FASHION_MNIST_DIR, SOURCES,
                                     WRITE_MODES, DatasetError)
 from ffcv_bias.data.writer import convert

@@ -4,7 +4,7 @@
         [--device cuda] [--batch-size 256] [--resolution PX] [--steps 30] [--warmup 10]
         [--json PATH]
 
-For each architecture of ffcv_bias.models, trains on one synthetic batch already on the
+For each architecture of ffcv_bias.train.models, trains on one synthetic batch already on the
 device (no loader: this measures the model, not the data pipeline) in two modes, one
 after the other, each on a freshly built model with the same initial weights:
 
@@ -14,7 +14,7 @@ after the other, each on a freshly built model with the same initial weights:
 
 A step is the trainer's: forward, loss (label smoothing of the recipe), zero_grad,
 backward, gradient clipping if the recipe clips, optimizer step. The optimizer is the
-trainer's (ffcv_bias.train.build_optimizer over ffcv_bias.param_groups' weight-decay
+trainer's (ffcv_bias.train.build_optimizer over ffcv_bias.train.param_groups' weight-decay
 groups) with the hyper-parameters of the architecture's shipped recipe in rn50_configs/
 (RECIPES below), at 1% of the recipe's peak learning rate (LR_FRACTION). `--warmup`
 steps (cuDNN autotuning, allocator growth, lazy initialisation) run untimed; the `--steps`
@@ -45,12 +45,12 @@ from typing import NamedTuple
 
 import torch
 
-from ffcv_bias import atomic
+from ffcv_bias.common import atomic
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_OK, UserError, main_guard
-from ffcv_bias.config import ConfigError
-from ffcv_bias.models import ARCHITECTURES, weight_decay_groups
-from ffcv_bias.train_config import bn_weight_decay, resolve_config, wd_exempt
+from ffcv_bias.train.fastargs_strict import ConfigError
+from ffcv_bias.train.models import ARCHITECTURES, weight_decay_groups
+from ffcv_bias.train.config import bn_weight_decay, resolve_config, wd_exempt
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "rn50_configs"
 MIB = 2 ** 20
@@ -137,7 +137,8 @@ def parse_arguments(argv):
     parser = OneLineParser(description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default=",".join(ARCHITECTURES),
-                        help="comma-separated architectures (default: all of ffcv_bias.models)")
+                        help="comma-separated architectures "
+                             "(default: all of ffcv_bias.train.models)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=count(1), default=256)
@@ -228,7 +229,7 @@ def plan_runs(options):
     plans = []
     for arch in options.archs:
         recipe = RECIPES.get(arch)
-        if recipe is None:  # a model added to ffcv_bias.models without a recipe here
+        if recipe is None:  # a model added to ffcv_bias.train.models without a recipe here
             raise BenchError(f"{arch}: no recipe in bench/arch_throughput.py's RECIPES")
         try:
             nested = load_recipe(arch)
@@ -279,7 +280,7 @@ def build_model(plan, device, memory_format):
 def build_optimizer_for(plan, model):
     # Imported here, not at the top: ffcv_bias.train loads ffcv (seconds), which a bad
     # argument should not have to wait for.
-    from ffcv_bias.train import build_optimizer
+    from ffcv_bias.train.optimizer import build_optimizer
     training = plan.nested["training"]
     groups = weight_decay_groups(model, training["weight_decay"],
                                  bn_weight_decay=bn_weight_decay(plan.nested),

@@ -60,7 +60,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from ffcv_bias import atomic  # noqa: E402
+from ffcv_bias.common import atomic  # noqa: E402
 
 TRAIN_SCRIPT = REPO / "train_imagenet.py"
 EXIT_PREEMPTED = 75
@@ -328,7 +328,8 @@ def interrupted_then_resumed(args, folder, options, device, number):
 def train_here(args):
     """(exit code, output) of train_imagenet.py's main run in this process: the same code
     as the subprocesses, without a second start-up (imports, numba's typed-dict compile)."""
-    from ffcv_bias.train import main as train_main, restore_torch_settings
+    from ffcv_bias.train.launch import main as train_main
+    from ffcv_bias.train.state import restore_torch_settings
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     # training.deterministic=1 turns cudnn's autotuner off: the throughput sections after
     # this one must not measure with it off.
@@ -408,9 +409,10 @@ def check_ddp_epoch(options, report, betons, folder, device):
 # ----------------------------------------------------------------------------------------
 
 def build_trainer(options, betons, run_dir, epochs, stop):
-    from ffcv_bias import distributed
-    from ffcv_bias.train import Trainer, load_into_fastargs
-    from ffcv_bias.train_config import resolve_config
+    from ffcv_bias.train import distributed
+    from ffcv_bias.train.launch import load_into_fastargs
+    from ffcv_bias.train.loop import Trainer
+    from ffcv_bias.train.config import resolve_config
     train, val = betons
     resolution = options.resolution_list[0]
     nested = resolve_config([
@@ -439,7 +441,7 @@ def count_syncs(device, work):
 def check_trainer(options, report, betons, device):
     sys.path.insert(0, str(REPO / "bench"))
     from train_step import TimedLoader
-    from ffcv_bias.train import StopRequest, restore_torch_settings
+    from ffcv_bias.train.state import StopRequest, restore_torch_settings
     steps_per_epoch = options.images // options.batch
     epochs = max(1, math.ceil(options.steps / max(1, steps_per_epoch)))
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -486,8 +488,8 @@ def model_images_per_second(options, device, resolution, compiled):
     """{fused: (img/s, peak GB)} of Trainer-equivalent steps on synthetic uint8 batches,
     for-each then fused SGD on one model (compiled once)."""
     from ffcv_bias.data.loaders import normalize
-    from ffcv_bias.models import create_model
-    from ffcv_bias.train import compile_for_resolutions
+    from ffcv_bias.train.models import create_model
+    from ffcv_bias.train.loop import compile_for_resolutions
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the trainer (training.deterministic=0)

@@ -79,7 +79,7 @@ from PIL import Image, ImageDraw, features  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ffcv_bias.data import fast_decode  # noqa: E402
-from ffcv_bias.atomic import write_json  # noqa: E402
+from ffcv_bias.common.atomic import write_json  # noqa: E402
 from ffcv_bias.common import env  # noqa: E402
 from ffcv_bias.data.writer import convert
 

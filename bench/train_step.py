@@ -24,10 +24,12 @@ import time
 import torch
 from fastargs import Param, Section, get_current_config
 
-from ffcv_bias import distributed
+from ffcv_bias.train import distributed
 from ffcv_bias.common.errors import EXIT_OK, main_guard
-from ffcv_bias.train import StopRequest, Trainer, load_into_fastargs
-from ffcv_bias.train_config import declare_sections, resolve_config
+from ffcv_bias.train.launch import load_into_fastargs
+from ffcv_bias.train.loop import Trainer
+from ffcv_bias.train.state import StopRequest
+from ffcv_bias.train.config import declare_sections, resolve_config
 
 
 class TimedLoader:

@@ -1,4 +1,4 @@
-"""Evaluate a trained model under extra test protocols (see ffcv_bias/protocol_spec.py).
+"""Evaluate a trained model under extra test protocols (see ffcv_bias/record/protocols.py).
 
     python -m ffcv_bias.evaluate RUN_DIR [RUN_DIR ...] --protocols 40@1.0,32@0.875
 
@@ -26,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffcv_bias import atomic, metrics
+from ffcv_bias.common import atomic
+from ffcv_bias.record import metrics
 from ffcv_bias.record import runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, UserError, main_guard
 from ffcv_bias.data.loaders import BetonError, create_val_loader, normalize, read_labels
-from ffcv_bias.models import create_model, eval_logits
-from ffcv_bias.protocol_spec import (ProtocolError, logits_file, parse_protocols,
-                                     preds_file)
+from ffcv_bias.train.models import create_model, eval_logits
+from ffcv_bias.record.protocols import (ProtocolError, logits_file, parse_protocols,
+                                        preds_file)
 from ffcv_bias.studies.trained import model_options
 
 

@@ -10,7 +10,7 @@ from scipy import stats as scipy_stats
 from ffcv_bias.analysis import (AnalysisError, linear_effects, load_runs, make_synthetic_runs,
                                 run_analysis)
 from ffcv_bias.analysis.records import accuracy_from_logits
-from ffcv_bias.metrics import predictions_from_logits
+from ffcv_bias.record.metrics import predictions_from_logits
 from ffcv_bias.analysis.stats import benjamini_hochberg, hedges_g, welch_less
 from ffcv_bias.record.runs import run_lock
 

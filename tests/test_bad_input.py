@@ -53,7 +53,7 @@ from fixtures_datasets import corrupt_folder, read_beton
 from test_train import run_dir_of, train_args
 from ffcv_bias.record import runs
 from ffcv_bias.analysis import make_synthetic_runs
-from ffcv_bias.train_config import EXIT_CONFIG, EXIT_FAILURE, resolve_config
+from ffcv_bias.train.config import EXIT_CONFIG, EXIT_FAILURE, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -428,7 +428,7 @@ def unwritable_folder():
     """A folder this process cannot create anything in whatever its uid (root ignores
     permission bits): /sys refuses mkdir in containers and on most systems."""
     folder = Path("/sys/ffcv_bias_probe")
-    from ffcv_bias.output_paths import creation_problem
+    from ffcv_bias.common.output_paths import creation_problem
     if creation_problem(folder) is None:
         pytest.skip("/sys is writable here: no read-only folder to test with")
     return folder
@@ -848,8 +848,8 @@ def test_fingerprint_is_the_files_not_its_path(tiny_fashion_betons, tmp_path):
 
 
 def test_known_archs_are_the_model_registry():
-    from ffcv_bias.models import ARCHITECTURES
-    from ffcv_bias.train_config import KNOWN_ARCHS
+    from ffcv_bias.train.models import ARCHITECTURES
+    from ffcv_bias.train.config import KNOWN_ARCHS
     assert sorted(KNOWN_ARCHS) == sorted(ARCHITECTURES)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffcv_bias.models import ARCHITECTURES, create_model, describe_weight_decay
+from ffcv_bias.train.models import ARCHITECTURES, create_model, describe_weight_decay
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "arch_throughput.py"

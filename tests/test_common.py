@@ -97,7 +97,7 @@ def test_main_guard_passes_results_and_bugs_through():
 
 
 def test_the_project_errors_are_one_family():
-    from ffcv_bias.config import ConfigError
+    from ffcv_bias.train.fastargs_strict import ConfigError
     from ffcv_bias.evaluate import EvaluateError
     from ffcv_bias.studies.class_bounds import BoundsError
     from ffcv_bias.studies.diet.common import DietError, TrainingFailed

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from ffcv_bias.record import runs
-from ffcv_bias.config import ConfigError
-from ffcv_bias.schedules import (lr_per_iteration, resolution_at_epoch,
-                                 resolution_per_epoch)
-from ffcv_bias.train_config import resolve_config, validate_semantics
+from ffcv_bias.train.fastargs_strict import ConfigError
+from ffcv_bias.train.schedules import (lr_per_iteration, resolution_at_epoch,
+                                       resolution_per_epoch)
+from ffcv_bias.train.config import resolve_config, validate_semantics
 from fixtures_datasets import placeholder_betons
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_class_min_scale_and_keep_indices_files(fake_betons, tmp_path):
 
 
 def test_config_module_imports_neither_torch_nor_ffcv():
-    code = ("import sys, ffcv_bias.train_config, ffcv_bias.schedules; "
+    code = ("import sys, ffcv_bias.train.config, ffcv_bias.train.schedules; "
             "print(sorted(m for m in ('torch', 'ffcv') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -192,7 +192,7 @@ def test_preflight_answers_bad_configs_and_complete_runs_without_torch(fake_beto
     run_dir.mkdir()
     # complete = summary.json parses and names the run (runs.completeness)
     (run_dir / runs.SUMMARY_FILE).write_text('{"run_id": "%s"}' % run_dir.name)
-    code = ("import sys; from ffcv_bias.train_config import preflight; "
+    code = ("import sys; from ffcv_bias.train.config import preflight; "
             "code = preflight(sys.argv[1:]); print(code, 'torch' in sys.modules)")
     complete = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
                               text=True, check=True)

@@ -26,13 +26,15 @@ import pytest
 import torch
 
 from test_train import (REPO, run_dir_of, train_args, train_in_process, train_subprocess)
-from ffcv_bias import distributed, train
+from ffcv_bias.train import distributed, launch, loop
+from ffcv_bias.train import state as train_state
+from ffcv_bias.train.optimizer import build_optimizer
 from ffcv_bias.record import runs
 from ffcv_bias.data import ffcv_patches
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import TrainerPool, loader_thread_args
 from ffcv_bias.sweep.spec import SlurmSettings, SweepError
-from ffcv_bias.train_config import EXIT_OK, EXIT_PREEMPTED, resolve_config
+from ffcv_bias.train.config import EXIT_OK, EXIT_PREEMPTED, resolve_config
 
 
 # ----------------------------------------------------------------------------------------
@@ -43,7 +45,7 @@ def test_checkpoint_is_read_to_the_cpu_whatever_the_run_device(tmp_path, monkeyp
     """The RNG states must come back as CPU ByteTensors: torch.set_rng_state refuses any
     other (on CUDA, map_location=device made every resume crash)."""
     path = tmp_path / "checkpoint.pt"
-    torch.save({"rng": [train.rng_state(torch.device("cpu"))]}, path)
+    torch.save({"rng": [train_state.rng_state(torch.device("cpu"))]}, path)
     seen = {}
     real_load = torch.load
 
@@ -52,16 +54,16 @@ def test_checkpoint_is_read_to_the_cpu_whatever_the_run_device(tmp_path, monkeyp
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spying_load)
-    state = train.read_checkpoint(path)
+    state = train_state.read_checkpoint(path)
     assert seen["map_location"] == "cpu"
     rng = state["rng"][0]
     assert rng["torch"].device.type == "cpu" and rng["torch"].dtype == torch.uint8
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    saved = train.rng_state(torch.device("cpu"))
+    saved = train_state.rng_state(torch.device("cpu"))
     torch.rand(3)
-    train.set_rng_state(saved, torch.device("cpu"))
+    train_state.set_rng_state(saved, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -69,11 +71,11 @@ def test_a_checkpoint_loaded_to_another_device_is_refused_by_torch_rng(tmp_path)
     """The defect itself, on the meta device (no GPU needed): a map_location other than the
     CPU gives RNG tensors torch.set_rng_state cannot take."""
     path = tmp_path / "checkpoint.pt"
-    torch.save({"rng": train.rng_state(torch.device("cpu"))}, path)
+    torch.save({"rng": train_state.rng_state(torch.device("cpu"))}, path)
     moved = torch.load(path, map_location="meta", weights_only=True)
     with pytest.raises((TypeError, RuntimeError, NotImplementedError)):
         torch.set_rng_state(moved["rng"]["torch"])
-    assert train.read_checkpoint(path)["rng"]["torch"].device.type == "cpu"
+    assert train_state.read_checkpoint(path)["rng"]["torch"].device.type == "cpu"
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def test_spawned_workers_all_get_the_parents_free_port(tiny_fashion_betons, tmp_
     monkeypatch.setattr(distributed, "spawn",
                         lambda worker, size, worker_args: spawned.append(worker_args))
     for _ in range(2):
-        assert train.launch_spawned(nested, run_dir_of(args), ["cmd"]) == EXIT_OK
+        assert launch.launch_spawned(nested, run_dir_of(args), ["cmd"]) == EXIT_OK
     ports = [worker_args[0]["dist"]["port"] for worker_args in spawned]
     assert all(port.isdigit() and port != "12355" for port in ports)
     assert nested["dist"]["port"] == "auto"  # the caller's config is not modified
@@ -225,10 +227,10 @@ def test_deterministic_mode_raises_instead_of_warning(device):
               torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     try:
-        train.set_determinism(torch.device(device), 1)
+        train_state.set_determinism(torch.device(device), 1)
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
-        train.set_determinism(torch.device("cpu"), 0)  # CPU runs are deterministic anyway
+        train_state.set_determinism(torch.device("cpu"), 0)  # CPU runs are deterministic anyway
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
@@ -237,7 +239,7 @@ def test_deterministic_mode_raises_instead_of_warning(device):
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR2])
 def test_stop_request_takes_sigusr2_like_sigterm(number):
-    with train.StopRequest() as stop:
+    with train_state.StopRequest() as stop:
         os.kill(os.getpid(), number)
         time.sleep(0.05)
         assert stop.requested and stop.signal_name == signal.Signals(number).name
@@ -265,13 +267,13 @@ def test_every_rank_waits_for_the_checkpoint_before_leaving(monkeypatch, tmp_pat
     events = []
     monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, info: [obj, obj])
     monkeypatch.setattr(distributed, "barrier", lambda info: events.append("barrier"))
-    monkeypatch.setattr(train.atomic, "torch_save", lambda path, obj: events.append("save"))
+    monkeypatch.setattr(loop.atomic, "torch_save", lambda path, obj: events.append("save"))
     model = torch.nn.Linear(2, 2)
     trainer = SimpleNamespace(
         info=SimpleNamespace(is_main=is_main, group_running=True), device=torch.device("cpu"),
         run_dir=tmp_path, run_id="r", model=model, scaler=None, train_seconds=0.0,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    train.Trainer.save_checkpoint(trainer, 1)
+    loop.Trainer.save_checkpoint(trainer, 1)
     assert events == (["save", "barrier"] if is_main else ["barrier"])
 
 
@@ -323,13 +325,13 @@ def test_each_slot_gets_loader_threads_within_its_cpu_share():
 def test_auto_loader_threads_share_the_cpus_of_the_process(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(80)))
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
-    assert train.choose_loader_threads(0, 8) == 9
-    assert train.choose_loader_threads(0, 1) == 79
-    assert train.choose_loader_threads(12, 8) == 12  # an explicit count is the user's
+    assert train_state.choose_loader_threads(0, 8) == 9
+    assert train_state.choose_loader_threads(0, 1) == 79
+    assert train_state.choose_loader_threads(12, 8) == 12  # an explicit count is the user's
     monkeypatch.setenv("NUMBA_NUM_THREADS", "4")
-    assert train.choose_loader_threads(0, 1) == 4
+    assert train_state.choose_loader_threads(0, 1) == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert train.choose_loader_threads(0, 2) == 1
+    assert train_state.choose_loader_threads(0, 2) == 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,8 +358,8 @@ def test_fused_optimizer_only_when_asked(name):
     training = {"momentum": 0.9, "nesterov": 0, "adam_eps": 1e-8, "adam_beta1": 0.9,
                 "adam_beta2": 0.999}
     params = [torch.nn.Parameter(torch.zeros(3))]
-    default = train.build_optimizer(name, [{"params": params}], {**training, "fused_optimizer": 0})
-    fused = train.build_optimizer(name, [{"params": params}], {**training, "fused_optimizer": 1})
+    default = build_optimizer(name, [{"params": params}], {**training, "fused_optimizer": 0})
+    fused = build_optimizer(name, [{"params": params}], {**training, "fused_optimizer": 1})
     assert not default.defaults.get("fused") and fused.defaults["fused"] is True
 
 
@@ -367,7 +369,7 @@ def test_compile_wraps_the_training_module_with_room_for_every_resolution():
     # config module, and every later torch.compile in the process then fails.
     with dynamo_config.patch(recompile_limit=2):
         module = torch.nn.Linear(2, 2)
-        compiled = train.compile_for_resolutions(module, list(range(160, 193, 8)))  # 5 sizes
+        compiled = loop.compile_for_resolutions(module, list(range(160, 193, 8)))  # 5 sizes
         assert compiled._orig_mod is module  # wrapped, not compiled until called
         assert dynamo_config.recompile_limit == 7
 
@@ -376,11 +378,11 @@ def test_compile_backend_is_passed_to_torch_compile():
     # bench/gpu_check.py --tiny traces the compiled variants with aot_eager on a CPU.
     torch.manual_seed(0)
     module = torch.nn.Linear(2, 2)
-    compiled = train.compile_for_resolutions(module, [32], backend="aot_eager")
+    compiled = loop.compile_for_resolutions(module, [32], backend="aot_eager")
     inputs = torch.randn(4, 2)
     assert torch.equal(compiled(inputs), module(inputs))
     with pytest.raises(Exception, match="no_such_backend"):
-        train.compile_for_resolutions(module, [32], backend="no_such_backend")
+        loop.compile_for_resolutions(module, [32], backend="no_such_backend")
 
 
 def test_ddp_keeps_its_gradient_bucket_views(tiny_fashion_betons, tmp_path, monkeypatch):
@@ -394,17 +396,17 @@ def test_ddp_keeps_its_gradient_bucket_views(tiny_fashion_betons, tmp_path, monk
         ddp_model=lambda x: x.mean(dim=(2, 3)), clip_gradients=lambda: None,
         train_loss_fn=lambda out, target: (out * torch.ones_like(out, requires_grad=True)).sum())
     images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    train.Trainer.train_step(trainer, images, torch.zeros(2, dtype=torch.long), 0.1)
+    loop.Trainer.train_step(trainer, images, torch.zeros(2, dtype=torch.long), 0.1)
     trainer.info.group_running = False
-    train.Trainer.train_step(trainer, images, torch.zeros(2, dtype=torch.long), 0.1)
+    loop.Trainer.train_step(trainer, images, torch.zeros(2, dtype=torch.long), 0.1)
     assert calls == [False, True]
 
 
 def test_global_pool_is_adaptive_avg_pool_off_cuda_and_a_mean_in_deterministic_cuda():
     """adaptive_avg_pool2d's CUDA backward has no deterministic kernel (training.deterministic=1
     would stop with an error); elsewhere the models compute exactly what they did."""
-    from ffcv_bias.models import create_model
-    from ffcv_bias.models.layers import global_avg_pool
+    from ffcv_bias.train.models import create_model
+    from ffcv_bias.train.models.layers import global_avg_pool
     x = torch.randn(2, 8, 5, 7)
     assert torch.equal(global_avg_pool(x), torch.nn.functional.adaptive_avg_pool2d(x, 1))
     on_meta = torch.randn(2, 8, 5, 7, device="meta")

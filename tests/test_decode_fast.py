@@ -23,11 +23,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ffcv_bias import train_config
+from ffcv_bias.train import config as train_config
 from ffcv_bias.record import runs
 from ffcv_bias.data import fast_decode
 from ffcv_bias.data.augment import sample_crop
-from ffcv_bias.config import ConfigError
+from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.data.loaders import create_train_loader, create_val_loader
 
 MAE_BOUND = 20.0

@@ -29,7 +29,7 @@ def one_torch_thread(monkeypatch):
 
 def tiny_model(seed=0):
     """ResNet-8 in eval mode with non-trivial BatchNorm running statistics."""
-    from ffcv_bias.models import create_model
+    from ffcv_bias.train.models import create_model
     torch.manual_seed(seed)
     model = create_model("resnet8", 10)
     with torch.no_grad():
@@ -346,8 +346,8 @@ def test_prune_sweep_points_pair_each_sparsity_with_its_index_file(pruned):
 
 def test_a_pruned_run_trains_on_the_kept_indices_only(pruned, monkeypatch):
     """Train the 50% level from the sweep file; spy on the trainer's train loader."""
-    from ffcv_bias import train as trainer
     from ffcv_bias.sweep import load_sweep, plan
+    from ffcv_bias.train import launch, loop
     _, out = pruned
     kept = np.load(out / "keep_el2n_0.5.npy")
     (run,) = [run for run in plan(load_sweep(out / "sweep.yaml"))
@@ -358,9 +358,9 @@ def test_a_pruned_run_trains_on_the_kept_indices_only(pruned, monkeypatch):
         loaders.append(create_train_loader(*args, **kwargs))
         return loaders[-1]
 
-    create_train_loader = trainer.create_train_loader
-    monkeypatch.setattr(trainer, "create_train_loader", spy)
-    assert trainer.main(list(run.config_args)) == 0
+    create_train_loader = loop.create_train_loader
+    monkeypatch.setattr(loop, "create_train_loader", spy)
+    assert launch.main(list(run.config_args)) == 0
     (loader,) = loaders
     assert loader.num_samples == len(kept) == 300
     loader.set_epoch(0)
@@ -483,12 +483,12 @@ def test_save_weights_at_keeps_that_epochs_weights_and_changes_nothing(
     """Two 2-epoch runs, one keeping its epoch-1 weights: same run_id, bit-identical
     logits; the kept weights are the epoch-1 model (they reproduce log.jsonl's epoch-1
     per-class accuracy on the val set)."""
-    from ffcv_bias import train as trainer
+    from ffcv_bias.train import launch
     from ffcv_bias.data.loaders import create_val_loader, normalize
     base = trainer_overrides(tiny_fashion_betons) + ["--validation.lr_tta=0"]
     folders = {name: tmp_path / name for name in ("plain", "kept")}
-    assert trainer.main(base + [f"--logging.folder={folders['plain']}"]) == 0
-    assert trainer.main(base + [f"--logging.folder={folders['kept']}",
+    assert launch.main(base + [f"--logging.folder={folders['plain']}"]) == 0
+    assert launch.main(base + [f"--logging.folder={folders['kept']}",
                                 "--training.save_weights_at=1"]) == 0
     (plain,), (kept,) = (list(folders[name].iterdir()) for name in ("plain", "kept"))
     assert plain.name == kept.name  # the option does not enter the run_id
@@ -515,10 +515,10 @@ def test_save_weights_at_keeps_that_epochs_weights_and_changes_nothing(
 
 def test_save_weights_at_refuses_an_epoch_after_the_last(tiny_fashion_betons, tmp_path,
                                                          capsys):
-    from ffcv_bias import train as trainer
+    from ffcv_bias.train import launch
     argv = trainer_overrides(tiny_fashion_betons) + [f"--logging.folder={tmp_path}",
                                                       "--training.save_weights_at=1,3"]
-    assert trainer.main(argv) == 2
+    assert launch.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: training.save_weights_at=[1, 3] names an epoch after "
                    "training.epochs=2")

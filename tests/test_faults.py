@@ -43,7 +43,7 @@ from ffcv_bias.sweep import slurm
 from ffcv_bias.sweep.runner import TRAIN_LOG_FILE
 from ffcv_bias.sweep.spec import load_sweep, plan
 from ffcv_bias.sweep.status import run_state
-from ffcv_bias.train_config import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, resolve_config
+from ffcv_bias.train.config import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, resolve_config
 from conftest import FASHION_DIR
 from fixtures_datasets import make_fashion_dir
 from test_sweep import (PYTHON, REPO, epochs_logged, launch_starts, read_lines, sweep_cli,
@@ -83,7 +83,7 @@ FORKSERVER = textwrap.dedent('''
     each child's go to files."""
     import importlib, json, os, resource, sys, time, traceback
     from ffcv_bias.record import faults
-    import ffcv_bias.train  # the expensive imports, once
+    import ffcv_bias.train.launch  # the expensive imports, once
 
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -138,7 +138,7 @@ FORKSERVER = textwrap.dedent('''
         replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\\n")
 ''')
 
-TRAIN = "ffcv_bias.train:main"
+TRAIN = "ffcv_bias.train.launch:main"
 WRITE_DATASETS = "write_datasets:main"
 REPLY_TIMEOUT_S = 180
 
@@ -515,7 +515,7 @@ def test_a_run_completed_while_the_trainer_took_its_lock_is_left_alone(forkserve
     before = record_times()
     nested = resolve_config(reference.args_in(tmp_path))
     # train_worker is what run() calls once it has found no summary.json.
-    code, output = forkserver.run(None, call="ffcv_bias.train:train_worker",
+    code, output = forkserver.run(None, call="ffcv_bias.train.launch:train_worker",
                                   call_args=[0, nested, str(run_dir), ["test"], True])
     assert code == EXIT_OK, output
     assert f"run {run_dir.name} was completed by another process meanwhile" in output

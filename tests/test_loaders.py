@@ -11,7 +11,7 @@ from ffcv_bias.data import ffcv_patches
 from ffcv_bias.data.augment import sample_crop
 from ffcv_bias.data.loaders import (BetonError, create_train_loader, create_val_loader, normalize,
                                     read_labels)
-from ffcv_bias.train_config import read_class_min_scale
+from ffcv_bias.train.config import read_class_min_scale
 
 LOG_RATIO = (np.log(3 / 4), np.log(4 / 3))
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_bias import metrics, record
+from ffcv_bias import record
+from ffcv_bias.record import metrics
 from ffcv_bias.record import runs
 from ffcv_bias.analysis.records import accuracy_from_logits, load_runs
-from ffcv_bias.models import ARCHITECTURES, create_model, eval_logits, final_linear
-from ffcv_bias.train import accuracy_metrics
+from ffcv_bias.train.models import ARCHITECTURES, create_model, eval_logits, final_linear
+from ffcv_bias.train.loop import accuracy_metrics
 
 NUM_CLASSES = 6
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deterministic_weights import deterministic_images, deterministic_state_dict
-from ffcv_bias.models import (ARCHITECTURES, apply_blurpool, count_parameters, create_model,
-                              describe_weight_decay, weight_decay_groups)
-from ffcv_bias.models.blurpool import BlurConv2d
-from ffcv_bias.models.layers import DropPath
+from ffcv_bias.train.models import (ARCHITECTURES, apply_blurpool, count_parameters,
+                                    create_model, describe_weight_decay, weight_decay_groups)
+from ffcv_bias.train.models.blurpool import BlurConv2d
+from ffcv_bias.train.models.layers import DropPath
 
 DATA_DIR = Path(__file__).parent / "data"
 PUBLISHED_ARCHS = ["resnet18", "resnet50", "densenet121", "convnext_tiny", "vit_small"]

@@ -34,8 +34,8 @@ def train_args(betons, folder, *extra):
 
 def train_in_process(args):
     """Train one run with one torch thread (as tests/test_train.py); its run directory."""
-    from ffcv_bias.train import main
-    from ffcv_bias.train_config import resolve_config
+    from ffcv_bias.train.launch import main
+    from ffcv_bias.train.config import resolve_config
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -391,7 +391,7 @@ def test_bounds_from_a_welch_table(tmp_path):
     assert content["min_scale"] == [0.08, 1.0, 1.0, 0.08]
     assert content["classes"] == [f"class {c}" for c in range(4)]
     assert content["source"]["spared_classes"] == ["class 1", "class 2"]
-    from ffcv_bias.train_config import read_class_min_scale
+    from ffcv_bias.train.config import read_class_min_scale
     np.testing.assert_array_equal(read_class_min_scale(out, 4), content["min_scale"])
 
     # 99% confidence spares only class 1; BH q-values at 95% too

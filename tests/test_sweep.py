@@ -30,9 +30,9 @@ FAKE_TRAINER = textwrap.dedent('''
     import json, os, signal, sys, time
     from pathlib import Path
     from ffcv_bias.record import runs
-    from ffcv_bias.atomic import write_json
-    from ffcv_bias.config import ConfigError
-    from ffcv_bias.train_config import EXIT_PREEMPTED, resolve_config
+    from ffcv_bias.common.atomic import write_json
+    from ffcv_bias.train.fastargs_strict import ConfigError
+    from ffcv_bias.train.config import EXIT_PREEMPTED, resolve_config
 
     def train(config, run_dir):
         if runs.is_complete(run_dir):
@@ -54,7 +54,7 @@ FAKE_TRAINER = textwrap.dedent('''
         signal.signal(signal.SIGTERM, lambda *args: stop.append(True))
         for epoch in range(start, config["training"]["epochs"]):
             time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0.05")))
-            with open(log, "a") as handle:  # the log line first, then the checkpoint (as train.py)
+            with open(log, "a") as handle:  # the log line, then the checkpoint (as train/loop.py)
                 handle.write(json.dumps({"epoch": epoch}) + "\\n")
             write_json(checkpoint, {"epoch": epoch})
             if stop:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ffcv_bias.record import runs
-from ffcv_bias.train_config import EXIT_OK, resolve_config
+from ffcv_bias.train.config import EXIT_OK, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train_imagenet.py"
@@ -49,7 +49,7 @@ def one_torch_thread(monkeypatch):
 
 
 def train_in_process(args):
-    from ffcv_bias.train import main
+    from ffcv_bias.train.launch import main
     return main(args)
 
 
@@ -129,7 +129,7 @@ def test_log_has_one_line_per_epoch_with_train_loss_and_per_class_accuracy(finis
 
 
 def test_weights_load_into_a_fresh_model(finished_run):
-    from ffcv_bias.models import create_model
+    from ffcv_bias.train.models import create_model
     _, run_dir = finished_run
     model = create_model("resnet8", 10)
     model.load_state_dict(torch.load(run_dir / runs.WEIGHTS_FILE, weights_only=True))
@@ -203,8 +203,10 @@ def test_fast_decode_is_recorded_and_trains_like_exact_below_twice_the_output(
 # --------------------------------------------------------------------------------------
 
 def test_optimizer_keeps_weight_decay_off_every_batchnorm(tiny_fashion_betons, tmp_path):
-    from ffcv_bias import distributed
-    from ffcv_bias.train import StopRequest, Trainer, load_into_fastargs, restore_torch_settings
+    from ffcv_bias.train import distributed
+    from ffcv_bias.train.launch import load_into_fastargs
+    from ffcv_bias.train.loop import Trainer
+    from ffcv_bias.train.state import StopRequest, restore_torch_settings
     for bn_flag, bn_decays in (("--training.bn_wd=0", False), ("--training.bn_wd=1", True)):
         nested = resolve_config(train_args(tiny_fashion_betons, tmp_path, "--model.arch=resnet18",
                                            "--resolution.min_res=32", "--resolution.max_res=32",
@@ -243,7 +245,7 @@ def free_port():
 def test_two_gloo_processes_write_a_complete_record_in_beton_order(tiny_fashion_betons,
                                                                    tmp_path):
     from ffcv_bias.data.loaders import create_val_loader, normalize
-    from ffcv_bias.models import create_model
+    from ffcv_bias.train.models import create_model
     args = train_args(tiny_fashion_betons, tmp_path, "--dist.world_size=2",
                       f"--dist.port={free_port()}", "--training.epochs=1",
                       "--training.batch_size=50", "--validation.batch_size=48")
@@ -273,7 +275,7 @@ def test_two_gloo_processes_write_a_complete_record_in_beton_order(tiny_fashion_
 
 
 def test_gather_puts_rows_in_dataset_order_and_notices_missing_samples():
-    from ffcv_bias import distributed
+    from ffcv_bias.train import distributed
     info = distributed.DistInfo()
     rows = torch.arange(8, dtype=torch.float32).reshape(4, 2)
     ordered = distributed.gather_rows_by_index(rows, np.array([2, 0, 3, 1]), 4, info)
@@ -283,7 +285,7 @@ def test_gather_puts_rows_in_dataset_order_and_notices_missing_samples():
 
 
 def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
-    from ffcv_bias.train import truncate_log
+    from ffcv_bias.train.state import truncate_log
     log_path = tmp_path / runs.LOG_FILE
     log_path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epo')
     truncate_log(log_path, 2)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffcv_bias.config import ConfigError
-from ffcv_bias.schedules import lr_per_iteration
+from ffcv_bias.train.fastargs_strict import ConfigError
+from ffcv_bias.train.schedules import lr_per_iteration
 from ffcv_bias.sweep.spec import load_sweep, plan
-from ffcv_bias.train_config import (ARCHS_WITHOUT_DROP_PATH, EXIT_OK, resolve_config,
+from ffcv_bias.train.config import (ARCHS_WITHOUT_DROP_PATH, EXIT_OK, resolve_config,
                                     validate_semantics)
 from fixtures_datasets import placeholder_betons
 
@@ -98,7 +98,7 @@ def test_warmup_with_step_and_drop_path_on_residual_nets_are_accepted(imagenet_l
 
 
 def test_archs_without_drop_path_agree_with_the_model_factory():
-    from ffcv_bias.models import ARCHITECTURES
+    from ffcv_bias.train.models import ARCHITECTURES
     lacking = {name for name, arch in ARCHITECTURES.items()
                if "drop_path" not in arch.extra_options}
     assert lacking == ARCHS_WITHOUT_DROP_PATH
@@ -212,8 +212,8 @@ def test_warmup_refuses_cyclic_and_too_long_warmups():
 def test_adamw_decays_only_the_weights_of_vit_small():
     import torch
 
-    from ffcv_bias.models import create_model, describe_weight_decay, weight_decay_groups
-    from ffcv_bias.train import build_optimizer
+    from ffcv_bias.train.models import create_model, describe_weight_decay, weight_decay_groups
+    from ffcv_bias.train.optimizer import build_optimizer
     model = create_model("vit_small", 10, img_size=32, drop_path=0.1)
     training = resolve_config(["--data.train_dataset=t", "--data.val_dataset=v",
                                "--training.optimizer=adamw",
@@ -265,8 +265,10 @@ def one_torch_thread(monkeypatch):
 def build_trainer(nested, run_dir):
     import torch
 
-    from ffcv_bias import distributed
-    from ffcv_bias.train import StopRequest, Trainer, load_into_fastargs, restore_torch_settings
+    from ffcv_bias.train import distributed
+    from ffcv_bias.train.launch import load_into_fastargs
+    from ffcv_bias.train.loop import Trainer
+    from ffcv_bias.train.state import StopRequest, restore_torch_settings
     load_into_fastargs(nested)
     settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     try:
@@ -288,7 +290,7 @@ def test_vit_small_trains_with_adamw_warmup_and_clipping(tiny_fashion_betons, tm
                                                          one_torch_thread):
     import torch
 
-    from ffcv_bias.train import restore_torch_settings
+    from ffcv_bias.train.state import restore_torch_settings
     nested = resolve_config(tiny_args(tiny_fashion_betons, tmp_path, "vit_small"))
     validate_semantics(nested)
     (tmp_path / "run").mkdir()
@@ -335,7 +337,7 @@ def test_vit_small_trains_with_adamw_warmup_and_clipping(tiny_fashion_betons, tm
 def test_convnext_tiny_runs_end_to_end_with_adamw(tiny_fashion_betons, tmp_path,
                                                  one_torch_thread):
     from ffcv_bias.record import runs
-    from ffcv_bias.train import main
+    from ffcv_bias.train.launch import main
     args = tiny_args(tiny_fashion_betons, tmp_path, "convnext_tiny")
     assert main(args) == EXIT_OK
     run_dir = tmp_path / runs.run_id(resolve_config(args))

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from ffcv_bias.record import runs
-from ffcv_bias.config import ConfigError
-from ffcv_bias.models import create_model, describe_weight_decay, weight_decay_groups
-from ffcv_bias.param_groups import EXEMPT_SETS, NORM_LAYER_TYPES
+from ffcv_bias.train.fastargs_strict import ConfigError
+from ffcv_bias.train.models import create_model, describe_weight_decay, weight_decay_groups
+from ffcv_bias.train.param_groups import EXEMPT_SETS, NORM_LAYER_TYPES
 from ffcv_bias.sweep.spec import load_sweep, plan
-from ffcv_bias.train_config import (WD_EXEMPT_DEFAULT, WD_EXEMPT_SETS, resolve_config,
+from ffcv_bias.train.config import (WD_EXEMPT_DEFAULT, WD_EXEMPT_SETS, resolve_config,
                                     validate_semantics)
 from fixtures_datasets import placeholder_betons
 

@@ -7,7 +7,7 @@ from ffcv_bias.analysis import where
 from ffcv_bias.analysis.analyze import run_analysis
 from ffcv_bias.analysis.records import AnalysisError
 from ffcv_bias.analysis.report import summary_text
-from ffcv_bias.output_paths import OutputPathError, require_creatable_dir
+from ffcv_bias.common.output_paths import OutputPathError, require_creatable_dir
 
 
 def build_parser():

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ffcv_bias import metrics
+from ffcv_bias.record import metrics
 from ffcv_bias.record import runs as run_record
 from ffcv_bias.analysis.records import AnalysisError
 from ffcv_bias.analysis.tables import format_setting, rows_where

@@ -25,7 +25,7 @@ import pandas as pd
 
 from ffcv_bias.analysis import stats, tables
 from ffcv_bias.analysis.records import AnalysisError, RunSet, SkippedRun
-from ffcv_bias.protocol_spec import ProtocolError, main_protocol, parse_protocol
+from ffcv_bias.record.protocols import ProtocolError, main_protocol, parse_protocol
 
 MAIN_LABEL = "main"   # the main protocol of records whose config has no validation section
 CROSS_FITTED = "best (cross-fitted)"

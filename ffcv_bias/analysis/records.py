@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ffcv_bias import metrics
+from ffcv_bias.record import metrics
 from ffcv_bias.record import runs as run_record
 from ffcv_bias.data.fingerprint import describe, recorded_fingerprints
 

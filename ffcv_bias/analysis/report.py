@@ -11,7 +11,7 @@ from ffcv_bias.analysis import trust_report
 from ffcv_bias.analysis.stats import setting_blocks
 from ffcv_bias.analysis.tables import compared_index, format_setting, rows_where
 from ffcv_bias.analysis.where import OUTSIDE_STATE
-from ffcv_bias.atomic import write_text
+from ffcv_bias.common.atomic import write_text
 
 # Columns holding accuracies (fractions in the CSVs), shown as percentages in the page.
 PERCENT_COLUMNS = {"top1", "top5", "mean_ref", "mean", "diff", "mean_acc", "std_acc",

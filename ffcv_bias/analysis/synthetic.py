@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_bias.record import runs as run_record
-from ffcv_bias.metrics import prediction_dtype
+from ffcv_bias.record.metrics import prediction_dtype
 
 
 def linear_effects(settings, reference, losing_classes=(), gaining_classes=(),

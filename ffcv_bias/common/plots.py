@@ -4,7 +4,7 @@ Figures are files here, never windows: Agg needs no display, so a study run over
 a SLURM job or in a test draws the same PNG. pyplot is imported on first use only
 (a second or more at import), so the commands that draw nothing never pay for it.
 """
-from ffcv_bias.atomic import atomic_path
+from ffcv_bias.common.atomic import atomic_path
 
 
 def pyplot():

@@ -1,5 +1,5 @@
 """CSV tables written atomically: a reader (or a rerun) never sees a half-written table."""
-from ffcv_bias.atomic import atomic_path
+from ffcv_bias.common.atomic import atomic_path
 
 
 def write_csv(frame, path, float_format=None):

@@ -54,7 +54,7 @@ from ffcv.loader import epoch_iterator  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.graph import Graph  # noqa: E402
 
-from ffcv_bias.atomic import NO_ROOM_ERRNOS  # noqa: E402
+from ffcv_bias.common.atomic import NO_ROOM_ERRNOS  # noqa: E402
 
 _ORIGINAL_RUN = epoch_iterator.EpochIterator.run
 _ORIGINAL_RUN_PIPELINE = epoch_iterator.EpochIterator.run_pipeline

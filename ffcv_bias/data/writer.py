@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ffcv_bias.atomic import NO_ROOM_ERRNOS, atomic_path, write_json, write_text
+from ffcv_bias.common.atomic import NO_ROOM_ERRNOS, atomic_path, write_json, write_text
 from ffcv_bias.data.sidecar import classes_path, inspect_beton, skipped_path
 from ffcv_bias.data.sources import (DEFAULT_SMART_THRESHOLD, WRITE_MODES, DatasetError,
                                     ImageFiles, check_images, check_label_range, one_line,

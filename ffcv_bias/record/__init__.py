@@ -8,7 +8,7 @@
             and the transfer probe's one writer
 - `faults`  named crash points, armed only by FFCV_BIAS_CRASH_AT (the reliability tests)
 
-Accuracies from predictions are in ffcv_bias/metrics.py. The writer's names are also
+Accuracies from predictions are in ffcv_bias/record/metrics.py. The writer's names are also
 reachable here (`record.write_final`), imported on first use: importing `record.runs`
 must not import the writer (which imports metrics, which imports runs).
 """

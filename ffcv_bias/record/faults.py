@@ -23,7 +23,7 @@ import signal
 ENV_VAR = "FFCV_BIAS_CRASH_AT"
 
 # Every point the code passes, with where it is. `<file>` is the final name of a file
-# written through ffcv_bias.atomic (checkpoint.pt, summary.json, ...).
+# written through ffcv_bias.common.atomic (checkpoint.pt, summary.json, ...).
 POINTS = {
     "atomic-partial/<file>": "a temporary file cut to half its size: a kill while writing it",
     "atomic-unrenamed/<file>": "the temporary file whole and synced, not yet renamed",

@@ -20,7 +20,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "weights.pt"
 VAL_LOGITS_FILE = "val_logits.npy"
 # The float32 argmax of the logits (int16, int32 above 32767 classes; ties to the lowest
-# class): every accuracy derives from it (ffcv_bias/metrics.py). Absent in older records.
+# class): every accuracy derives from it (ffcv_bias/record/metrics.py). Absent in older records.
 VAL_PREDS_FILE = "val_preds.npy"
 VAL_LABELS_FILE = "val_labels.npy"
 SUMMARY_FILE = "summary.json"
@@ -52,7 +52,7 @@ NON_RESULT_KEYS = {
 # reproduces the behaviour from before they existed. Such a key enters the run_id (and the
 # analysis' "do these runs differ?" check) only when it is set to something else: adding a
 # key must never rename finished runs, or a relaunched sweep would train them all again.
-# Every key added to train_config.py from now on belongs here with its default.
+# Every key added to train/config.py from now on belongs here with its default.
 LATER_KEY_DEFAULTS = {
     ("lr", "warmup_epochs"): 0.0,
     ("lr", "warmup_start_factor"): 0.0,

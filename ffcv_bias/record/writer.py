@@ -2,7 +2,7 @@
 
 The order is the contract (docs/DESIGN.md, "The run record"): config.json first, the
 final files next, summary.json last, so a record with a summary is complete. Each file is
-written to a temporary name and renamed (ffcv_bias/atomic.py): a reader never sees half a
+written to a temporary name and renamed (ffcv_bias/common/atomic.py): a reader never sees half a
 file. The summary's accuracies are computed from the files as written (float16 logits,
 float32-decided predictions), so they agree exactly with what the analysis reads later.
 """
@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ffcv_bias import atomic, metrics
+from ffcv_bias.common import atomic
+from ffcv_bias.record import metrics
 from ffcv_bias.record import runs
 
 

@@ -31,7 +31,7 @@ from-preservation PRESERVATION_OUT (the folder of `python -m ffcv_bias.studies.p
     recognize even uncropped gets --unrecognized (default 1.0: no evidence the crop keeps
     its label).
 
-Output (JSON, read by the trainer's ffcv_bias.train_config.read_class_min_scale):
+Output (JSON, read by the trainer's ffcv_bias.train.config.read_class_min_scale):
     {"min_scale": [one bound per class, in label order], "classes": [class names],
      "source": {how the bounds were chosen}}
 The trainer's run_id hashes this file's content: a different choice is a different run.
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ffcv_bias.atomic import write_json
+from ffcv_bias.common.atomic import write_json
 from ffcv_bias.common.errors import EXIT_OK, UserError, main_guard
 
 WELCH_COLUMNS = ("setting", "class", "class_name", "diff", "p_less", "q_less")

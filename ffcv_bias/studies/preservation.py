@@ -72,14 +72,14 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.transforms import Squeeze, ToTensor, ToTorchImage  # noqa: E402
 
-from ffcv_bias.atomic import write_json  # noqa: E402
+from ffcv_bias.common.atomic import write_json  # noqa: E402
 from ffcv_bias.data.augment import SeededRandomResizedCropDecoder, sample_key, uniform  # noqa: E402
 from ffcv_bias.data.loaders import (IMAGENET_MEAN, IMAGENET_STD, BetonError,  # noqa: E402
                                     SeededLoader, read_labels)
-from ffcv_bias.models import ARCHITECTURES  # noqa: E402
+from ffcv_bias.train.models import ARCHITECTURES  # noqa: E402
 from ffcv_bias.studies.trained import (StudyError, default_workers,  # noqa: E402
-                                      inference_setup, load_trained_model, pick_device,
-                                      read_class_names)
+                                       inference_setup, load_trained_model, pick_device,
+                                       read_class_names)
 
 DEFAULT_SETTINGS = {
     "crop": (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.15, 0.1, 0.08),   # area fraction kept

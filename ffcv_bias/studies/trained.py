@@ -14,7 +14,7 @@ import torch
 from ffcv_bias.record import runs
 from ffcv_bias.common import env
 from ffcv_bias.common.errors import UserError
-from ffcv_bias.models import ARCHITECTURES, create_model
+from ffcv_bias.train.models import ARCHITECTURES, create_model
 
 
 class StudyError(UserError, ValueError):

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ffcv_bias.common.env import usable_cpu_count
 from ffcv_bias.common.errors import main_guard
-from ffcv_bias.output_paths import creation_problem
+from ffcv_bias.common.output_paths import creation_problem
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import (TrainerPool, default_train_script,
                                     detect_gpus, requested_gpus)

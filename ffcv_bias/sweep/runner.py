@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ffcv_bias import atomic
+from ffcv_bias.common import atomic
 from ffcv_bias.record import runs
 from ffcv_bias.common.env import usable_cpu_count
 from ffcv_bias.common.errors import EXIT_PREEMPTED

@@ -22,7 +22,7 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
-from ffcv_bias import atomic
+from ffcv_bias.common import atomic
 from ffcv_bias.record import runs
 from ffcv_bias.sweep.runner import TrainerPool, detect_gpus
 from ffcv_bias.sweep.spec import SweepError, describe, world_size

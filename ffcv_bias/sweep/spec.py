@@ -3,7 +3,7 @@
 A sweep file is YAML (the format is documented in `ffcv_bias/sweep/__init__.py`). Every
 run of a sweep is one call of the trainer with the same `--config-file` and `--k=v`
 arguments; its run_id is computed in-process by resolving exactly those arguments with
-the trainer's own parser (`ffcv_bias.train_config.resolve_config`), so `plan` and the
+the trainer's own parser (`ffcv_bias.train.config.resolve_config`), so `plan` and the
 trainer always agree on where a run lives.
 """
 import itertools
@@ -323,7 +323,7 @@ def default_resolver():
     the file checks: a login node may not see the betons the compute nodes will read."""
     # Imported here: the trainer's parser is the one source of truth for run ids, and
     # importing it must not pull torch into `plan` (train_config promises not to).
-    from ffcv_bias.train_config import check_numbers, resolve_config
+    from ffcv_bias.train.config import check_numbers, resolve_config
 
     def resolve_and_check(args):
         config = resolve_config(args)

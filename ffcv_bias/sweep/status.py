@@ -40,7 +40,7 @@ def run_state(run, queued_ids=frozenset()):
 
 def beton_change_message(run):
     """The trainer's refusal when the run's recorded betons differ from the named ones."""
-    from ffcv_bias.train_config import ConfigError, check_recorded_betons
+    from ffcv_bias.train.config import ConfigError, check_recorded_betons
     try:
         check_recorded_betons(run.run_dir, run.config)
     except ConfigError as error:

@@ -18,7 +18,7 @@ def shipped_run_ids():
     """{"sweeps/NAME.yaml": [run_id or "config error: ..." per planned run], "NAME.yaml": run_id}."""
     from ffcv_bias.record import runs
     from ffcv_bias.sweep import spec
-    from ffcv_bias.train_config import resolve_config
+    from ffcv_bias.train.config import resolve_config
 
     configs = REPO / "rn50_configs"
     pins = {}

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_bias import atomic
+from ffcv_bias.common import atomic
 from ffcv_bias.common.errors import EXIT_FAILURE, UserError
-from ffcv_bias.config import ConfigError
+from ffcv_bias.train.fastargs_strict import ConfigError
 
 # Scores a score directory can hold (el2n_init / grand_init only with --also-init;
 # input_norm since the input-norm baseline exists), then the policies prune offers.
@@ -69,7 +69,7 @@ def trainer_args(config_files, overrides):
 
 def resolve_trainer_config(args, check_files=True):
     """The trainer's nested config for `args` (its own parser and, optionally, checks)."""
-    from ffcv_bias.train_config import resolve_config, validate_semantics
+    from ffcv_bias.train.config import resolve_config, validate_semantics
     try:
         nested = resolve_config(list(args))
         if check_files:

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ffcv_bias import atomic
+from ffcv_bias.common import atomic
 from ffcv_bias.common.tables import write_csv
-from ffcv_bias.config import ConfigError
+from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.studies.diet import quota
 from ffcv_bias.studies.diet.common import (CLASS_QUOTA_LAPLACE, QUOTA_POLICIES, SCORE_NAMES,
                                            DietError, format_sparsity,
@@ -131,7 +131,7 @@ def check_sweep(path, shown=None):
     """Plan the sweep with the sweep package; check each run with the trainer's checks.
     shown=(staging, final): messages name the final paths, not the staging folder."""
     from ffcv_bias.sweep import SweepError, load_sweep, plan
-    from ffcv_bias.train_config import validate_semantics
+    from ffcv_bias.train.config import validate_semantics
 
     def refuse(message):
         if shown:

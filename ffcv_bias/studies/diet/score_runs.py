@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ffcv_bias import atomic
+from ffcv_bias.common import atomic
 from ffcv_bias.record import runs
 from ffcv_bias.common import env
 from ffcv_bias.common.tables import write_csv
-from ffcv_bias.output_paths import creation_problem
+from ffcv_bias.common.output_paths import creation_problem
 from ffcv_bias.studies.diet import quota
 from ffcv_bias.studies.diet.common import (DietError, TrainingFailed, _save_npz,
                                            parse_seeds, resolve_trainer_config, trainer_args)
@@ -64,7 +64,7 @@ def score_run_args(base_args, epoch, seed, runs_folder):
 
 def score_resolution(nested, epochs):
     """The training resolution of the run's last epoch (its first for --epochs 0)."""
-    from ffcv_bias.schedules import resolution_at_epoch
+    from ffcv_bias.train.schedules import resolution_at_epoch
     resolution = nested["resolution"]
     return resolution_at_epoch(max(epochs - 1, 0), min_res=resolution["min_res"],
                                max_res=resolution["max_res"],
@@ -293,7 +293,7 @@ def holdout_recall(holdout_run, val_indices, setup, options):
 def run_scores(options, overrides):
     """The score command: train the runs, score the training set, write the files."""
     from ffcv_bias.data.loaders import read_labels
-    from ffcv_bias.train_config import read_sidecar
+    from ffcv_bias.train.config import read_sidecar
     _check_score_options(options, overrides)
     seeds = parse_seeds(options.seeds)
     out = Path(options.out)

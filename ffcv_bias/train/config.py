@@ -14,7 +14,7 @@ Keys shared with ffcv-imagenet's `train_imagenet.py` keep their names and meanin
   size: its 8-GPU ResNet-50 recipes use lr 1.7 with 512 images per GPU).
 - `training.batch_size` is per process (per GPU): the global batch is batch_size x world_size.
 - `lr.lr_schedule_type` 'cyclic' / 'step' are their schedules; 'cosine' is new
-  (see ffcv_bias/schedules.py for the exact formulas).
+  (see ffcv_bias/train/schedules.py for the exact formulas).
 - Their 0/1 integer flags (`use_blurpool`, `distributed`, `lr_tta`, `in_memory`) accept
   0/1 and true/false here, and `--x=0` means off (fastargs' own bool would read it as on).
 - `training.bn_wd` appears in their YAML files but their trainer never read it (it always
@@ -30,12 +30,12 @@ import numpy as np
 from fastargs import Param, Section, get_current_config
 from fastargs.validation import Checker
 
-from ffcv_bias.config import (ConfigError, EpochList, FloatInRange, OneOf, StrictBool,
-                              config_to_dict, parse_config)
+from ffcv_bias.train.fastargs_strict import (ConfigError, EpochList, FloatInRange, OneOf,
+                                             StrictBool, config_to_dict, parse_config)
 from ffcv_bias.data.sources import DatasetError
 from ffcv_bias.data.sidecar import read_classes
-from ffcv_bias.protocol_spec import ProtocolError, complete_run_hint
-from ffcv_bias.protocol_spec import canonical as canonical_protocols
+from ffcv_bias.record.protocols import ProtocolError, complete_run_hint
+from ffcv_bias.record.protocols import canonical as canonical_protocols
 # Exit codes of train_imagenet.py (the sweep launcher reads them): common/errors.py.
 from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
@@ -88,7 +88,7 @@ DECODE_MODES = ("exact", "fast")
 DECODE_DEFAULT = "exact"
 
 
-# The names of ffcv_bias.models.ARCHITECTURES, kept here because this module must not
+# The names of ffcv_bias.train.models.ARCHITECTURES, kept here because this module must not
 # import torch (tests check the two agree). Checked when the config is parsed, so the
 # trainer and `sweep plan` refuse a misspelt architecture before anything is written.
 KNOWN_ARCHS = ("resnet18", "resnet50", "resnet18_cifar", "resnet50_cifar", "resnet8",
@@ -242,8 +242,8 @@ def declare_sections():
                      default=DECODE_DEFAULT),
     )
     Section("model", "the network").params(
-        arch=Param(ArchName(), "architecture (ffcv_bias.models: resnet18, resnet50, resnet20, "
-                           "resnet8, ...)", default="resnet50"),
+        arch=Param(ArchName(), "architecture (ffcv_bias.train.models: resnet18, resnet50, "
+                           "resnet20, resnet8, ...)", default="resnet50"),
         dropout=Param(FloatInRange(0, 1, low_inclusive=True),
                       "dropout before the classifier", default=0.0),
         drop_path=Param(FloatInRange(0, 1, low_inclusive=True),
@@ -485,7 +485,7 @@ def _check_warmup(lr, epochs):
 
 
 # Architectures without residual branches, so without stochastic depth. Kept here because
-# this module must not import torch; tests check it against ffcv_bias.models.ARCHITECTURES.
+# this module must not import torch; tests check it against ffcv_bias.train.models.ARCHITECTURES.
 ARCHS_WITHOUT_DROP_PATH = frozenset({"densenet121"})
 
 
@@ -617,7 +617,7 @@ def _check_batch_memory(nested):
 
 def check_output_folder(nested):
     """logging.folder must be a directory we can create run directories in."""
-    from ffcv_bias.output_paths import OutputPathError, require_creatable_dir
+    from ffcv_bias.common.output_paths import OutputPathError, require_creatable_dir
     try:
         require_creatable_dir(nested["logging"]["folder"])
     except OutputPathError as error:

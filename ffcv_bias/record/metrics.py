@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_bias import atomic
+from ffcv_bias.common import atomic
 
 # Rows of logits handled at once (bounds the temporary [rows, C] arrays of the top-k rank).
 from ffcv_bias.record import runs

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ffcv_bias.record import runs
-from ffcv_bias.metrics import protocol_file
+from ffcv_bias.record.metrics import protocol_file
 
 
 class ProtocolError(ValueError):

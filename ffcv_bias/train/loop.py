@@ -1,100 +1,46 @@
-"""Train one classifier on FFCV betons and write its run record (docs/DESIGN.md, "The run record").
-
-    python train_imagenet.py --config-file rn50_configs/fashion_mnist_cpu.yaml \
-        --training.seed=3 --augment.min_scale=0.25
+"""The training loop: one run on one process (one rank), from its config to its record.
 
 The shape is ffcv-imagenet's trainer (one class, one method per job, fastargs `@param`
 on the methods that read the config), with its gaps closed: weight decay is kept off
 every normalization layer whatever its name, each run's data order and crops are seeded,
 the train loss is logged, per-class validation accuracy is logged every epoch, and a
-run can be stopped at any moment and resumed bit for bit.
-
-Before the run directory is made, the config and both betons are checked (whole files,
-labels within their .classes.json, the same classes in both): a bad one exits 2.
-
-Life of a run, in `<logging.folder>/<run_id>/`:
-- summary.json exists: nothing to do ("run <id> is already complete"), exit 0;
-- checkpoint.pt exists: resume after the epoch it holds (log.jsonl is cut back to it);
-- every epoch: train, validate (all epochs with logging.log_level=1, else the last),
-  add its line to log.jsonl, write checkpoint.pt (every training.checkpoint_every epochs);
-- at the end: weights.pt, val_logits.npy (float16), val_preds.npy (the float32 argmax,
-  from which every accuracy derives), val_labels.npy, then summary.json (last).
-
-Stopping:
-- SIGTERM (SLURM preemption, `scancel`, the sweep launcher) or SIGUSR2 (submitit's
-  warning before the time limit): the run stops after the current step and exits with
-  EXIT_PREEMPTED (75). Nothing is written mid-epoch: the
-  resume point is the last checkpoint (the last epoch boundary with the default
-  checkpoint_every=1), because only an epoch boundary can be resumed bit for bit (the
-  loader cannot start an epoch half-way). A SIGTERM that arrives during validation or
-  checkpointing stops the run at that epoch's end, after writing a checkpoint.
-- A NaN or infinite training loss stops the run: "non-finite loss at epoch E step S"
-  (0-based), exit 1; the last good checkpoint stays.
-- Any failure writes error.txt (the message, then the traceback) into the run directory;
-  a new start removes a stale one.
-- A full disk: "no space left on device while writing <file>", exit 1; the file it was
-  replacing (the previous checkpoint) stays whole.
-- An unreadable checkpoint.pt (truncated copy, damaged disk): "cannot read checkpoint
-  <path> (truncated?) ...", exit 1, nothing touched; training.restart=1 moves it aside
-  to checkpoint.pt.unreadable and trains from scratch.
-- SIGKILL, the OOM killer, a lost node: every file of the record is written to a temporary
-  name and renamed, so each file present is whole; the rerun resumes from the last
-  checkpoint and removes the temporaries the dead process left (tests/test_faults.py
-  kills runs at each such instant, see ffcv_bias/record/faults.py).
-
-Reproducibility: the data order and the crops are functions of (seed, epoch, sample);
-model init and dropout of the seed (and the rank). On CPU, runs are deterministic: the
-same config gives bit-identical val_logits.npy, even when killed and resumed (with the
-same torch thread count). On CUDA set training.deterministic=1 for the same property.
+run can be stopped at any moment and resumed bit for bit (train/state.py). Processes,
+run directories and errors are train/launch.py's; the record's files are
+docs/DESIGN.md's.
 """
 import json
-import os
 import random
-import signal
-import socket
 import sys
-import threading
 import time
-import traceback
-from contextlib import ExitStack, nullcontext
-from datetime import datetime, timezone
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastargs import get_current_config
 from fastargs.decorators import param
 from tqdm import tqdm
 
-from ffcv_bias import atomic, distributed, evaluate, metrics
-from ffcv_bias.record import runs
-from ffcv_bias import record
-from ffcv_bias.common import env
-from ffcv_bias.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
-from ffcv_bias.data.fingerprint import current_fingerprints
-from ffcv_bias.config import ConfigError, flatten, validate_all
-from ffcv_bias.data.sources import DatasetError
-from ffcv_bias.data.sidecar import check_beton
-from ffcv_bias.record.faults import crash_point
+from ffcv_bias import evaluate, record
+from ffcv_bias.common import atomic
 from ffcv_bias.data.loaders import (create_train_loader, create_val_loader, normalize,
                                     read_labels)
-from ffcv_bias.models import create_model, eval_logits, weight_decay_groups
-from ffcv_bias.protocol_spec import complete_run_hint, parse_protocols
-from ffcv_bias.schedules import lr_per_iteration, resolution_at_epoch
-from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
-from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
-from ffcv_bias.train_config import (bn_weight_decay, check_output_folder,
-                                    check_recorded_betons, declare_sections, is_distributed,
-                                    read_class_min_scale, read_keep_indices, read_sidecar,
-                                    resolve_config, validate_semantics, wd_exempt)
+from ffcv_bias.record import metrics, runs
+from ffcv_bias.record.faults import crash_point
+from ffcv_bias.record.protocols import parse_protocols
+from ffcv_bias.train import distributed
+from ffcv_bias.train.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
+from ffcv_bias.train.config import (bn_weight_decay, read_class_min_scale, read_keep_indices,
+                                    read_sidecar, wd_exempt)
+from ffcv_bias.train.fastargs_strict import ConfigError
+from ffcv_bias.train.models import create_model, eval_logits, weight_decay_groups
+from ffcv_bias.train.optimizer import build_optimizer
+from ffcv_bias.train.schedules import lr_per_iteration, resolution_at_epoch
+from ffcv_bias.train.state import (CHECKPOINT_FORMAT, NonFiniteLossError, Preempted,
+                                   RunError, choose_loader_threads, choose_torch_threads,
+                                   rank_seed, read_checkpoint, rng_state, set_determinism,
+                                   set_rng_state, truncate_log)
 
-CHECKPOINT_FORMAT = 1
-# The files this trainer writes atomically into the run directory (error.txt aside, which
-# the sweep launcher writes too).
-RECORD_FILES = (runs.CONFIG_FILE, runs.LOG_FILE, runs.CHECKPOINT_FILE, runs.WEIGHTS_FILE,
-                runs.VAL_LOGITS_FILE, runs.VAL_PREDS_FILE, runs.VAL_LABELS_FILE,
-                runs.SUMMARY_FILE)
 # How often (in steps) the GPU is asked whether the loss is finite and whether a rank was
 # told to stop. Each check waits for the GPU to catch up; on CPU it costs nothing.
 CUDA_CHECK_EVERY_STEPS = 25
@@ -104,140 +50,6 @@ BN_CHECK_BATCHES = 4
 BN_MISMATCH_WARNING = 0.15
 
 
-class RunError(RuntimeError):
-    """A run that cannot go on; the message is one line for the user."""
-
-
-class NonFiniteLossError(RunError):
-    pass
-
-
-class RunDirRefused(RunError):
-    """The run directory is locked by another process or holds another run: not ours to
-    write into (no error.txt)."""
-
-
-class Preempted(Exception):
-    """SIGTERM arrived: stop, keep the last checkpoint, exit EXIT_PREEMPTED."""
-
-
-class CheckpointUnreadable(RunDirRefused):
-    """checkpoint.pt exists but cannot be loaded: resuming is impossible, and the choice to
-    start over is the user's (training.restart=1), so nothing is written (no error.txt)."""
-
-
-# Where training.restart=1 moves an unreadable checkpoint (never deleted: it may be
-# recoverable, and it is evidence of what went wrong).
-UNREADABLE_CHECKPOINT_SUFFIX = ".unreadable"
-
-
-# ---------------------------------------------------------------------------------------
-# Signals, seeds, threads
-# ---------------------------------------------------------------------------------------
-
-# Signals that mean "stop and keep the checkpoint": SIGTERM (scancel, preemption, the sweep
-# launcher) and SIGUSR2, which submitit's `--signal=USR2@90` asks SLURM to send before the
-# time limit; SLURM delivers it to every process of the step, trainers included, and
-# USR2's default action would kill them (reported as failed instead of requeued).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-
-
-class StopRequest:
-    """Set by SIGTERM or SIGUSR2; read by the training loop between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = "SIGTERM"
-        self.previous = {}
-
-    def __enter__(self):
-        # Python lets only the main thread install handlers; elsewhere the signals keep
-        # their default meaning (the process dies; the last checkpoint is still the resume
-        # point).
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {number: signal.signal(number, self._handle)
-                             for number in STOP_SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for number, previous in self.previous.items():
-            signal.signal(number, previous)
-
-
-def rank_seed(seed, rank):
-    """A torch seed per (run seed, rank): ranks draw different dropout masks."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def set_determinism(device, deterministic):
-    if device.type == "cuda" and deterministic:
-        # cuBLAS reads this when it starts (the model's first matmul comes later).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if device.type == "cpu" or deterministic:
-        # training.deterministic=1 promises bit-identical reruns: an op without a
-        # deterministic kernel must stop the run, not print a warning and break the promise.
-        # CPU runs without the flag keep warn_only (every CPU op used here is deterministic).
-        torch.use_deterministic_algorithms(True, warn_only=not deterministic)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = bool(deterministic)
-
-
-def restore_torch_settings(threads, deterministic):
-    """Undo setup_process, for callers that train in their own process (tests, notebooks)."""
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
-def choose_torch_threads(local_world_size):
-    """OMP_NUM_THREADS when the launcher set it, else this process's share of the cores."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = env.usable_cpu_count()
-    return max(1, cores // local_world_size)
-
-
-def choose_loader_threads(configured, local_world_size):
-    """data.num_workers, or for 0 (auto) this process's share of the CPUs it may use minus
-    one (left to the training loop), within NUMBA_NUM_THREADS when the launcher set it."""
-    if configured > 0:
-        return configured
-    cores = env.usable_cpu_count()
-    threads = max(1, cores // local_world_size - 1)
-    if os.environ.get("NUMBA_NUM_THREADS", "").isdigit():
-        threads = min(threads, max(1, int(os.environ["NUMBA_NUM_THREADS"])))
-    return threads
-
-
-def rng_state(device):
-    """Every random stream the run draws from, in a form torch.load(weights_only) accepts."""
-    numpy_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": [str(numpy_state[0]), torch.from_numpy(numpy_state[1].astype(np.int64)),
-                  int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
-        "python": [version, list(internal), gauss],
-    }
-
-
-def set_rng_state(state, device):
-    """Restore rng_state(); its tensors must be CPU tensors (torch.set_rng_state and
-    torch.cuda.set_rng_state take only a CPU ByteTensor), whatever device they were
-    loaded to: `.cpu()` is a no-op for a checkpoint read with read_checkpoint()."""
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss,
-                         cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,7 +368,7 @@ class Trainer:
         local = torch.cat(rows)
         return distributed.gather_rows_by_index(local, order, len(self.val_labels), self.info)
 
-    # -- BatchNorm statistics (ffcv_bias/batchnorm.py) -----------------------------------
+    # -- BatchNorm statistics (ffcv_bias/train/batchnorm.py) -----------------------------------
 
     def forked_rng(self):
         """Dropout draws made here must not move the run's random streams."""
@@ -751,67 +563,6 @@ class Trainer:
         return summary
 
 
-def read_checkpoint(path, restart_allowed=False, move_aside=True):
-    """checkpoint.pt loaded to the CPU, or None when it is unreadable and the user allowed
-    a restart (it is then moved aside, not deleted).
-
-    To the CPU, not to the run's device: the RNG states must stay CPU ByteTensors
-    (torch.set_rng_state refuses a CUDA tensor), and load_state_dict copies the model's
-    and the optimizer's tensors to their parameters' device anyway."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - zip, pickle and OS errors alike
-        if not restart_allowed:
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            raise CheckpointUnreadable(
-                f"cannot read checkpoint {path} (truncated?): {reason}; the run cannot "
-                f"resume from it: rerun with --training.restart=1 to move it aside to "
-                f"{path.name}{UNREADABLE_CHECKPOINT_SUFFIX} and train the run from "
-                f"scratch") from None
-    if move_aside:
-        aside = unused_name(path.with_name(path.name + UNREADABLE_CHECKPOINT_SUFFIX))
-        os.replace(path, aside)
-        print(f"training.restart=1: moved the unreadable {path} to {aside}; training "
-              f"from scratch", flush=True)
-    return None
-
-
-def unused_name(path):
-    """`path`, or `path.1`, `path.2`, ...: the first name not taken (never overwrite)."""
-    candidate, number = path, 0
-    while candidate.exists():
-        number += 1
-        candidate = path.with_name(f"{path.name}.{number}")
-    return candidate
-
-
-def build_optimizer(name, groups, training):
-    """The optimizer over weight-decay `groups`, with lr 0: the trainer sets lr at every
-    step from the precomputed schedule. `training` is the config's training section.
-
-    adamw is torch's AdamW: decoupled weight decay, each step shrinking the weights by
-    lr * weight_decay (the convention of the ConvNeXt and DeiT recipes, whose 0.05 assumes
-    it), applied only to the "decay" group.
-
-    training.fused_optimizer=1 asks torch for its fused kernel (one launch for all
-    parameters instead of a loop of small ones: the GPU lever); the default 0 keeps
-    the for-each implementation the finished runs used (fused rounds differently)."""
-    fused = {"fused": True} if training.get("fused_optimizer", 0) else {}
-    try:
-        if name == "sgd":
-            return torch.optim.SGD(groups, lr=0.0, momentum=training["momentum"],
-                                   nesterov=bool(training["nesterov"]), **fused)
-        if name == "adamw":
-            return torch.optim.AdamW(groups, lr=0.0, eps=training["adam_eps"],
-                                     betas=(training["adam_beta1"], training["adam_beta2"]),
-                                     **fused)
-    except (RuntimeError, ValueError) as error:
-        if fused:
-            raise ConfigError(f"training.fused_optimizer=1: torch {torch.__version__} has "
-                              f"no fused {name} for these parameters: {error}") from None
-        raise
-    raise ConfigError(f"training.optimizer: unknown optimizer {name!r}")
-
 
 def compile_for_resolutions(module, resolutions, backend="inductor"):
     """torch.compile(module) with room for one graph per training resolution.
@@ -828,249 +579,3 @@ def compile_for_resolutions(module, resolutions, backend="inductor"):
         if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
             setattr(dynamo_config, name, needed)
     return torch.compile(module, dynamic=False, backend=backend)
-
-
-def truncate_log(log_path, epochs_done):
-    """Keep the log lines of the epochs a checkpoint holds; later ones are redone."""
-    if not log_path.is_file():
-        return
-    kept = []
-    for line in log_path.read_text().splitlines():
-        try:
-            if json.loads(line)["epoch"] < epochs_done:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a crash (logs were once appended to)
-    atomic.write_text(log_path, "".join(line + "\n" for line in kept))
-
-
-# ---------------------------------------------------------------------------------------
-# Run directory: config.json, error.txt, provenance
-# ---------------------------------------------------------------------------------------
-
-def check_run_dir(run_dir, run_id):
-    """Refuse a directory that holds another run's config; remove a stale error.txt."""
-    stored = runs.read_json_object(run_dir / runs.CONFIG_FILE)  # None: missing or corrupt
-    if stored is not None:
-        stored_id = stored.get("meta", {}).get("run_id") or runs.run_id(stored)
-        if stored_id != run_id:
-            raise RunDirRefused(f"run directory {run_dir} holds the config of run {stored_id}")
-    set_aside = runs.set_aside_corrupt(run_dir, run_id)
-    if set_aside:
-        names, folder = set_aside
-        print(f"run {run_id}: corrupt {', '.join(names)} moved to {folder}; training it "
-              f"again (from its checkpoint, if any)", flush=True)
-    (run_dir / runs.ERROR_FILE).unlink(missing_ok=True)
-    # A holder killed mid-write left its temporary files; only the lock holder writes them.
-    atomic.remove_stale_temp_files(run_dir, RECORD_FILES)
-
-
-def write_config(run_dir, nested, info, command):
-    """config.json at the first start (a resumed run keeps the original one)."""
-    path = run_dir / runs.CONFIG_FILE
-    commit, dirty = env.git_commit()
-    meta = {"run_id": runs.run_id(nested), "betons": current_fingerprints(nested),
-            "git": commit, "git_dirty": dirty,
-            "versions": env.package_versions(), "host": socket.gethostname(),
-            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": command, "world_size": info.world_size, "device": str(info.device),
-            "torch_threads": torch.get_num_threads(),
-            "loader_threads": choose_loader_threads(nested["data"]["num_workers"],
-                                                    info.local_world_size)}
-    if not path.is_file():
-        record.write_config(run_dir, {**nested, "meta": meta})
-    print(f"run {meta['run_id']}: {run_dir}\ngit {commit}{' (dirty)' if dirty else ''}\n"
-          + "\n".join(f"  {'.'.join(key)}: {value}"
-                      for key, value in sorted(flatten(nested).items())), flush=True)
-
-
-def write_error(run_dir, error, details):
-    # On a full disk error.txt may not fit either: the error on stderr must still be the
-    # original one, not this write's.
-    try:
-        atomic.write_text(run_dir / runs.ERROR_FILE, f"{error}\n\n{details}")
-    except OSError as write_failure:
-        print(f"(could not write {runs.ERROR_FILE}: {write_failure})", file=sys.stderr)
-
-
-def one_line(error):
-    if isinstance(error, (RunError, ConfigError, runs.RunLockedError, atomic.NoRoomError)):
-        return str(error)
-    return f"{type(error).__name__}: {error}".splitlines()[0]
-
-
-# ---------------------------------------------------------------------------------------
-# Processes: single, spawned (--dist.world_size=N) or torchrun
-# ---------------------------------------------------------------------------------------
-
-def load_into_fastargs(nested):
-    """Make `nested` the current fastargs config (spawned workers start with none)."""
-    declare_sections()
-    config = get_current_config()
-    config.content = {path: value for path, value in flatten(nested).items()
-                      if path in config.entries}
-    validate_all(config)
-
-
-def train_worker(rank, nested, run_dir, command, owns_run_dir):
-    """One process of a run. `owns_run_dir`: this process locks the run directory and
-    writes error.txt (single process, or rank 0 under torchrun; spawned workers leave both
-    to their parent)."""
-    load_into_fastargs(nested)
-    run_dir = Path(run_dir)
-    if distributed.launched_by_torchrun():
-        rank, world_size, local_rank, local_world_size = distributed.torchrun_ranks()
-    else:
-        world_size = local_world_size = nested["dist"]["world_size"]
-        local_rank = rank
-    with ExitStack() as stack, StopRequest() as stop:
-        stack.callback(restore_torch_settings, torch.get_num_threads(),
-                       torch.are_deterministic_algorithms_enabled())
-        info = distributed.setup(rank, world_size, local_rank, local_world_size,
-                                 start_group=is_distributed(nested),
-                                 address=nested["dist"]["address"], port=nested["dist"]["port"])
-        stack.callback(distributed.cleanup, info)
-        try:
-            if take_run_dir(stack, run_dir, nested, info, owns_run_dir):
-                if info.is_main:
-                    print(finished_meanwhile(run_dir), flush=True)
-                return EXIT_OK
-            if info.is_main:
-                write_config(run_dir, nested, info, command)
-            summary = Trainer(nested, run_dir, info, stop).fit()
-        except Preempted:
-            print(f"stopped by {stop.signal_name}; resume from "
-                  f"{run_dir / runs.CHECKPOINT_FILE}",
-                  file=sys.stderr, flush=True)
-            return EXIT_PREEMPTED
-        except RunDirRefused:
-            raise
-        except Exception as error:
-            if owns_run_dir and info.is_main and run_dir.is_dir():
-                write_error(run_dir, one_line(error), traceback.format_exc())
-            raise
-    if summary is not None:
-        print(f"done: top1 {summary['top1']:.4f}  top5 {summary['top5']:.4f}  "
-              f"({summary['train_seconds']:.0f} s of training)  {run_dir}", flush=True)
-    return EXIT_OK
-
-
-def take_run_dir(stack, run_dir, nested, info, owns_run_dir):
-    """The owner locks the run directory and checks it; under torchrun every rank learns
-    whether rank 0 succeeded, so none is left waiting in a collective. True when the run
-    turned out complete once locked."""
-    failure, complete = None, False
-    if owns_run_dir and info.is_main:
-        try:
-            stack.enter_context(runs.run_lock(run_dir))
-            check_run_dir(run_dir, runs.run_id(nested))
-            complete = runs.is_complete(run_dir, runs.run_id(nested))
-        except (runs.RunLockedError, RunDirRefused) as error:
-            failure = str(error)
-    failure, complete = distributed.broadcast_object((failure, complete), info)
-    if failure is not None:
-        raise RunDirRefused(failure) if info.is_main else SystemExit(EXIT_FAILURE)
-    return complete
-
-
-def finished_meanwhile(run_dir):
-    # run() found the run incomplete before taking the lock; another process (a second
-    # launcher's trainer) can finish it in between. Only the lock holder's answer is final.
-    return f"run {run_dir.name} was completed by another process meanwhile: {run_dir}"
-
-
-def spawned_worker(rank, nested, run_dir, command):
-    """Entry point of a process started by distributed.spawn (exit code = its status)."""
-    code = train_worker(rank, nested, run_dir, command, owns_run_dir=False)
-    if code != EXIT_OK:
-        sys.exit(code)
-
-
-def launch_spawned(nested, run_dir, command):
-    """--dist.world_size=N without torchrun: this process locks the run and spawns N,
-    all told the same rendezvous port (a free one for dist.port=auto)."""
-    import torch.multiprocessing as torch_mp
-    world_size = nested["dist"]["world_size"]
-    try:
-        port = distributed.rendezvous_port(nested["dist"]["port"], nested["dist"]["address"])
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    nested = {**nested, "dist": {**nested["dist"], "port": port}}
-    with runs.run_lock(run_dir):
-        check_run_dir(run_dir, runs.run_id(nested))
-        if runs.is_complete(run_dir, runs.run_id(nested)):
-            print(finished_meanwhile(run_dir), flush=True)
-            return EXIT_OK
-        try:
-            distributed.spawn(spawned_worker, world_size, (nested, str(run_dir), command))
-        except torch_mp.ProcessExitedException as error:
-            if error.exit_code == EXIT_PREEMPTED:
-                return EXIT_PREEMPTED
-            message = f"worker {error.error_index} exited with code {error.exit_code}"
-            write_error(run_dir, message, str(error))
-            raise RunError(message) from None
-        except torch_mp.ProcessRaisedException as error:
-            # The worker's traceback ends in "module.ErrorType: message": show the message.
-            last_line = [line for line in str(error).splitlines() if line.strip()][-1]
-            message = last_line.split(": ", 1)[-1] if ": " in last_line else last_line
-            write_error(run_dir, message, str(error))
-            raise RunError(message) from None
-    return EXIT_OK
-
-
-def check_betons(nested):
-    """Both betons whole and agreeing with their .classes.json, checked before the run
-    directory exists: a truncated file or labels beyond the class list would otherwise
-    surface mid-training as a numpy or CUDA error, after a run directory was made.
-    It reads the metadata and allocation table only (no image), as the loaders do anyway."""
-    for key in ("train_dataset", "val_dataset"):
-        try:
-            check_beton(nested["data"][key])
-        except DatasetError as error:
-            raise ConfigError(f"data.{key}: {error}") from None
-
-
-def run(argv=None):
-    """Resolve the config, then train (or do nothing if the run is complete). Exit code."""
-    command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
-    nested = resolve_config(argv)
-    validate_semantics(nested)
-    check_output_folder(nested)
-    run_id = runs.run_id(nested)
-    run_dir = Path(nested["logging"]["folder"]) / run_id
-    check_betons(nested)
-    check_recorded_betons(run_dir, nested)
-    if runs.is_complete(run_dir, run_id):
-        print(f"run {run_id} is already complete: {run_dir}", flush=True)
-        print_if_any(complete_run_hint(run_dir, nested))
-        return EXIT_OK
-    if distributed.launched_by_torchrun():
-        return train_worker(int(os.environ["RANK"]), nested, run_dir, command,
-                            owns_run_dir=True)
-    if nested["dist"]["world_size"] > 1:
-        return launch_spawned(nested, run_dir, command)
-    return train_worker(0, nested, run_dir, command, owns_run_dir=True)
-
-
-def print_if_any(line):
-    if line:
-        print(line, flush=True)
-
-
-def main(argv=None):
-    """CLI: one line on stderr for a known error; exit 0 / 1 (run failed) / 2 (config) / 75."""
-    try:
-        return run(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (RunError, runs.RunLockedError, atomic.NoRoomError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except Exception as error:
-        traceback.print_exc()
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_FAILURE
