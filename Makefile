@@ -42,12 +42,15 @@ demo: setup
 	$(PY) -m ffcv_bias.demo
 
 # --durations: the 25 slowest tests in every CI log, so a slow new test shows at once.
+# -n: pytest-xdist workers (a test file stays on one worker: its module fixtures are built
+# once); much of the suite waits on child processes, so 2 help even on 2 cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
-# The suite without the end-to-end process tests (marker e2e): minutes instead of ten.
+# The suite without the end-to-end process tests (marker e2e).
 test-fast: setup
-	$(PY) -m pytest -q --durations=10 -m "not e2e" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not e2e" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -67,6 +67,6 @@ setup(
     ],
     extras_require={
         "cluster": ["submitit"],
-        "test": ["pytest", "pytest-timeout", "submitit"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "submitit"],
     },
 )

@@ -68,3 +68,17 @@ def tiny_fashion_betons(tmp_path_factory):
     """(train.beton, val.beton): 60 / 20 images per class of the real Fashion-MNIST."""
     return fashion_subset_betons(tmp_path_factory.mktemp("tiny_fashion"),
                                  {"train": 60, "val": 20})
+
+
+# The files that take longest (the README run is a chain of real commands: minutes) go
+# first, so that under `make test`'s two pytest-xdist workers (--dist loadfile: a file
+# stays on one worker) the longest chain starts at once instead of ending the run alone.
+LONGEST_FILES_FIRST = ("test_readme.py", "test_quick_run.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST \
+            else len(LONGEST_FILES_FIRST)
+    items.sort(key=rank)  # stable: within a file, and among the others, collection order

@@ -81,7 +81,7 @@ FORKSERVER = textwrap.dedent('''
 
     Requests and replies are JSON lines on stdin / stdout; this process's own output and
     each child's go to files."""
-    import importlib, json, os, resource, sys, time, traceback
+    import gc, importlib, json, os, resource, sys, time, traceback
     from ffcv_bias.record import faults
     import ffcv_bias.train.launch  # the expensive imports, once
 
@@ -130,6 +130,10 @@ FORKSERVER = textwrap.dedent('''
             continue
         sys.stdout.flush()
         sys.stderr.flush()
+        # The reference run trained in this process: its loaders' numba dispatchers may be
+        # garbage not yet collected. A child would inherit and collect them, and numba's
+        # finalizers print "Exception ignored ... KeyError" tracebacks into its output.
+        gc.collect()
         pid = os.fork()
         if pid == 0:
             child(request)
@@ -723,8 +727,9 @@ def test_sigkill_of_one_trainer_fails_its_run_only_and_a_relaunch_resumes_it(fak
     victim, other = plan(load_sweep(sweep_file))
     launcher = start_launcher(sweep_file, fake_setup["script"], 0.4, "--max-parallel", "2",
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # (the stand-in logs an epoch right after checkpointing it)
-    wait_for(lambda: epochs_logged(victim.run_dir), launcher)
+    # Killed once it holds a checkpoint (the stand-in, like the trainer, logs an epoch and
+    # then checkpoints it: a kill in between would rightly restart it from epoch 0).
+    wait_for(lambda: (victim.run_dir / runs.CHECKPOINT_FILE).is_file(), launcher)
     # The lock file holds its holder's pid: the trainer of this run, not the launcher.
     trainer_pid = int((victim.run_dir / runs.LOCK_FILE).read_text())
     assert trainer_pid != launcher.pid

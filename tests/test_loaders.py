@@ -194,3 +194,29 @@ def test_stage_grouping_terminates_on_jit_torch_jit():
                                             nodes[2]: []},
                             node_to_id={node: i for i, node in enumerate(nodes)})
     assert ffcv_patches._group_operations(graph) == [[0], [1], [2]]
+
+
+IMPORT_PROBE = """
+import sys
+{first}
+import numba.typed, numba.typed.typeddict
+import ffcv
+from ffcv.fields import rgb_image
+print(type(rgb_image.IMAGE_MODES).__name__, sorted(rgb_image.IMAGE_MODES.items()),
+      numba.typed.Dict is numba.typed.typeddict.Dict)
+"""
+
+
+@pytest.mark.parametrize("first, table", [
+    ("import ffcv_bias.data", "dict"),           # ours: the plain table, no numba compile
+    ("", "Dict"),                                # ffcv imported alone: its typed Dict
+    ("import ffcv; import ffcv_bias.data", "Dict"),   # too late to change: left alone
+])
+def test_ffcv_imports_without_compiling_its_image_mode_table(first, table):
+    """ffcv's IMAGE_MODES is a plain dict with ffcv's own two entries once ffcv_bias.data
+    is imported first, numba's typed Dict class is left as it was, and importing in the
+    other order changes nothing. (That jpg and raw betons still decode:
+    test_jpeg_and_raw_betons_decode.)"""
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE.format(first=first)],
+                         capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+    assert out == f"{table} [('jpg', 0), ('raw', 1)] True"

@@ -10,6 +10,13 @@
 - `loaders`      ffcv Loaders over a beton: the trainer's, the studies' and the analysis'
 - `ffcv_patches` the places ffcv 1.0.2 itself is changed (loader threads, the writer's
                  watchdog), in one module to audit
+- `ffcv_import`  ffcv imported without the numba compile of its image-mode table (~5 s of
+                 CPU per process), installed here so it precedes every import of ffcv
 
-Importing this package imports none of them (nor torch): each module is imported by name.
+Importing this package imports none of the others (nor torch, nor ffcv): each module is
+imported by name.
 """
+
+from ffcv_bias.data import ffcv_import as _ffcv_import  # noqa: E402
+
+_ffcv_import.install()  # before anything imports ffcv: see ffcv_import.py

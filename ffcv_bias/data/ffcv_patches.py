@@ -35,6 +35,10 @@ Kept in one module so they are easy to audit and to drop once upstream fixes the
    forever. `watching_workers` wraps the `Process` name ffcv's writer module uses, to see
    the workers, and a watchdog thread turns a dead one into WriterWorkerDied. Not part of
    `apply()`: data/writer.py enters it around each write.
+
+6. (every process) Importing ffcv compiles numba's typed-dictionary code for its table of
+   image modes, ~5 s of CPU per process; data/ffcv_import.py (installed by importing
+   `ffcv_bias.data`, before anything imports ffcv) makes that table a plain dict.
 """
 import contextlib
 import functools
