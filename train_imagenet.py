@@ -13,16 +13,16 @@ same command to resume).
 """
 import sys
 
-from ffcv_bias.train.config import preflight
+from ffcv_bias.train.checks import preflight
 
 
 def main():
     # Config errors and complete runs are answered before torch and ffcv are imported.
-    exit_code = preflight()
+    exit_code, nested = preflight()
     if exit_code is not None:
         return exit_code
     from ffcv_bias.train.launch import main as train
-    return train()
+    return train(nested=nested)  # the config preflight resolved and checked: not twice
 
 
 if __name__ == "__main__":

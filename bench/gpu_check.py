@@ -410,9 +410,8 @@ def check_ddp_epoch(options, report, betons, folder, device):
 
 def build_trainer(options, betons, run_dir, epochs, stop):
     from ffcv_bias.train import distributed
-    from ffcv_bias.train.launch import load_into_fastargs
     from ffcv_bias.train.loop import Trainer
-    from ffcv_bias.train.config import resolve_config
+    from ffcv_bias.train.config import resolve_config, run_config
     train, val = betons
     resolution = options.resolution_list[0]
     nested = resolve_config([
@@ -422,8 +421,8 @@ def build_trainer(options, betons, run_dir, epochs, stop):
         "--lr.lr=0.5", "--lr.lr_peak_epoch=0", "--lr.lr_schedule_type=cosine",
         f"--resolution.min_res={resolution}", f"--resolution.max_res={resolution}",
         f"--data.num_workers={options.threads}"])
-    load_into_fastargs(nested)
-    return Trainer(nested, run_dir, distributed.setup(0, 1, 0, 1, start_group=False), stop)
+    return Trainer(run_config(nested), run_dir,
+                   distributed.setup(0, 1, 0, 1, start_group=False), stop)
 
 
 def count_syncs(device, work):

@@ -26,10 +26,9 @@ from fastargs import Param, Section, get_current_config
 
 from ffcv_bias.train import distributed
 from ffcv_bias.common.errors import EXIT_OK, main_guard
-from ffcv_bias.train.launch import load_into_fastargs
 from ffcv_bias.train.loop import Trainer
 from ffcv_bias.train.state import StopRequest
-from ffcv_bias.train.config import declare_sections, resolve_config
+from ffcv_bias.train.config import declare_sections, resolve_config, run_config
 
 
 class TimedLoader:
@@ -101,7 +100,6 @@ def parse(argv):
     bench = nested.pop("bench")
     # The learning-rate schedule must cover the warm-up and the timed epochs.
     nested["training"]["epochs"] = max(nested["training"]["epochs"], 1 + bench["pairs"])
-    load_into_fastargs(nested)
     return nested, bench
 
 
@@ -110,8 +108,8 @@ def main(argv=None):
     nested, bench = parse(argv)  # a bad config: ConfigError, exit 2
     pairs, bare_batches = bench["pairs"], bench["bare_batches"]
     with tempfile.TemporaryDirectory() as run_dir, StopRequest() as stop:
-        trainer = Trainer(nested, run_dir, distributed.setup(0, 1, 0, 1, start_group=False),
-                          stop)
+        trainer = Trainer(run_config(nested), run_dir,
+                          distributed.setup(0, 1, 0, 1, start_group=False), stop)
         print(f"{nested['model']['arch']}, batch {nested['training']['batch_size']}, "
               f"{trainer.resolution(0)} px, {len(trainer.train_loader)} steps/epoch, "
               f"{torch.get_num_threads()} torch threads, "

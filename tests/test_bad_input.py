@@ -53,7 +53,9 @@ from fixtures_datasets import corrupt_folder, read_beton
 from test_train import run_dir_of, train_args
 from ffcv_bias.record import runs
 from ffcv_bias.analysis import make_synthetic_runs
-from ffcv_bias.train.config import EXIT_CONFIG, EXIT_FAILURE, resolve_config
+from ffcv_bias.common.errors import EXIT_FAILURE
+from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
+from ffcv_bias.train.config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

@@ -21,7 +21,7 @@ import yaml
 from test_bad_input import COMMANDS, error_line, files_under
 from test_train import run_dir_of, train_args, train_in_process
 from ffcv_bias.record import runs
-from ffcv_bias.train.config import EXIT_FAILURE, EXIT_OK
+from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_MODULE_CLI_ERROR = 2

@@ -11,7 +11,8 @@ from ffcv_bias.record import runs
 from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.train.schedules import (lr_per_iteration, resolution_at_epoch,
                                        resolution_per_epoch)
-from ffcv_bias.train.config import resolve_config, validate_semantics
+from ffcv_bias.train.checks import validate_semantics
+from ffcv_bias.train.config import config_dict, replace_values, resolve_config, run_config
 from fixtures_datasets import placeholder_betons
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +140,42 @@ def test_class_min_scale_and_keep_indices_files(fake_betons, tmp_path):
                                                      "--data.sparsity=0.98")))
 
 
+SHIPPED_CONFIGS = sorted((REPO / "rn50_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config_file", SHIPPED_CONFIGS, ids=lambda path: path.name)
+def test_the_frozen_run_config_holds_exactly_the_resolved_dict(config_file, fake_betons):
+    """run_config(nested) is what the Trainer reads: every key of every section as an
+    attribute, nothing writable, and config_dict gives back the very dict (so config.json
+    and the run_id, which come from the dict, cannot drift from what trained)."""
+    nested = resolve_config(["--config-file", str(config_file), *data_args(*fake_betons)])
+    cfg = run_config(nested)
+    assert config_dict(cfg) == nested
+    assert runs.run_id(config_dict(cfg)) == runs.run_id(nested)
+    for section, values in nested.items():
+        for key, value in values.items():
+            read = getattr(getattr(cfg, section), key)
+            assert read == (tuple(value) if isinstance(value, list) else value)
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+        cfg.training.epochs = 1
+    with pytest.raises(AttributeError):
+        cfg.training = None
+
+
+def test_a_run_config_variant_changes_only_the_named_keys(fake_betons):
+    nested = resolve_config(small_args(fake_betons))
+    cfg = run_config(nested)
+    variant = replace_values(cfg, {"training.grad_clip_norm": 0.5, "lr.lr": 0.3})
+    assert (variant.training.grad_clip_norm, variant.lr.lr) == (0.5, 0.3)
+    assert cfg == run_config(nested)  # the original is untouched
+    changed = config_dict(variant)
+    changed["training"]["grad_clip_norm"] = nested["training"]["grad_clip_norm"]
+    changed["lr"]["lr"] = nested["lr"]["lr"]
+    assert changed == nested
+    with pytest.raises(ConfigError, match="training.grad_clip: no such config key"):
+        replace_values(cfg, {"training.grad_clip": 0.5})
+
+
 def test_config_module_imports_neither_torch_nor_ffcv():
     code = ("import sys, ffcv_bias.train.config, ffcv_bias.train.schedules; "
             "print(sorted(m for m in ('torch', 'ffcv') if m in sys.modules))")
@@ -192,8 +229,8 @@ def test_preflight_answers_bad_configs_and_complete_runs_without_torch(fake_beto
     run_dir.mkdir()
     # complete = summary.json parses and names the run (runs.completeness)
     (run_dir / runs.SUMMARY_FILE).write_text('{"run_id": "%s"}' % run_dir.name)
-    code = ("import sys; from ffcv_bias.train.config import preflight; "
-            "code = preflight(sys.argv[1:]); print(code, 'torch' in sys.modules)")
+    code = ("import sys; from ffcv_bias.train.checks import preflight; "
+            "code, _ = preflight(sys.argv[1:]); print(code, 'torch' in sys.modules)")
     complete = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
                               text=True, check=True)
     assert complete.stdout.splitlines() == [f"run {run_dir.name} is already complete: {run_dir}",

@@ -34,7 +34,8 @@ from ffcv_bias.data import ffcv_patches
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import TrainerPool, loader_thread_args
 from ffcv_bias.sweep.spec import SlurmSettings, SweepError
-from ffcv_bias.train.config import EXIT_OK, EXIT_PREEMPTED, resolve_config
+from ffcv_bias.common.errors import EXIT_OK, EXIT_PREEMPTED
+from ffcv_bias.train.config import resolve_config
 
 
 # ----------------------------------------------------------------------------------------

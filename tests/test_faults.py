@@ -43,7 +43,8 @@ from ffcv_bias.sweep import slurm
 from ffcv_bias.sweep.runner import TRAIN_LOG_FILE
 from ffcv_bias.sweep.spec import load_sweep, plan
 from ffcv_bias.sweep.status import run_state
-from ffcv_bias.train.config import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, resolve_config
+from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+from ffcv_bias.train.config import resolve_config
 from conftest import FASHION_DIR
 from fixtures_datasets import make_fashion_dir
 from test_sweep import (PYTHON, REPO, epochs_logged, launch_starts, read_lines, sweep_cli,

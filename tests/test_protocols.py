@@ -11,7 +11,9 @@ import pytest
 from ffcv_bias.record import runs
 from ffcv_bias.record.protocols import (ProtocolError, logits_file, parse_protocols,
                                         preds_file)
-from ffcv_bias.train.config import EXIT_CONFIG, EXIT_OK, resolve_config
+from ffcv_bias.common.errors import EXIT_OK
+from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
+from ffcv_bias.train.config import resolve_config
 from tests.test_train import REPO, THREADS_ENV, run_dir_of, train_args, train_in_process
 
 EXTRA = "28@1.0,36@0.875"   # the main protocol again, and another one

@@ -32,7 +32,8 @@ FAKE_TRAINER = textwrap.dedent('''
     from ffcv_bias.record import runs
     from ffcv_bias.common.atomic import write_json
     from ffcv_bias.train.fastargs_strict import ConfigError
-    from ffcv_bias.train.config import EXIT_PREEMPTED, resolve_config
+    from ffcv_bias.common.errors import EXIT_PREEMPTED
+    from ffcv_bias.train.config import resolve_config
 
     def train(config, run_dir):
         if runs.is_complete(run_dir):

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from ffcv_bias.record import runs
-from ffcv_bias.train.config import EXIT_OK, resolve_config
+from ffcv_bias.common.errors import EXIT_OK
+from ffcv_bias.train.config import resolve_config, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train_imagenet.py"
@@ -204,18 +205,16 @@ def test_fast_decode_is_recorded_and_trains_like_exact_below_twice_the_output(
 
 def test_optimizer_keeps_weight_decay_off_every_batchnorm(tiny_fashion_betons, tmp_path):
     from ffcv_bias.train import distributed
-    from ffcv_bias.train.launch import load_into_fastargs
     from ffcv_bias.train.loop import Trainer
     from ffcv_bias.train.state import StopRequest, restore_torch_settings
     for bn_flag, bn_decays in (("--training.bn_wd=0", False), ("--training.bn_wd=1", True)):
         nested = resolve_config(train_args(tiny_fashion_betons, tmp_path, "--model.arch=resnet18",
                                            "--resolution.min_res=32", "--resolution.max_res=32",
                                            bn_flag))
-        load_into_fastargs(nested)
         settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
         try:
             with StopRequest() as stop:
-                trainer = Trainer(nested, tmp_path,
+                trainer = Trainer(run_config(nested), tmp_path,
                                   distributed.setup(0, 1, 0, 1, start_group=False), stop)
         finally:
             restore_torch_settings(*settings)
@@ -230,6 +229,29 @@ def test_optimizer_keeps_weight_decay_off_every_batchnorm(tiny_fashion_betons, t
         assert decay_of[id(named["layer2.0.downsample.0.weight"])] == 5e-4
         assert decay_of[id(named["fc.bias"])] == 0
         assert decay_of[id(named["fc.weight"])] == 5e-4
+
+
+def test_the_trainer_reads_its_own_config_not_the_last_one_parsed(tiny_fashion_betons,
+                                                                  tmp_path):
+    """Trainer(run_config(nested)) trains `nested`, whatever config was parsed after it
+    (fastargs keeps the last parsed one in global state, which the trainer once read)."""
+    from ffcv_bias.train import distributed
+    from ffcv_bias.train.loop import Trainer
+    from ffcv_bias.train.state import StopRequest, restore_torch_settings
+    nested = resolve_config(train_args(tiny_fashion_betons, tmp_path, "--training.epochs=3"))
+    resolve_config(train_args(tiny_fashion_betons, tmp_path, "--training.epochs=7",
+                              "--resolution.min_res=32", "--resolution.max_res=32",
+                              "--training.batch_size=64"))
+    settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    try:
+        with StopRequest() as stop:
+            trainer = Trainer(run_config(nested), tmp_path,
+                              distributed.setup(0, 1, 0, 1, start_group=False), stop)
+    finally:
+        restore_torch_settings(*settings)
+    assert trainer.resolution(0) == 28 and trainer.train_loader.loader.batch_size == 32
+    assert len(trainer.lr_schedule) == 3 * len(trainer.train_loader)
+    assert trainer.run_id == runs.run_id(nested)
 
 
 # --------------------------------------------------------------------------------------

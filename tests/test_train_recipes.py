@@ -13,8 +13,9 @@ import pytest
 from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.train.schedules import lr_per_iteration
 from ffcv_bias.sweep.spec import load_sweep, plan
-from ffcv_bias.train.config import (ARCHS_WITHOUT_DROP_PATH, EXIT_OK, resolve_config,
-                                    validate_semantics)
+from ffcv_bias.common.errors import EXIT_OK
+from ffcv_bias.train.checks import ARCHS_WITHOUT_DROP_PATH, validate_semantics
+from ffcv_bias.train.config import replace_values, resolve_config, run_config
 from fixtures_datasets import placeholder_betons
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,15 +267,13 @@ def build_trainer(nested, run_dir):
     import torch
 
     from ffcv_bias.train import distributed
-    from ffcv_bias.train.launch import load_into_fastargs
     from ffcv_bias.train.loop import Trainer
     from ffcv_bias.train.state import StopRequest, restore_torch_settings
-    load_into_fastargs(nested)
     settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     try:
         with StopRequest() as stop:
-            return Trainer(nested, run_dir, distributed.setup(0, 1, 0, 1, start_group=False),
-                           stop), settings
+            return Trainer(run_config(nested), run_dir,
+                           distributed.setup(0, 1, 0, 1, start_group=False), stop), settings
     except BaseException:
         restore_torch_settings(*settings)
         raise
@@ -309,11 +308,11 @@ def test_vit_small_trains_with_adamw_warmup_and_clipping(tiny_fashion_betons, tm
         trainer.train_loader.set_epoch(0)
         batches = [(images.clone(), labels) for images, labels in trainer.train_loader]
         images, labels = batches[0]
-        trainer.nested["training"]["grad_clip_norm"] = 0.0
+        trainer.cfg = replace_values(trainer.cfg, {"training.grad_clip_norm": 0.0})
         trainer.train_step(images, labels, 0.0)
         raw_norm = global_grad_norm(trainer.model)
         limit = raw_norm / 10
-        trainer.nested["training"]["grad_clip_norm"] = limit
+        trainer.cfg = replace_values(trainer.cfg, {"training.grad_clip_norm": limit})
         trainer.train_step(images, labels, 0.0)
         assert global_grad_norm(trainer.model) == pytest.approx(limit, rel=1e-4)
 
@@ -322,7 +321,7 @@ def test_vit_small_trains_with_adamw_warmup_and_clipping(tiny_fashion_betons, tm
         trainer.train_step(images, labels, 0.0)
         assert global_grad_norm(trainer.model) == pytest.approx(limit, rel=1e-4)
         trainer.scaler = None
-        trainer.nested["training"]["grad_clip_norm"] = 1.0
+        trainer.cfg = replace_values(trainer.cfg, {"training.grad_clip_norm": 1.0})
 
         summary = trainer.fit()
     finally:

@@ -14,7 +14,7 @@ images are shown whole, so which arm "wins" can depend on the test protocol alon
 Extra protocols are NOT part of the run_id (runs.NON_RESULT_KEYS): they do not change the
 training, and a finished run can gain protocols later (`python -m ffcv_bias.evaluate`).
 
-This module imports neither torch nor ffcv (train_config and analysis use it).
+This module imports neither torch nor ffcv (train/config.py and the analysis use it).
 """
 from dataclasses import dataclass
 from pathlib import Path

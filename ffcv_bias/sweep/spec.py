@@ -322,8 +322,9 @@ def default_resolver():
     max_scale, ...), so `plan` and `launch` mark a run invalid before any job starts. Not
     the file checks: a login node may not see the betons the compute nodes will read."""
     # Imported here: the trainer's parser is the one source of truth for run ids, and
-    # importing it must not pull torch into `plan` (train_config promises not to).
-    from ffcv_bias.train.config import check_numbers, resolve_config
+    # importing it must not pull torch into `plan` (train/config.py promises not to).
+    from ffcv_bias.train.checks import check_numbers
+    from ffcv_bias.train.config import resolve_config
 
     def resolve_and_check(args):
         config = resolve_config(args)

@@ -4,7 +4,7 @@ States, in the order they are decided:
     invalid   the trainer's parser refused the run's arguments (nothing can run)
     changed   its config.json records other betons than the ones named now (a file
               rewritten under the same name): launch refuses the sweep, see
-              train_config.CHANGED_BETON_REMEDY
+              train/checks.py CHANGED_BETON_REMEDY
     complete  summary.json parses and names the run (runs.completeness)
     corrupt   summary.json (or config.json) is there but cut short or of another run:
               launch retrains it, the trainer moving the corrupt files aside
@@ -40,7 +40,8 @@ def run_state(run, queued_ids=frozenset()):
 
 def beton_change_message(run):
     """The trainer's refusal when the run's recorded betons differ from the named ones."""
-    from ffcv_bias.train.config import ConfigError, check_recorded_betons
+    from ffcv_bias.train.checks import check_recorded_betons
+    from ffcv_bias.train.config import ConfigError
     try:
         check_recorded_betons(run.run_dir, run.config)
     except ConfigError as error:

@@ -1,8 +1,10 @@
 """Stage 2: train one model and write its run record.
 
-- `config`           the fastargs sections, the config resolved to one nested dict, the
-                     cross-field checks and small input files; imports neither torch nor
-                     ffcv (the sweep resolves hundreds of configs with it)
+- `config`           the fastargs sections, the config resolved to one nested dict, small
+                     input files; imports neither torch nor ffcv (the sweep resolves
+                     hundreds of configs with it)
+- `checks`           the cross-field checks, the checks before anything is written, and
+                     `preflight` (the CLI's answer before torch is imported); torch-free
 - `fastargs_strict`  fastargs with unknown keys and sloppy booleans refused
 - `launch`           one run from the CLI: run directory, lock, single / spawned /
                      torchrun processes, exit codes

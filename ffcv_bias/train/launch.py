@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from fastargs import get_current_config
 
 from ffcv_bias import record
 from ffcv_bias.common import atomic, env
@@ -30,10 +29,9 @@ from ffcv_bias.data.sources import DatasetError
 from ffcv_bias.record import runs
 from ffcv_bias.record.protocols import complete_run_hint
 from ffcv_bias.train import distributed
-from ffcv_bias.train.config import (check_output_folder, check_recorded_betons,
-                                    declare_sections, is_distributed, resolve_config,
-                                    validate_semantics)
-from ffcv_bias.train.fastargs_strict import ConfigError, flatten, validate_all
+from ffcv_bias.train.checks import checked_config
+from ffcv_bias.train.config import is_distributed, run_config
+from ffcv_bias.train.fastargs_strict import ConfigError, flatten
 from ffcv_bias.train.loop import Trainer
 from ffcv_bias.train.state import (Preempted, RunDirRefused, RunError, StopRequest,
                                    choose_loader_threads, restore_torch_settings)
@@ -104,20 +102,10 @@ def one_line(error):
 # Processes: single, spawned (--dist.world_size=N) or torchrun
 # ---------------------------------------------------------------------------------------
 
-def load_into_fastargs(nested):
-    """Make `nested` the current fastargs config (spawned workers start with none)."""
-    declare_sections()
-    config = get_current_config()
-    config.content = {path: value for path, value in flatten(nested).items()
-                      if path in config.entries}
-    validate_all(config)
-
-
 def train_worker(rank, nested, run_dir, command, owns_run_dir):
     """One process of a run. `owns_run_dir`: this process locks the run directory and
     writes error.txt (single process, or rank 0 under torchrun; spawned workers leave both
     to their parent)."""
-    load_into_fastargs(nested)
     run_dir = Path(run_dir)
     if distributed.launched_by_torchrun():
         rank, world_size, local_rank, local_world_size = distributed.torchrun_ranks()
@@ -138,7 +126,7 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
                 return EXIT_OK
             if info.is_main:
                 write_config(run_dir, nested, info, command)
-            summary = Trainer(nested, run_dir, info, stop).fit()
+            summary = Trainer(run_config(nested), run_dir, info, stop).fit()
         except Preempted:
             print(f"stopped by {stop.signal_name}; resume from "
                   f"{run_dir / runs.CHECKPOINT_FILE}",
@@ -231,16 +219,15 @@ def check_betons(nested):
             raise ConfigError(f"data.{key}: {error}") from None
 
 
-def run(argv=None):
-    """Resolve the config, then train (or do nothing if the run is complete). Exit code."""
+def run(argv=None, nested=None):
+    """Resolve and check the config of `argv` (or take `nested`, checked by
+    checks.preflight), then train it, or do nothing if the run is complete. Exit code."""
     command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
-    nested = resolve_config(argv)
-    validate_semantics(nested)
-    check_output_folder(nested)
+    if nested is None:
+        nested = checked_config(argv)
     run_id = runs.run_id(nested)
     run_dir = Path(nested["logging"]["folder"]) / run_id
     check_betons(nested)
-    check_recorded_betons(run_dir, nested)
     if runs.is_complete(run_dir, run_id):
         print(f"run {run_id} is already complete: {run_dir}", flush=True)
         print_if_any(complete_run_hint(run_dir, nested))
@@ -258,10 +245,11 @@ def print_if_any(line):
         print(line, flush=True)
 
 
-def main(argv=None):
-    """CLI: one line on stderr for a known error; exit 0 / 1 (run failed) / 2 (config) / 75."""
+def main(argv=None, nested=None):
+    """CLI: one line on stderr for a known error; exit 0 / 1 (run failed) / 2 (config) / 75.
+    `nested`: the config checks.preflight already resolved and checked from argv."""
     try:
-        return run(argv)
+        return run(argv, nested)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG

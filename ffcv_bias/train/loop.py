@@ -1,7 +1,8 @@
 """The training loop: one run on one process (one rank), from its config to its record.
 
-The shape is ffcv-imagenet's trainer (one class, one method per job, fastargs `@param`
-on the methods that read the config), with its gaps closed: weight decay is kept off
+The shape is ffcv-imagenet's trainer (one class, one method per job), reading one frozen
+run config (`Trainer(cfg)`, train/config.py `run_config`) instead of fastargs' global
+state, with its gaps closed: weight decay is kept off
 every normalization layer whatever its name, each run's data order and crops are seeded,
 the train loss is logged, per-class validation accuracy is logged every epoch, and a
 run can be stopped at any moment and resumed bit for bit (train/state.py). Processes,
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastargs.decorators import param
 from tqdm import tqdm
 
 from ffcv_bias import evaluate, record
@@ -30,8 +30,8 @@ from ffcv_bias.record.faults import crash_point
 from ffcv_bias.record.protocols import parse_protocols
 from ffcv_bias.train import distributed
 from ffcv_bias.train.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
-from ffcv_bias.train.config import (bn_weight_decay, read_class_min_scale, read_keep_indices,
-                                    read_sidecar, wd_exempt)
+from ffcv_bias.train.config import (bn_weight_decay, config_dict, read_class_min_scale,
+                                    read_keep_indices, read_sidecar, wd_exempt)
 from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.train.models import create_model, eval_logits, weight_decay_groups
 from ffcv_bias.train.optimizer import build_optimizer
@@ -75,16 +75,17 @@ def cross_entropy(logits, labels):
 class Trainer:
     """One run on one process (one rank). Rank 0 writes the record; every rank trains."""
 
-    def __init__(self, nested, run_dir, info, stop):
-        self.nested, self.run_dir, self.info, self.stop = nested, Path(run_dir), info, stop
+    def __init__(self, cfg, run_dir, info, stop):
+        """`cfg`: the run's frozen config (train/config.py `run_config`)."""
+        self.cfg, self.run_dir, self.info, self.stop = cfg, Path(run_dir), info, stop
         self.device = info.device
-        self.run_id = runs.run_id(nested)
-        self.sidecar = read_sidecar(nested["data"]["train_dataset"], "data.train_dataset")
+        self.run_id = runs.run_id(config_dict(cfg))
+        self.sidecar = read_sidecar(cfg.data.train_dataset, "data.train_dataset")
         self.num_classes = int(self.sidecar["num_classes"])
         self.setup_process()
         self.train_loader = self.create_train_loader()
         self.val_loader = self.create_val_loader()
-        self.val_labels = read_labels(nested["data"]["val_dataset"])
+        self.val_labels = read_labels(cfg.data.val_dataset)
         self.model, self.scaler = self.create_model_and_scaler()
         self.optimizer, self.train_loss_fn = self.create_optimizer()
         self.lr_schedule = self.create_lr_schedule()
@@ -93,31 +94,28 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------
 
-    @param("training.seed")
-    @param("training.deterministic")
-    def setup_process(self, seed, deterministic):
+    def setup_process(self):
+        seed = self.cfg.training.seed
+        deterministic = self.cfg.training.deterministic
         torch.set_num_threads(choose_torch_threads(self.info.local_world_size))
-        self.loader_threads = choose_loader_threads(self.nested["data"]["num_workers"],
+        self.loader_threads = choose_loader_threads(self.cfg.data.num_workers,
                                                     self.info.local_world_size)
         set_determinism(self.device, deterministic)
         np.random.seed(seed)
         random.seed(seed)
         torch.manual_seed(seed)  # the model's initialization: the same on every rank
 
-    @param("data.train_dataset")
-    @param("data.num_workers")
-    @param("data.in_memory")
-    @param("data.keep_indices")
-    @param("training.batch_size")
-    @param("training.seed")
-    @param("augment.min_scale")
-    @param("augment.max_scale")
-    @param("augment.flip")
-    @param("augment.class_min_scale")
-    @param("augment.decode")
-    def create_train_loader(self, train_dataset, num_workers, in_memory, keep_indices,
-                            batch_size, seed, min_scale, max_scale, flip, class_min_scale,
-                            decode):
+    def create_train_loader(self):
+        train_dataset = self.cfg.data.train_dataset
+        in_memory = self.cfg.data.in_memory
+        keep_indices = self.cfg.data.keep_indices
+        batch_size = self.cfg.training.batch_size
+        seed = self.cfg.training.seed
+        min_scale = self.cfg.augment.min_scale
+        max_scale = self.cfg.augment.max_scale
+        flip = self.cfg.augment.flip
+        class_min_scale = self.cfg.augment.class_min_scale
+        decode = self.cfg.augment.decode
         indices = None
         if keep_indices:
             indices = read_keep_indices(keep_indices, int(self.sidecar["num_samples"]))
@@ -131,26 +129,24 @@ class Trainer:
             distributed=self.info.group_running, indices=indices, in_memory=in_memory,
             device=self.device, decode=decode)
 
-    @param("data.val_dataset")
-    @param("data.num_workers")
-    @param("data.in_memory")
-    @param("validation.batch_size")
-    @param("validation.resolution")
-    @param("validation.crop_ratio")
-    @param("augment.decode")
-    def create_val_loader(self, val_dataset, num_workers, in_memory, batch_size, resolution,
-                          crop_ratio, decode):
+    def create_val_loader(self):
+        val_dataset = self.cfg.data.val_dataset
+        in_memory = self.cfg.data.in_memory
+        batch_size = self.cfg.validation.batch_size
+        resolution = self.cfg.validation.resolution
+        crop_ratio = self.cfg.validation.crop_ratio
+        decode = self.cfg.augment.decode
         return create_val_loader(val_dataset, batch_size=batch_size, resolution=resolution,
                                  crop_ratio=crop_ratio, num_workers=self.loader_threads,
                                  distributed=self.info.group_running, in_memory=in_memory,
                                  device=self.device, decode=decode)
 
-    @param("model.arch")
-    @param("model.dropout")
-    @param("model.drop_path")
-    @param("training.use_blurpool")
-    @param("training.amp_dtype")
-    def create_model_and_scaler(self, arch, dropout, drop_path, use_blurpool, amp_dtype):
+    def create_model_and_scaler(self):
+        arch = self.cfg.model.arch
+        dropout = self.cfg.model.dropout
+        drop_path = self.cfg.model.drop_path
+        use_blurpool = self.cfg.training.use_blurpool
+        amp_dtype = self.cfg.training.amp_dtype
         try:
             model = create_model(arch, self.num_classes, dropout=dropout,
                                  use_blurpool=use_blurpool, drop_path=drop_path)
@@ -165,46 +161,36 @@ class Trainer:
             scaler = torch.amp.GradScaler("cuda")
         return model, scaler
 
-    @param("training.optimizer")
-    @param("training.weight_decay")
-    @param("training.label_smoothing")
-    def create_optimizer(self, optimizer, weight_decay, label_smoothing):
+    def create_optimizer(self):
+        optimizer = self.cfg.training.optimizer
+        weight_decay = self.cfg.training.weight_decay
+        label_smoothing = self.cfg.training.label_smoothing
+        nested = config_dict(self.cfg)  # the helpers that also read old config.json files
         groups = weight_decay_groups(self.model, weight_decay,
-                                     bn_weight_decay=bn_weight_decay(self.nested),
-                                     exempt=wd_exempt(self.nested))
-        return (build_optimizer(optimizer, groups, self.nested["training"]),
+                                     bn_weight_decay=bn_weight_decay(nested),
+                                     exempt=wd_exempt(nested))
+        return (build_optimizer(optimizer, groups, nested["training"]),
                 torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing))
 
-    @param("lr.lr")
-    @param("lr.lr_schedule_type")
-    @param("lr.lr_peak_epoch")
-    @param("lr.step_ratio")
-    @param("lr.step_length")
-    @param("training.epochs")
-    def create_lr_schedule(self, lr, lr_schedule_type, lr_peak_epoch, step_ratio, step_length,
-                           epochs):
-        lr_config = self.nested["lr"]
-        return lr_per_iteration(lr_schedule_type, lr=lr, epochs=epochs,
+    def create_lr_schedule(self):
+        lr = self.cfg.lr
+        return lr_per_iteration(lr.lr_schedule_type, lr=lr.lr, epochs=self.cfg.training.epochs,
                                 iters_per_epoch=len(self.train_loader),
-                                lr_peak_epoch=lr_peak_epoch, step_ratio=step_ratio,
-                                step_length=step_length,
-                                warmup_epochs=lr_config["warmup_epochs"],
-                                warmup_start_factor=lr_config["warmup_start_factor"])
+                                lr_peak_epoch=lr.lr_peak_epoch, step_ratio=lr.step_ratio,
+                                step_length=lr.step_length, warmup_epochs=lr.warmup_epochs,
+                                warmup_start_factor=lr.warmup_start_factor)
 
-    @param("resolution.min_res")
-    @param("resolution.max_res")
-    @param("resolution.start_ramp")
-    @param("resolution.end_ramp")
-    def resolution(self, epoch, min_res, max_res, start_ramp, end_ramp):
-        return resolution_at_epoch(epoch, min_res=min_res, max_res=max_res,
-                                   start_ramp=start_ramp, end_ramp=end_ramp)
+    def resolution(self, epoch):
+        ramp = self.cfg.resolution
+        return resolution_at_epoch(epoch, min_res=ramp.min_res, max_res=ramp.max_res,
+                                   start_ramp=ramp.start_ramp, end_ramp=ramp.end_ramp)
 
-    @param("training.compile")
-    def wrap_distributed(self, compile):
+    def wrap_distributed(self):
         """The module the training step calls: DDP around the model when a group runs,
         then torch.compile when training.compile=1 (DDP first, so that dynamo splits the
         graph at DDP's buckets). Validation and the record use self.model, uncompiled:
         the training shapes alone are compiled, one graph per resolution of the ramp."""
+        compile = self.cfg.training.compile
         wrapped = self.model
         if self.info.group_running:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -216,17 +202,17 @@ class Trainer:
             wrapped = compile_for_resolutions(wrapped, self.training_resolutions())
         return wrapped
 
-    @param("training.epochs")
-    def training_resolutions(self, epochs):
+    def training_resolutions(self):
+        epochs = self.cfg.training.epochs
         return sorted({self.resolution(epoch) for epoch in range(epochs)})
 
     # -- training --------------------------------------------------------------------
 
-    @param("training.epochs")
-    @param("training.checkpoint_every")
-    @param("logging.log_level")
-    def fit(self, epochs, checkpoint_every, log_level):
+    def fit(self):
         """Train the remaining epochs, then write the record. Returns the summary."""
+        epochs = self.cfg.training.epochs
+        checkpoint_every = self.cfg.training.checkpoint_every
+        log_level = self.cfg.logging.log_level
         final_logits, validated_last_epoch = None, False
         for epoch in range(self.start_epoch, epochs):
             train_stats = self.train_epoch(epoch)
@@ -280,16 +266,16 @@ class Trainer:
         the same gradients alike. With a GradScaler the gradients are first unscaled (the
         limit is on the true gradient); scaler.step then does not unscale them twice, and
         still skips the step if they hold inf/NaN."""
-        max_norm = self.nested["training"]["grad_clip_norm"]
+        max_norm = self.cfg.training.grad_clip_norm
         if max_norm <= 0:
             return
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    @param("training.epochs")
-    @param("logging.progress")
-    def train_epoch(self, epoch, epochs, progress):
+    def train_epoch(self, epoch):
+        epochs = self.cfg.training.epochs
+        progress = self.cfg.logging.progress
         self.ddp_model.train()
         loader = self.train_loader
         loader.set_epoch(epoch)
@@ -315,11 +301,11 @@ class Trainer:
             steps * self.info.world_size)
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
-        images = steps * self.nested["training"]["batch_size"] * self.info.world_size
+        images = steps * self.cfg.training.batch_size * self.info.world_size
         stats = {"lr": float(self.lr_schedule[first_iteration + steps - 1]),
                  "train_loss": float(mean_loss), "epoch_seconds": seconds,
                  "images_per_second": images / seconds, "resolution": loader.resolution}
-        if self.nested["augment"].get("decode") == "fast":
+        if self.cfg.augment.decode == "fast":
             # Images so far that the fast decoder handed to the exact one, by reason (this
             # rank's loader); the log says whether 'fast' really decoded the fast way.
             stats["decode_fallbacks"] = loader.decode_fallbacks
@@ -345,10 +331,10 @@ class Trainer:
 
     # -- validation ------------------------------------------------------------------
 
-    @param("validation.lr_tta")
-    def validate(self, lr_tta):
+    def validate(self):
         """Logits of every validation image, in the beton's order (float32 numpy on rank 0,
         None elsewhere). Each rank evaluates its share; rank 0 puts the rows in order."""
+        lr_tta = self.cfg.validation.lr_tta
         # Each rank updated its BatchNorm statistics on its own last batch: evaluate every
         # share of the validation set with rank 0's, the ones weights.pt will hold.
         distributed.broadcast_buffers(self.model, self.info)
@@ -392,24 +378,24 @@ class Trainer:
                 break
         return batches
 
-    @param("training.bn_recompute_batches")
-    @param("training.epochs")
-    def recompute_batchnorm(self, bn_recompute_batches, epochs):
+    def recompute_batchnorm(self):
         """training.bn_recompute_batches > 0: exact BatchNorm statistics of the final
         weights, on the batches of one more (seeded) epoch; every rank on its own shard
         (validation then uses rank 0's, as always)."""
+        bn_recompute_batches = self.cfg.training.bn_recompute_batches
+        epochs = self.cfg.training.epochs
         if bn_recompute_batches <= 0:
             return
         batches = self.training_inputs(epochs, bn_recompute_batches)
         with self.forked_rng(), self.autocast():
             recompute_bn_statistics(self.model, (inputs for inputs, _ in batches))
 
-    @param("training.epochs")
-    @param("training.bn_recompute_batches")
-    def check_batchnorm(self, epochs, bn_recompute_batches):
+    def check_batchnorm(self):
         """Top-1 on a few training batches with the running BatchNorm statistics and with
         recomputed ones (on a copy: the model is unchanged). A large gap means the
         evaluated network is not the trained one: say why and what to set."""
+        epochs = self.cfg.training.epochs
+        bn_recompute_batches = self.cfg.training.bn_recompute_batches
         if not self.info.is_main or not batchnorm_layers(self.model):
             return None
         batches = self.training_inputs(epochs, BN_CHECK_BATCHES)
@@ -437,23 +423,22 @@ class Trainer:
         extras["protocols"] = self.evaluate_extra_protocols()
         return {key: value for key, value in extras.items() if value}
 
-    @param("validation.protocols")
-    @param("validation.batch_size")
-    @param("validation.lr_tta")
-    @param("data.val_dataset")
-    @param("data.num_workers")
-    @param("data.in_memory")
-    def evaluate_extra_protocols(self, protocols, batch_size, lr_tta, val_dataset, num_workers,
-                                 in_memory):
+    def evaluate_extra_protocols(self):
         """validation.protocols on the final model (rank 0): their files, and the summary's
         `protocols` entry (ffcv_bias/evaluate.py; the same as evaluating weights.pt later)."""
+        protocols = self.cfg.validation.protocols
+        batch_size = self.cfg.validation.batch_size
+        lr_tta = self.cfg.validation.lr_tta
+        val_dataset = self.cfg.data.val_dataset
+        num_workers = self.cfg.data.num_workers
+        in_memory = self.cfg.data.in_memory
         if not protocols or not self.info.is_main:
             return None
         return evaluate.evaluate_protocols(
             self.model, self.run_dir, parse_protocols(protocols), val_dataset=val_dataset,
             labels=self.val_labels, num_classes=self.num_classes, batch_size=batch_size,
             num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta, device=self.device,
-            amp_dtype=self.amp_dtype, decode=self.nested["augment"].get("decode", "exact"))
+            amp_dtype=self.amp_dtype, decode=self.cfg.augment.decode)
 
     # -- the record ------------------------------------------------------------------
 
@@ -477,16 +462,16 @@ class Trainer:
         atomic.write_text(log_path, previous + json.dumps(entry) + "\n")
         crash_point("epoch-logged")
         top1 = "-" if entry["val_top1"] is None else f"{entry['val_top1']:.4f}"
-        print(f"epoch {epoch + 1}/{self.nested['training']['epochs']}  lr {entry['lr']:.4g}  "
+        print(f"epoch {epoch + 1}/{self.cfg.training.epochs}  lr {entry['lr']:.4g}  "
               f"train_loss {entry['train_loss']:.4f}  val_top1 {top1}  "
               f"{entry['epoch_seconds']:.1f} s  {entry['images_per_second']:.0f} img/s",
               flush=True)
 
-    @param("training.save_weights_at")
-    def keep_epoch_weights(self, epochs_done, save_weights_at):
+    def keep_epoch_weights(self, epochs_done):
         """weights_epoch<k>.pt after epoch k when training.save_weights_at lists k (the
         data-diet scores' early epoch of the normal schedule). The weights are only read,
         so the run goes on exactly as without it."""
+        save_weights_at = self.cfg.training.save_weights_at
         if epochs_done not in save_weights_at or not self.info.is_main:
             return
         weights = {name: tensor.detach().cpu().contiguous()
@@ -509,10 +494,10 @@ class Trainer:
             })
         distributed.barrier(self.info)
 
-    @param("training.seed")
-    @param("training.restart")
-    def resume_from_checkpoint(self, seed, restart):
+    def resume_from_checkpoint(self):
         """(first epoch to train, training seconds so far), loading checkpoint.pt if any."""
+        seed = self.cfg.training.seed
+        restart = self.cfg.training.restart
         path = self.run_dir / runs.CHECKPOINT_FILE
         state = None
         if path.is_file():
@@ -540,12 +525,12 @@ class Trainer:
             print(f"resuming {self.run_id} after epoch {state['epoch']}", flush=True)
         return state["epoch"], float(state["train_seconds"])
 
-    @param("training.epochs")
-    @param("data.val_dataset")
-    def write_record(self, logits, extras, epochs, val_dataset):
+    def write_record(self, logits, extras):
         """weights, logits, predictions and labels, then summary.json last (its presence =
         complete). top1 / per_class_acc come from val_preds.npy (the float32 argmax).
         `extras`: further summary entries (record_extras: bn_check, protocols)."""
+        epochs = self.cfg.training.epochs
+        val_dataset = self.cfg.data.val_dataset
         if not self.info.is_main:
             return None
         final = record.write_final(self.run_dir, self.model.state_dict(), logits,

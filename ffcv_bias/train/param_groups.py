@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _NormBase
 # _NormBase is the base of BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm1d/2d/3d.
 NORM_LAYER_TYPES = (_NormBase, nn.LayerNorm, nn.GroupNorm)
 # exempt set -> whether biases and no_weight_decay() parameters are exempt too (norm
-# layers always are, unless bn_weight_decay). train_config.WD_EXEMPT_SETS lists the names.
+# layers always are, unless bn_weight_decay). train/config.py WD_EXEMPT_SETS lists the names.
 EXEMPT_SETS = {"norm": False, "norm_bias_embed": True}
 DEFAULT_EXEMPT = "norm_bias_embed"
 

@@ -69,7 +69,8 @@ def trainer_args(config_files, overrides):
 
 def resolve_trainer_config(args, check_files=True):
     """The trainer's nested config for `args` (its own parser and, optionally, checks)."""
-    from ffcv_bias.train.config import resolve_config, validate_semantics
+    from ffcv_bias.train.checks import validate_semantics
+    from ffcv_bias.train.config import resolve_config
     try:
         nested = resolve_config(list(args))
         if check_files:

@@ -131,7 +131,7 @@ def check_sweep(path, shown=None):
     """Plan the sweep with the sweep package; check each run with the trainer's checks.
     shown=(staging, final): messages name the final paths, not the staging folder."""
     from ffcv_bias.sweep import SweepError, load_sweep, plan
-    from ffcv_bias.train.config import validate_semantics
+    from ffcv_bias.train.checks import validate_semantics
 
     def refuse(message):
         if shown:
