@@ -13,6 +13,8 @@ listed in tables, each line with its reason (and one change of order, RUN_FIRST)
   REWRITES      text replaced in a command (dataset roots -> tiny trees, fewer seeds ...);
   SHRUNK_FILES  config and sweep files the sandbox holds in a smaller version, same keys;
   PLACED        inputs the README names but no README command makes (the user's runs);
+  DEMO_SUBSETS  the demo's own subset betons, written smaller before it runs (it writes
+                them only if missing);
   ENVIRONMENT   process environment (one torch thread, stand-in sbatch/squeue/srun);
   PYTHON_SNIPPET_REWRITES  the ```python block's "cuda" -> "cpu".
 Nothing else changes. `python X.py ARGS` and `python -m M ARGS` run in this process
@@ -287,6 +289,23 @@ PLACED = {
 }
 
 
+# `make demo` writes its two subsets from the real Fashion-MNIST only when they are missing
+# (ffcv_bias/demo.py SUBSETS). (path, split, images, why); check_demo reads the first.
+DEMO_SUBSETS = [
+    ("data/fashion-mnist-5k_val.beton", "val", 1000,
+     "1,000 test images (100 per class) instead of 5,000: the demo validates each run at two "
+     "protocols with flip averaging, two thirds of a shrunk run's CPU (cProfile)"),
+]
+
+
+def write_demo_subsets(sandbox):
+    for relative, split, images, _ in DEMO_SUBSETS:
+        subprocess.run([sys.executable, "write_datasets.py", "--cfg.dataset=fashion-mnist",
+                        f"--cfg.split={split}", f"--cfg.subset={images}",
+                        f"--cfg.write_path={relative}"],
+                       cwd=sandbox.root, env=sandbox.env, check=True, capture_output=True)
+
+
 def apply_rewrites(command, values):
     """(the command after every rewrite that applies to it, their reasons); raises if
     one finds nothing."""
@@ -487,6 +506,8 @@ def check_diet_prune(sandbox, words, outcome):
 def check_demo(sandbox, words, outcome):
     from ffcv_bias.data.sidecar import check_beton
     assert check_beton(sandbox.path("data/fashion-mnist-1k_train.beton"))["num_samples"] == 1000
+    for relative, _, images, _ in DEMO_SUBSETS:  # reused, not rewritten
+        assert check_beton(sandbox.path(relative))["num_samples"] == images
     for report in ("demo/report", "demo/report_weight_decay"):
         analysis_outputs(sandbox.path(report))
     # Two sweeps, one folder: the weight-decay sweep trains only its own arm.
@@ -606,6 +627,7 @@ def make_sandbox(root):
     sandbox = Sandbox(root, sandbox_env(root), make_tiny_fashion_idx(root / "tiny_fashion"))
     for relative, (make, _) in PLACED.items():
         make(sandbox)
+    write_demo_subsets(sandbox)
     return sandbox
 
 

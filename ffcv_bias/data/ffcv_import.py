@@ -9,6 +9,11 @@ again. Only Python code reads the table (the decoders copy the numbers into thei
 closures before numba sees them; so do ffcv's writer and ffcv_bias/data/augment.py), so
 a plain dict with the same two entries is the same table. This finder runs that one
 module with `numba.typed.Dict` read as `dict`; everything else of ffcv is untouched.
+
+Seen since, and harmless: when garbage collection runs at another moment than before
+(under cProfile; in a child forked from a process that trained, as tests/test_faults.py's
+fork server did before it collected first), numba's dispatcher finalizers can print
+"Exception ignored ... KeyError" for pipelines ffcv compiled; plain trainer runs: 0 of 5.
 """
 import importlib.abc
 import importlib.machinery
