@@ -203,21 +203,27 @@ def test_fast_decode_is_recorded_and_trains_like_exact_below_twice_the_output(
 # Weight decay groups as the trainer builds them
 # --------------------------------------------------------------------------------------
 
-def test_optimizer_keeps_weight_decay_off_every_batchnorm(tiny_fashion_betons, tmp_path):
+def build_trainer(nested, run_dir):
+    """A Trainer of `nested` in this process (one rank, no process group), with the torch
+    settings it changes restored once it is built."""
     from ffcv_bias.train import distributed
     from ffcv_bias.train.loop import Trainer
     from ffcv_bias.train.state import StopRequest, restore_torch_settings
+    settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    try:
+        with StopRequest() as stop:
+            return Trainer(run_config(nested), run_dir,
+                           distributed.setup(0, 1, 0, 1, start_group=False), stop)
+    finally:
+        restore_torch_settings(*settings)
+
+
+def test_optimizer_keeps_weight_decay_off_every_batchnorm(tiny_fashion_betons, tmp_path):
     for bn_flag, bn_decays in (("--training.bn_wd=0", False), ("--training.bn_wd=1", True)):
         nested = resolve_config(train_args(tiny_fashion_betons, tmp_path, "--model.arch=resnet18",
                                            "--resolution.min_res=32", "--resolution.max_res=32",
                                            bn_flag))
-        settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-        try:
-            with StopRequest() as stop:
-                trainer = Trainer(run_config(nested), tmp_path,
-                                  distributed.setup(0, 1, 0, 1, start_group=False), stop)
-        finally:
-            restore_torch_settings(*settings)
+        trainer = build_trainer(nested, tmp_path)
         decay_of = {}
         for group in trainer.optimizer.param_groups:
             for parameter in group["params"]:
@@ -235,20 +241,11 @@ def test_the_trainer_reads_its_own_config_not_the_last_one_parsed(tiny_fashion_b
                                                                   tmp_path):
     """Trainer(run_config(nested)) trains `nested`, whatever config was parsed after it
     (fastargs keeps the last parsed one in global state, which the trainer once read)."""
-    from ffcv_bias.train import distributed
-    from ffcv_bias.train.loop import Trainer
-    from ffcv_bias.train.state import StopRequest, restore_torch_settings
     nested = resolve_config(train_args(tiny_fashion_betons, tmp_path, "--training.epochs=3"))
     resolve_config(train_args(tiny_fashion_betons, tmp_path, "--training.epochs=7",
                               "--resolution.min_res=32", "--resolution.max_res=32",
                               "--training.batch_size=64"))
-    settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    try:
-        with StopRequest() as stop:
-            trainer = Trainer(run_config(nested), tmp_path,
-                              distributed.setup(0, 1, 0, 1, start_group=False), stop)
-    finally:
-        restore_torch_settings(*settings)
+    trainer = build_trainer(nested, tmp_path)
     assert trainer.resolution(0) == 28 and trainer.train_loader.loader.batch_size == 32
     assert len(trainer.lr_schedule) == 3 * len(trainer.train_loader)
     assert trainer.run_id == runs.run_id(nested)
