@@ -101,7 +101,7 @@ def test_the_project_errors_are_one_family():
     from ffcv_bias.evaluate import EvaluateError
     from ffcv_bias.studies.class_bounds import BoundsError
     from ffcv_bias.studies.diet.common import DietError, TrainingFailed
-    from ffcv_bias.studies.preservation import StudyError
+    from ffcv_bias.studies.preservation.cli import StudyError
     from ffcv_bias.sweep.spec import SweepError
     usage = (ConfigError, BoundsError, DietError, StudyError, SweepError)
     assert all(issubclass(cls, errors.UserError) and cls.exit_code == errors.EXIT_USAGE

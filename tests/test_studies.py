@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from ffcv_bias.record import runs
-from ffcv_bias.studies import class_bounds, preservation, trained, transfer
+from ffcv_bias.studies import class_bounds, trained, transfer
+from ffcv_bias.studies.preservation import cli as preservation_cli
+from ffcv_bias.studies.preservation import figures as preservation_figures
+from ffcv_bias.studies.preservation import tables as preservation_tables
+from ffcv_bias.studies.preservation import transforms as preservation_transforms
 
 EPOCHS = 3
 
@@ -114,7 +118,7 @@ PRESERVATION_SETTINGS = ["--crop", "1,0.5,0.08", "--cutout", "0,0.5", "--jitter"
 def preservation_out(source_runs, tiny_fashion_betons, tmp_path_factory):
     train, val = tiny_fashion_betons
     out = tmp_path_factory.mktemp("preservation")
-    code = preservation.main(["--weights", str(source_runs[1.0]), "--dataset", str(val),
+    code = preservation_cli.main(["--weights", str(source_runs[1.0]), "--dataset", str(val),
                               "--train-dataset", str(train), "--max-train-images", "100",
                               *PRESERVATION_SETTINGS, "--out", str(out)])
     assert code == 0
@@ -144,7 +148,7 @@ def test_preservation_writes_tables_and_figures(preservation_out):
 def test_whole_image_crop_equals_plain_validation(preservation_out, source_runs,
                                                   tiny_fashion_betons):
     """alpha = 100% is the whole image resized: the validation loader with crop_ratio 1.0."""
-    model, info = preservation.load_trained_model(source_runs[1.0])
+    model, info = preservation_cli.load_trained_model(source_runs[1.0])
     expected, _ = plain_eval_per_class(model, tiny_fashion_betons[1], info["num_classes"])
     per_class = pd.read_csv(preservation_out / "per_class.csv")
     rows = per_class[(per_class["split"] == "val") & (per_class["transform"] == "crop")
@@ -173,7 +177,7 @@ def test_label_loss_is_the_first_strength_below_the_threshold(preservation_out):
         block = per_class[(per_class["split"] == row.split)
                           & (per_class["transform"] == row.transform)
                           & (per_class["class"] == row._3)]
-        order = preservation.mild_to_strong(row.transform, block["setting"].tolist())
+        order = preservation_tables.mild_to_strong(row.transform, block["setting"].tolist())
         curve = block.set_index("setting").loc[order, "mean_acc"].to_numpy()
         assert row.clean_acc == curve[0]
         if curve[0] == 0:
@@ -195,7 +199,7 @@ def test_label_loss_table_by_hand():
             rows.append({"split": "val", "transform": "crop", "setting": setting,
                          "class": class_index, "class_name": f"c{class_index}",
                          "n_runs": 1, "mean_acc": acc, "std_acc": 0.0})
-    table = preservation.label_loss_table(pd.DataFrame(rows), 0.5).set_index("class")
+    table = preservation_tables.label_loss_table(pd.DataFrame(rows), 0.5).set_index("class")
     assert table.at[0, "loss_setting"] == 0.1 and table.at[0, "last_preserving_setting"] == 0.5
     assert not table.at[1, "lost"] and table.at[1, "last_preserving_setting"] == 0.1
     assert np.isnan(table.at[2, "last_preserving_setting"])
@@ -210,7 +214,7 @@ def test_preservation_from_a_bare_state_dict_is_reproducible(preservation_out, s
     bare = tmp_path / "model.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, bare)
     out = tmp_path / "bare"
-    code = preservation.main(["--weights", str(bare), "--arch", "resnet8", "--resolution", "28",
+    code = preservation_cli.main(["--weights", str(bare), "--arch", "resnet8", "--resolution", "28",
                               "--dataset", str(tiny_fashion_betons[1]), "--transforms", "crop",
                               "--crop", "1,0.5", "--draws", "2", "--workers", "1",
                               "--batch-size", "64", "--no-figures", "--out", str(out)])
@@ -225,39 +229,38 @@ def test_preservation_from_a_bare_state_dict_is_reproducible(preservation_out, s
 def test_preservation_errors_are_one_line(source_runs, tiny_fashion_betons, tmp_path, capsys):
     val = str(tiny_fashion_betons[1])
     weights = str(source_runs[1.0] / runs.WEIGHTS_FILE)
-    assert preservation.main(["--weights", weights, "--dataset", val,
+    assert preservation_cli.main(["--weights", weights, "--dataset", val,
                               "--out", str(tmp_path)]) == 2
     assert "pass --arch" in capsys.readouterr().err
-    assert preservation.main(["--weights", weights, "--arch", "resnet20", "--dataset", val,
+    assert preservation_cli.main(["--weights", weights, "--arch", "resnet20", "--dataset", val,
                               "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()
     assert "do not fit resnet20" in error and len(error.splitlines()) == 1
-    assert preservation.main(["--weights", str(source_runs[1.0]), "--dataset", val,
+    assert preservation_cli.main(["--weights", str(source_runs[1.0]), "--dataset", val,
                               "--crop", "0.5,0.1", "--out", str(tmp_path)]) == 2
     assert "must include the identity" in capsys.readouterr().err
 
 
 def test_transforms():
+    draws = preservation_transforms._CUTOUT_DRAWS
+    uniforms_of = preservation_transforms.per_image_uniforms
     images = torch.full((4, 3, 10, 10), 7.0)
-    uniforms = preservation.per_image_uniforms(3, 0, np.arange(4), preservation._CUTOUT_DRAWS,
-                                               2, "cpu")
-    again = preservation.per_image_uniforms(3, 0, np.arange(2, 4), preservation._CUTOUT_DRAWS,
-                                            2, "cpu")
+    uniforms = uniforms_of(3, 0, np.arange(4), draws, 2, "cpu")
+    again = uniforms_of(3, 0, np.arange(2, 4), draws, 2, "cpu")
     torch.testing.assert_close(uniforms[2:], again)   # a function of the image index only
-    other_draw = preservation.per_image_uniforms(3, 1, np.arange(4),
-                                                 preservation._CUTOUT_DRAWS, 2, "cpu")
+    other_draw = uniforms_of(3, 1, np.arange(4), draws, 2, "cpu")
     assert not torch.equal(uniforms, other_draw)
-    cut = preservation.cutout(images, 0.5, uniforms)
+    cut = preservation_transforms.cutout(images, 0.5, uniforms)
     assert ((cut == 0).sum(dim=(1, 2, 3)) == 3 * 5 * 5).all()
-    assert torch.equal(preservation.cutout(images, 0.0, uniforms), images)
+    assert torch.equal(preservation_transforms.cutout(images, 0.0, uniforms), images)
     raw = torch.rand(4, 3, 8, 8) * 255
     factors = torch.rand(4, 3)
-    assert torch.allclose(preservation.color_jitter(raw, 0.0, factors), raw, atol=1e-3)
-    jittered = preservation.color_jitter(raw, 0.9, factors)
+    assert torch.allclose(preservation_transforms.color_jitter(raw, 0.0, factors), raw, atol=1e-3)
+    jittered = preservation_transforms.color_jitter(raw, 0.9, factors)
     assert jittered.min() >= 0 and jittered.max() <= 255
     assert not torch.allclose(jittered, raw)
     grey = torch.full((1, 3, 4, 4), 100.0)
-    darker = preservation.color_jitter(grey, 0.5, torch.tensor([[0.0, 0.5, 0.5]]))
+    darker = preservation_transforms.color_jitter(grey, 0.5, torch.tensor([[0.0, 0.5, 0.5]]))
     torch.testing.assert_close(darker, torch.full_like(grey, 50.0))  # brightness 0.5 only
 
 
@@ -306,7 +309,7 @@ def test_transfer_writes_probe_run_records(transfer_out, source_runs, target_bet
 def test_probe_weights_are_a_whole_model(transfer_out, target_betons):
     """weights.pt = backbone + probe: create_model(arch, 5 classes) reproduces the logits."""
     probe_dir = sorted(p for p in transfer_out.iterdir() if p.is_dir())[0]
-    model, info = preservation.load_trained_model(probe_dir)
+    model, info = preservation_cli.load_trained_model(probe_dir)
     assert info["num_classes"] == 5
     _, logits = plain_eval_per_class(model, target_betons[1], 5)
     saved = np.load(probe_dir / runs.VAL_LOGITS_FILE).astype(np.float32)
@@ -528,11 +531,12 @@ def test_figures_name_the_extreme_classes_when_there_are_many(tmp_path):
                           "n_runs": 2, "mean_acc": accuracies.mean(), "std_acc": 0.0})
     per_class = pd.DataFrame(rows)
     curves = per_class.pivot(index="class", columns="setting", values="mean_acc")[[1.0, 0.5, 0.1]]
-    named = preservation._named_classes(curves)
+    named = preservation_figures._named_classes(curves)
     robustness = curves.mean(axis=1) / curves[1.0]
     assert len(named) == 10
     assert set(named) == set(robustness.nsmallest(5).index) | set(robustness.nlargest(5).index)
-    written = preservation.make_figures(per_class, pd.DataFrame(mean_rows), tmp_path, "model")
+    written = preservation_figures.make_figures(per_class, pd.DataFrame(mean_rows), tmp_path,
+                                                "model")
     assert [p.name for p in written] == ["val_crop.png", "mean_curves.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
 
@@ -560,4 +564,4 @@ def test_one_loader_builds_every_study_s_model(tmp_path):
                                                  "BlurPool: fc.bias is \\(10,\\)") as error:
         trained.build_model("resnet8", 7, state, **options)
     assert len(str(error.value).splitlines()) == 1
-    assert preservation.load_trained_model is trained.load_trained_model
+    assert preservation_cli.load_trained_model is trained.load_trained_model
