@@ -290,7 +290,8 @@ PLACED = {
 
 
 # `make demo` writes its two subsets from the real Fashion-MNIST only when they are missing
-# (ffcv_bias/demo.py SUBSETS). (path, split, images, why); check_demo reads the first.
+# (ffcv_bias/demo.py SUBSETS). (path, split, images, why); check_demo asserts the demo
+# reused each one.
 DEMO_SUBSETS = [
     ("data/fashion-mnist-5k_val.beton", "val", 1000,
      "1,000 test images (100 per class) instead of 5,000: the demo validates each run at two "
