@@ -306,18 +306,14 @@ def run_config(nested):
     config behind its back. Each section is a frozen dataclass whose fields are its keys,
     typed as the fastargs checkers left the values; lists become tuples.
     `config_dict(cfg)` gives `nested` back (config.json and the run_id come from it)."""
-    sections = {name: _frozen(f"{name.capitalize()}Config", values)
-                for name, values in nested.items()}
-    return _frozen_class("RunConfig", tuple((name, type(section))
-                                            for name, section in sections.items()))(**sections)
+    return _frozen("RunConfig", {name: _frozen(f"{name.capitalize()}Config", values)
+                                 for name, values in nested.items()})
 
 
 def config_dict(cfg):
     """The nested dict `run_config` was built from (equal to it: tuples back to lists)."""
-    return {field.name: {key.name: _thaw(getattr(section, key.name))
-                         for key in dataclasses.fields(section)}
-            for field in dataclasses.fields(cfg)
-            for section in (getattr(cfg, field.name),)}
+    return {name: {key: _thaw(value) for key, value in vars(section).items()}
+            for name, section in vars(cfg).items()}
 
 
 def replace_values(cfg, changes):

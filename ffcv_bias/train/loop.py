@@ -2,12 +2,11 @@
 
 The shape is ffcv-imagenet's trainer (one class, one method per job), reading one frozen
 run config (`Trainer(cfg)`, train/config.py `run_config`) instead of fastargs' global
-state, with its gaps closed: weight decay is kept off
-every normalization layer whatever its name, each run's data order and crops are seeded,
-the train loss is logged, per-class validation accuracy is logged every epoch, and a
-run can be stopped at any moment and resumed bit for bit (train/state.py). Processes,
-run directories and errors are train/launch.py's; the record's files are
-docs/DESIGN.md's.
+state, with its gaps closed: weight decay is kept off every normalization layer whatever
+its name, each run's data order and crops are seeded, the train loss is logged,
+per-class validation accuracy is logged every epoch, and a run can be stopped at any
+moment and resumed bit for bit (train/state.py). Processes, run directories and errors
+are train/launch.py's; the record's files are docs/DESIGN.md's.
 """
 import json
 import random
@@ -48,8 +47,6 @@ CUDA_CHECK_EVERY_STEPS = 25
 # recomputed and running statistics above which it warns (a healthy run: a few points).
 BN_CHECK_BATCHES = 4
 BN_MISMATCH_WARNING = 0.15
-
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,50 +103,37 @@ class Trainer:
         torch.manual_seed(seed)  # the model's initialization: the same on every rank
 
     def create_train_loader(self):
-        train_dataset = self.cfg.data.train_dataset
-        in_memory = self.cfg.data.in_memory
-        keep_indices = self.cfg.data.keep_indices
-        batch_size = self.cfg.training.batch_size
-        seed = self.cfg.training.seed
-        min_scale = self.cfg.augment.min_scale
-        max_scale = self.cfg.augment.max_scale
-        flip = self.cfg.augment.flip
-        class_min_scale = self.cfg.augment.class_min_scale
-        decode = self.cfg.augment.decode
+        data, augment = self.cfg.data, self.cfg.augment
         indices = None
-        if keep_indices:
-            indices = read_keep_indices(keep_indices, int(self.sidecar["num_samples"]))
+        if data.keep_indices:
+            indices = read_keep_indices(data.keep_indices, int(self.sidecar["num_samples"]))
         class_bounds = None
-        if class_min_scale:
-            class_bounds = read_class_min_scale(class_min_scale, self.num_classes)
+        if augment.class_min_scale:
+            class_bounds = read_class_min_scale(augment.class_min_scale, self.num_classes)
         return create_train_loader(
-            train_dataset, batch_size=batch_size, resolution=self.resolution(0), seed=seed,
-            min_scale=min_scale, max_scale=max_scale, flip=flip,
+            data.train_dataset, batch_size=self.cfg.training.batch_size,
+            resolution=self.resolution(0), seed=self.cfg.training.seed,
+            min_scale=augment.min_scale, max_scale=augment.max_scale, flip=augment.flip,
             class_min_scale=class_bounds, num_workers=self.loader_threads,
-            distributed=self.info.group_running, indices=indices, in_memory=in_memory,
-            device=self.device, decode=decode)
+            distributed=self.info.group_running, indices=indices, in_memory=data.in_memory,
+            device=self.device, decode=augment.decode)
 
     def create_val_loader(self):
-        val_dataset = self.cfg.data.val_dataset
-        in_memory = self.cfg.data.in_memory
-        batch_size = self.cfg.validation.batch_size
-        resolution = self.cfg.validation.resolution
-        crop_ratio = self.cfg.validation.crop_ratio
-        decode = self.cfg.augment.decode
-        return create_val_loader(val_dataset, batch_size=batch_size, resolution=resolution,
-                                 crop_ratio=crop_ratio, num_workers=self.loader_threads,
-                                 distributed=self.info.group_running, in_memory=in_memory,
-                                 device=self.device, decode=decode)
+        validation = self.cfg.validation
+        return create_val_loader(self.cfg.data.val_dataset, batch_size=validation.batch_size,
+                                 resolution=validation.resolution,
+                                 crop_ratio=validation.crop_ratio,
+                                 num_workers=self.loader_threads,
+                                 distributed=self.info.group_running,
+                                 in_memory=self.cfg.data.in_memory, device=self.device,
+                                 decode=self.cfg.augment.decode)
 
     def create_model_and_scaler(self):
-        arch = self.cfg.model.arch
-        dropout = self.cfg.model.dropout
-        drop_path = self.cfg.model.drop_path
-        use_blurpool = self.cfg.training.use_blurpool
-        amp_dtype = self.cfg.training.amp_dtype
+        arch, amp_dtype = self.cfg.model.arch, self.cfg.training.amp_dtype
         try:
-            model = create_model(arch, self.num_classes, dropout=dropout,
-                                 use_blurpool=use_blurpool, drop_path=drop_path)
+            model = create_model(arch, self.num_classes, dropout=self.cfg.model.dropout,
+                                 use_blurpool=self.cfg.training.use_blurpool,
+                                 drop_path=self.cfg.model.drop_path)
         except ValueError as error:
             raise ConfigError(f"model.arch={arch}: {error}") from None
         model = model.to(self.device, memory_format=torch.channels_last)
@@ -426,18 +410,14 @@ class Trainer:
     def evaluate_extra_protocols(self):
         """validation.protocols on the final model (rank 0): their files, and the summary's
         `protocols` entry (ffcv_bias/evaluate.py; the same as evaluating weights.pt later)."""
-        protocols = self.cfg.validation.protocols
-        batch_size = self.cfg.validation.batch_size
-        lr_tta = self.cfg.validation.lr_tta
-        val_dataset = self.cfg.data.val_dataset
-        num_workers = self.cfg.data.num_workers
-        in_memory = self.cfg.data.in_memory
-        if not protocols or not self.info.is_main:
+        validation, data = self.cfg.validation, self.cfg.data
+        if not validation.protocols or not self.info.is_main:
             return None
         return evaluate.evaluate_protocols(
-            self.model, self.run_dir, parse_protocols(protocols), val_dataset=val_dataset,
-            labels=self.val_labels, num_classes=self.num_classes, batch_size=batch_size,
-            num_workers=num_workers, in_memory=in_memory, lr_tta=lr_tta, device=self.device,
+            self.model, self.run_dir, parse_protocols(validation.protocols),
+            val_dataset=data.val_dataset, labels=self.val_labels, num_classes=self.num_classes,
+            batch_size=validation.batch_size, num_workers=data.num_workers,
+            in_memory=data.in_memory, lr_tta=validation.lr_tta, device=self.device,
             amp_dtype=self.amp_dtype, decode=self.cfg.augment.decode)
 
     # -- the record ------------------------------------------------------------------
