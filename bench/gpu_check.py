@@ -329,10 +329,9 @@ def train_here(args):
     """(exit code, output) of train_imagenet.py's main run in this process: the same code
     as the subprocesses, without a second start-up (imports, numba's typed-dict compile)."""
     from ffcv_bias.train.launch import main as train_main
-    from ffcv_bias.train.state import restore_torch_settings
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    # training.deterministic=1 turns cudnn's autotuner off: the throughput sections after
-    # this one must not measure with it off.
+    # train_worker restores torch's threads and determinism; training.deterministic=1 also
+    # turns cudnn's autotuner off: the throughput sections after this one must not
+    # measure with it off.
     cudnn = torch.backends.cudnn
     cudnn_flags = (cudnn.benchmark, cudnn.deterministic)
     output = io.StringIO()
@@ -340,7 +339,6 @@ def train_here(args):
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
             code = train_main(args)
     finally:
-        restore_torch_settings(threads, deterministic)
         cudnn.benchmark, cudnn.deterministic = cudnn_flags
     return code, output.getvalue()
 
@@ -408,21 +406,17 @@ def check_ddp_epoch(options, report, betons, folder, device):
 # The trainer in this process: syncs per step, img/s, loader wait
 # ----------------------------------------------------------------------------------------
 
-def build_trainer(options, betons, run_dir, epochs, stop):
-    from ffcv_bias.train import distributed
-    from ffcv_bias.train.loop import Trainer
-    from ffcv_bias.train.config import resolve_config, run_config
+def trainer_config(options, betons, run_dir, epochs):
+    from ffcv_bias.train.config import resolve_config
     train, val = betons
     resolution = options.resolution_list[0]
-    nested = resolve_config([
+    return resolve_config([
         f"--data.train_dataset={train}", f"--data.val_dataset={val}",
         f"--logging.folder={run_dir}", "--logging.progress=0", f"--model.arch={options.arch}",
         f"--training.epochs={epochs}", f"--training.batch_size={options.batch}",
         "--lr.lr=0.5", "--lr.lr_peak_epoch=0", "--lr.lr_schedule_type=cosine",
         f"--resolution.min_res={resolution}", f"--resolution.max_res={resolution}",
         f"--data.num_workers={options.threads}"])
-    return Trainer(run_config(nested), run_dir,
-                   distributed.setup(0, 1, 0, 1, start_group=False), stop)
 
 
 def count_syncs(device, work):
@@ -440,12 +434,11 @@ def count_syncs(device, work):
 def check_trainer(options, report, betons, device):
     sys.path.insert(0, str(REPO / "bench"))
     from train_step import TimedLoader
-    from ffcv_bias.train.state import StopRequest, restore_torch_settings
+    from ffcv_bias.train.launch import trainer_in_this_process
     steps_per_epoch = options.images // options.batch
     epochs = max(1, math.ceil(options.steps / max(1, steps_per_epoch)))
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    with tempfile.TemporaryDirectory() as run_dir, StopRequest() as stop:
-        trainer = build_trainer(options, betons, run_dir, epochs + 1, stop)
+    with tempfile.TemporaryDirectory() as run_dir, trainer_in_this_process(
+            trainer_config(options, betons, run_dir, epochs + 1), run_dir) as trainer:
         trainer.train_epoch(0)  # warm-up: numba compiles the pipeline, cudnn picks kernels
         timed = trainer.train_loader = TimedLoader(trainer.train_loader)
 
@@ -461,7 +454,6 @@ def check_trainer(options, report, betons, device):
             seconds, syncs = count_syncs(device, timed_epochs)
         else:
             seconds, syncs = timed_epochs(), None
-    restore_torch_settings(threads, deterministic)
     steps = epochs * steps_per_epoch
     images_per_second = steps * options.batch / seconds
     wait_share = timed.wait_seconds / seconds
@@ -639,7 +631,7 @@ def parse_arguments(argv):
         options.width_height = (width, height)
         options.resolution_list = [int(part) for part in options.resolutions.split(",")]
     except ValueError:
-        parser.error(f"--size must be WIDTHxHEIGHT and --resolutions a comma list of integers")
+        parser.error("--size must be WIDTHxHEIGHT and --resolutions a comma list of integers")
     if options.threads <= 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         options.threads = max(1, cores - 1)

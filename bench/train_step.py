@@ -24,11 +24,9 @@ import time
 import torch
 from fastargs import Param, Section, get_current_config
 
-from ffcv_bias.train import distributed
 from ffcv_bias.common.errors import EXIT_OK, main_guard
-from ffcv_bias.train.loop import Trainer
-from ffcv_bias.train.state import StopRequest
-from ffcv_bias.train.config import declare_sections, resolve_config, run_config
+from ffcv_bias.train.config import declare_sections, resolve_config
+from ffcv_bias.train.launch import trainer_in_this_process
 
 
 class TimedLoader:
@@ -107,9 +105,8 @@ def parse(argv):
 def main(argv=None):
     nested, bench = parse(argv)  # a bad config: ConfigError, exit 2
     pairs, bare_batches = bench["pairs"], bench["bare_batches"]
-    with tempfile.TemporaryDirectory() as run_dir, StopRequest() as stop:
-        trainer = Trainer(run_config(nested), run_dir,
-                          distributed.setup(0, 1, 0, 1, start_group=False), stop)
+    with tempfile.TemporaryDirectory() as run_dir, \
+            trainer_in_this_process(nested, run_dir) as trainer:
         print(f"{nested['model']['arch']}, batch {nested['training']['batch_size']}, "
               f"{trainer.resolution(0)} px, {len(trainer.train_loader)} steps/epoch, "
               f"{torch.get_num_threads()} torch threads, "

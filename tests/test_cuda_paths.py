@@ -18,14 +18,12 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
-from test_train import (REPO, run_dir_of, train_args, train_in_process, train_subprocess)
+from test_train import REPO, run_dir_of, train_args, train_subprocess
 from ffcv_bias.train import distributed, launch, loop
 from ffcv_bias.train import state as train_state
 from ffcv_bias.train.optimizer import build_optimizer

@@ -1,7 +1,5 @@
 """The curves figure must not hide the loser: a class that gains at the setting mean
 accuracy picks but collapses at another one is drawn among the losers, labelled with both."""
-import numpy as np
-
 from ffcv_bias.analysis import figures, stats, tables
 from ffcv_bias.analysis.records import load_runs
 from ffcv_bias.analysis.synthetic import make_synthetic_runs

@@ -484,7 +484,7 @@ def test_save_weights_at_keeps_that_epochs_weights_and_changes_nothing(
     logits; the kept weights are the epoch-1 model (they reproduce log.jsonl's epoch-1
     per-class accuracy on the val set)."""
     from ffcv_bias.train import launch
-    from ffcv_bias.data.loaders import create_val_loader, normalize
+    from ffcv_bias.data.loaders import create_val_loader
     base = trainer_overrides(tiny_fashion_betons) + ["--validation.lr_tta=0"]
     folders = {name: tmp_path / name for name in ("plain", "kept")}
     assert launch.main(base + [f"--logging.folder={folders['plain']}"]) == 0

@@ -7,8 +7,6 @@ reproduces the old behaviour; a change that is meant to rename runs regenerates 
 with `python tests/data/make_run_id_pins.py` and says why in its commit.
 """
 import json
-import os
-from pathlib import Path
 
 import pytest
 

@@ -19,7 +19,7 @@ import torch
 
 from ffcv_bias.record import runs
 from ffcv_bias.common.errors import EXIT_OK
-from ffcv_bias.train.config import resolve_config, run_config
+from ffcv_bias.train.config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train_imagenet.py"
@@ -203,32 +203,17 @@ def test_fast_decode_is_recorded_and_trains_like_exact_below_twice_the_output(
 # Weight decay groups as the trainer builds them
 # --------------------------------------------------------------------------------------
 
-def build_trainer(nested, run_dir):
-    """A Trainer of `nested` in this process (one rank, no process group), with the torch
-    settings it changes restored once it is built."""
-    from ffcv_bias.train import distributed
-    from ffcv_bias.train.loop import Trainer
-    from ffcv_bias.train.state import StopRequest, restore_torch_settings
-    settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    try:
-        with StopRequest() as stop:
-            return Trainer(run_config(nested), run_dir,
-                           distributed.setup(0, 1, 0, 1, start_group=False), stop)
-    finally:
-        restore_torch_settings(*settings)
-
-
 def test_optimizer_keeps_weight_decay_off_every_batchnorm(tiny_fashion_betons, tmp_path):
     for bn_flag, bn_decays in (("--training.bn_wd=0", False), ("--training.bn_wd=1", True)):
         nested = resolve_config(train_args(tiny_fashion_betons, tmp_path, "--model.arch=resnet18",
                                            "--resolution.min_res=32", "--resolution.max_res=32",
                                            bn_flag))
-        trainer = build_trainer(nested, tmp_path)
-        decay_of = {}
-        for group in trainer.optimizer.param_groups:
-            for parameter in group["params"]:
-                decay_of[id(parameter)] = group["weight_decay"]
-        named = dict(trainer.model.named_parameters())
+        from ffcv_bias.train.launch import trainer_in_this_process
+        with trainer_in_this_process(nested, tmp_path) as trainer:
+            decay_of = {id(parameter): group["weight_decay"]
+                        for group in trainer.optimizer.param_groups
+                        for parameter in group["params"]}
+            named = dict(trainer.model.named_parameters())
         # ffcv-imagenet's name filter ('bn' in name) decays this one; we do not.
         assert decay_of[id(named["layer2.0.downsample.1.weight"])] == (5e-4 if bn_decays else 0)
         assert decay_of[id(named["layer1.0.bn1.weight"])] == (5e-4 if bn_decays else 0)
@@ -245,10 +230,11 @@ def test_the_trainer_reads_its_own_config_not_the_last_one_parsed(tiny_fashion_b
     resolve_config(train_args(tiny_fashion_betons, tmp_path, "--training.epochs=7",
                               "--resolution.min_res=32", "--resolution.max_res=32",
                               "--training.batch_size=64"))
-    trainer = build_trainer(nested, tmp_path)
-    assert trainer.resolution(0) == 28 and trainer.train_loader.loader.batch_size == 32
-    assert len(trainer.lr_schedule) == 3 * len(trainer.train_loader)
-    assert trainer.run_id == runs.run_id(nested)
+    from ffcv_bias.train.launch import trainer_in_this_process
+    with trainer_in_this_process(nested, tmp_path) as trainer:
+        assert trainer.resolution(0) == 28 and trainer.train_loader.loader.batch_size == 32
+        assert len(trainer.lr_schedule) == 3 * len(trainer.train_loader)
+        assert trainer.run_id == runs.run_id(nested)
 
 
 # --------------------------------------------------------------------------------------

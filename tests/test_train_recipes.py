@@ -15,7 +15,7 @@ from ffcv_bias.train.schedules import lr_per_iteration
 from ffcv_bias.sweep.spec import load_sweep, plan
 from ffcv_bias.common.errors import EXIT_OK
 from ffcv_bias.train.checks import ARCHS_WITHOUT_DROP_PATH, validate_semantics
-from ffcv_bias.train.config import replace_values, resolve_config, run_config
+from ffcv_bias.train.config import replace_values, resolve_config
 from fixtures_datasets import placeholder_betons
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,22 +263,6 @@ def one_torch_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def build_trainer(nested, run_dir):
-    import torch
-
-    from ffcv_bias.train import distributed
-    from ffcv_bias.train.loop import Trainer
-    from ffcv_bias.train.state import StopRequest, restore_torch_settings
-    settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    try:
-        with StopRequest() as stop:
-            return Trainer(run_config(nested), run_dir,
-                           distributed.setup(0, 1, 0, 1, start_group=False), stop), settings
-    except BaseException:
-        restore_torch_settings(*settings)
-        raise
-
-
 def global_grad_norm(model):
     import torch
     return float(torch.linalg.vector_norm(
@@ -289,12 +273,11 @@ def test_vit_small_trains_with_adamw_warmup_and_clipping(tiny_fashion_betons, tm
                                                          one_torch_thread):
     import torch
 
-    from ffcv_bias.train.state import restore_torch_settings
+    from ffcv_bias.train.launch import trainer_in_this_process
     nested = resolve_config(tiny_args(tiny_fashion_betons, tmp_path, "vit_small"))
     validate_semantics(nested)
     (tmp_path / "run").mkdir()
-    trainer, settings = build_trainer(nested, tmp_path / "run")
-    try:
+    with trainer_in_this_process(nested, tmp_path / "run") as trainer:
         assert isinstance(trainer.optimizer, torch.optim.AdamW)
         steps = len(trainer.train_loader)
         assert steps == 6  # 300 kept images / 50
@@ -324,8 +307,6 @@ def test_vit_small_trains_with_adamw_warmup_and_clipping(tiny_fashion_betons, tm
         trainer.cfg = replace_values(trainer.cfg, {"training.grad_clip_norm": 1.0})
 
         summary = trainer.fit()
-    finally:
-        restore_torch_settings(*settings)
     assert summary["epochs"] == 2 and len(summary["per_class_acc"]) == 10
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [entry["lr"] for entry in log] == pytest.approx(

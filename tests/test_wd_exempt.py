@@ -8,7 +8,7 @@ from ffcv_bias.record import runs
 from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.train.models import create_model, describe_weight_decay, weight_decay_groups
 from ffcv_bias.train.param_groups import EXEMPT_SETS, NORM_LAYER_TYPES
-from ffcv_bias.sweep.spec import load_sweep, plan
+from ffcv_bias.sweep.spec import load_sweep
 from ffcv_bias.train.checks import validate_semantics
 from ffcv_bias.train.config import WD_EXEMPT_DEFAULT, WD_EXEMPT_SETS, resolve_config
 from fixtures_datasets import placeholder_betons

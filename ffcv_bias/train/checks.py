@@ -9,6 +9,7 @@ from pathlib import Path
 from ffcv_bias.common.errors import EXIT_OK
 from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
 from ffcv_bias.data.sources import DatasetError
+from ffcv_bias.record import runs
 from ffcv_bias.record.protocols import complete_run_hint
 from ffcv_bias.train.config import (read_class_min_scale, read_keep_indices, read_sidecar,
                                     resolve_config)
@@ -253,7 +254,6 @@ CHANGED_BETON_REMEDY = ("to train on the new beton use another logging.folder (s
 def check_recorded_betons(run_dir, nested):
     """Refuse to reuse or resume a run whose config.json records other betons than the
     ones the config names now (records without fingerprints are not checked)."""
-    from ffcv_bias.record import runs
     from ffcv_bias.data.fingerprint import (change_message, current_fingerprints,
                                             first_change, recorded_fingerprints)
     recorded = recorded_fingerprints(runs.read_json_object(Path(run_dir) / runs.CONFIG_FILE))
@@ -271,7 +271,6 @@ def check_recorded_betons(run_dir, nested):
 def checked_config(argv=None):
     """The config of `argv` resolved and checked, short of opening the betons (the
     trainer's check_betons needs ffcv): raises ConfigError naming the problem."""
-    from ffcv_bias.record import runs
     nested = resolve_config(argv)
     validate_semantics(nested)
     check_output_folder(nested)
@@ -285,18 +284,26 @@ def preflight(argv=None):
     several seconds of importing torch and ffcv. Returns (exit code to stop with, None),
     or (None, the checked config) to go on and train it (launch.main(nested=...): the
     config is parsed and checked once)."""
-    from ffcv_bias.record import runs
     try:
         nested = checked_config(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG, None
-    run_id = runs.run_id(nested)
-    run_dir = Path(nested["logging"]["folder"]) / run_id
-    if runs.is_complete(run_dir, run_id):
-        print(f"run {run_id} is already complete: {run_dir}", flush=True)
-        hint = complete_run_hint(run_dir, nested)
-        if hint:
-            print(hint, flush=True)
+    if said_complete(nested):
         return EXIT_OK, None
     return None, nested
+
+
+def said_complete(nested):
+    """True when the run of `nested` is complete, having said so on stdout (with what a
+    newer config asks of it, e.g. a protocol to add): the answer before the run's lock is
+    taken. The lock holder asks again (launch.complete_once_locked)."""
+    run_id = runs.run_id(nested)
+    run_dir = Path(nested["logging"]["folder"]) / run_id
+    if not runs.is_complete(run_dir, run_id):
+        return False
+    print(f"run {run_id} is already complete: {run_dir}", flush=True)
+    hint = complete_run_hint(run_dir, nested)
+    if hint:
+        print(hint, flush=True)
+    return True

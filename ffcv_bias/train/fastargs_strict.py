@@ -208,7 +208,7 @@ def validate_all(config):
         dotted = ".".join(path)
         try:
             config[path]
-        except Exception as error:  # fastargs raises bare ValidationError/MissingValueError
+        except Exception:  # fastargs raises bare ValidationError/MissingValueError
             raw = config.content.get(path)
             checker = config.entries[path].checker.help()
             if raw is None:

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import traceback
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,14 +27,13 @@ from ffcv_bias.data.fingerprint import current_fingerprints
 from ffcv_bias.data.sidecar import check_beton
 from ffcv_bias.data.sources import DatasetError
 from ffcv_bias.record import runs
-from ffcv_bias.record.protocols import complete_run_hint
 from ffcv_bias.train import distributed
-from ffcv_bias.train.checks import checked_config
+from ffcv_bias.train.checks import checked_config, said_complete
 from ffcv_bias.train.config import is_distributed, run_config
 from ffcv_bias.train.fastargs_strict import ConfigError, flatten
 from ffcv_bias.train.loop import Trainer
 from ffcv_bias.train.state import (Preempted, RunDirRefused, RunError, StopRequest,
-                                   choose_loader_threads, restore_torch_settings)
+                                   choose_loader_threads, torch_settings_kept)
 
 # The files this trainer writes atomically into the run directory (error.txt aside, which
 # the sweep launcher writes too).
@@ -112,9 +111,7 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
     else:
         world_size = local_world_size = nested["dist"]["world_size"]
         local_rank = rank
-    with ExitStack() as stack, StopRequest() as stop:
-        stack.callback(restore_torch_settings, torch.get_num_threads(),
-                       torch.are_deterministic_algorithms_enabled())
+    with torch_settings_kept(), ExitStack() as stack, StopRequest() as stop:
         info = distributed.setup(rank, world_size, local_rank, local_world_size,
                                  start_group=is_distributed(nested),
                                  address=nested["dist"]["address"], port=nested["dist"]["port"])
@@ -144,6 +141,17 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
     return EXIT_OK
 
 
+@contextmanager
+def trainer_in_this_process(nested, run_dir):
+    """A Trainer of `nested` as the only rank of the calling process (no process group, no
+    run lock, nothing written until it is driven), for benchmarks and tests that call its
+    methods. SIGTERM and SIGUSR2 stop it between steps as they stop a run; the torch
+    settings it changes (threads, deterministic algorithms) are restored on exit."""
+    with torch_settings_kept(), StopRequest() as stop:
+        yield Trainer(run_config(nested), run_dir,
+                      distributed.setup(0, 1, 0, 1, start_group=False), stop)
+
+
 def take_run_dir(stack, run_dir, nested, info, owns_run_dir):
     """The owner locks the run directory and checks it; under torchrun every rank learns
     whether rank 0 succeeded, so none is left waiting in a collective. True when the run
@@ -152,8 +160,7 @@ def take_run_dir(stack, run_dir, nested, info, owns_run_dir):
     if owns_run_dir and info.is_main:
         try:
             stack.enter_context(runs.run_lock(run_dir))
-            check_run_dir(run_dir, runs.run_id(nested))
-            complete = runs.is_complete(run_dir, runs.run_id(nested))
+            complete = complete_once_locked(run_dir, nested)
         except (runs.RunLockedError, RunDirRefused) as error:
             failure = str(error)
     failure, complete = distributed.broadcast_object((failure, complete), info)
@@ -162,9 +169,16 @@ def take_run_dir(stack, run_dir, nested, info, owns_run_dir):
     return complete
 
 
+def complete_once_locked(run_dir, nested):
+    """The final answer to "is this run complete", asked by the holder of its lock (after
+    refusing another run's directory and moving corrupt files aside): run() answered
+    before the lock, and a second launcher's trainer can finish the run in between."""
+    run_id = runs.run_id(nested)
+    check_run_dir(run_dir, run_id)
+    return runs.is_complete(run_dir, run_id)
+
+
 def finished_meanwhile(run_dir):
-    # run() found the run incomplete before taking the lock; another process (a second
-    # launcher's trainer) can finish it in between. Only the lock holder's answer is final.
     return f"run {run_dir.name} was completed by another process meanwhile: {run_dir}"
 
 
@@ -186,8 +200,7 @@ def launch_spawned(nested, run_dir, command):
         raise ConfigError(str(error)) from None
     nested = {**nested, "dist": {**nested["dist"], "port": port}}
     with runs.run_lock(run_dir):
-        check_run_dir(run_dir, runs.run_id(nested))
-        if runs.is_complete(run_dir, runs.run_id(nested)):
+        if complete_once_locked(run_dir, nested):
             print(finished_meanwhile(run_dir), flush=True)
             return EXIT_OK
         try:
@@ -225,12 +238,9 @@ def run(argv=None, nested=None):
     command = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
     if nested is None:
         nested = checked_config(argv)
-    run_id = runs.run_id(nested)
-    run_dir = Path(nested["logging"]["folder"]) / run_id
+    run_dir = Path(nested["logging"]["folder"]) / runs.run_id(nested)
     check_betons(nested)
-    if runs.is_complete(run_dir, run_id):
-        print(f"run {run_id} is already complete: {run_dir}", flush=True)
-        print_if_any(complete_run_hint(run_dir, nested))
+    if said_complete(nested):
         return EXIT_OK
     if distributed.launched_by_torchrun():
         return train_worker(int(os.environ["RANK"]), nested, run_dir, command,
@@ -238,11 +248,6 @@ def run(argv=None, nested=None):
     if nested["dist"]["world_size"] > 1:
         return launch_spawned(nested, run_dir, command)
     return train_worker(0, nested, run_dir, command, owns_run_dir=True)
-
-
-def print_if_any(line):
-    if line:
-        print(line, flush=True)
 
 
 def main(argv=None, nested=None):

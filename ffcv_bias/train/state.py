@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -99,10 +100,16 @@ def set_determinism(device, deterministic):
         torch.backends.cudnn.deterministic = bool(deterministic)
 
 
-def restore_torch_settings(threads, deterministic):
-    """Undo setup_process, for callers that train in their own process (tests, notebooks)."""
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+@contextmanager
+def torch_settings_kept():
+    """Undoes on exit what Trainer.setup_process changes (torch's threads, deterministic
+    algorithms), for callers that go on in the same process (tests, benchmarks, notebooks)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def choose_torch_threads(local_world_size):
