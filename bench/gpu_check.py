@@ -60,7 +60,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from ffcv_bias.common import atomic  # noqa: E402
+from ffcv_bias.common import atomic, env  # noqa: E402
 
 TRAIN_SCRIPT = REPO / "train_imagenet.py"
 EXIT_PREEMPTED = 75
@@ -284,17 +284,18 @@ def small_run_args(options, betons, folder, *extra):
 
 
 def trainer_env(device, torch_threads):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
     if torch_threads > 0:
-        env["OMP_NUM_THREADS"] = str(torch_threads)  # the trainer's torch threads
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        environment["OMP_NUM_THREADS"] = str(torch_threads)  # the trainer's torch threads
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), environment.get("PYTHONPATH")]))
     if device.type == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+        environment["CUDA_VISIBLE_DEVICES"] = ""
+    return environment
 
 
 def run_trainer(args, options, device):
-    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args],
+    result = subprocess.run([*env.python_command(), str(TRAIN_SCRIPT), *args],
                             env=trainer_env(device, options.torch_threads),
                             capture_output=True, text=True, timeout=options.timeout)
     return result.returncode, result.stdout + result.stderr
@@ -308,7 +309,7 @@ def only_run_dir(folder):
 def interrupted_then_resumed(args, folder, options, device, number):
     """Start a run, signal it once its first checkpoint exists, rerun it. (exit code on the
     signal, its last stderr line, exit code of the rerun, whether the rerun resumed)."""
-    child = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args],
+    child = subprocess.Popen([*env.python_command(), str(TRAIN_SCRIPT), *args],
                              env=trainer_env(device, options.torch_threads),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timeout = options.timeout

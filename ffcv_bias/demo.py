@@ -20,7 +20,6 @@ Each step is the same command a user would type; the demo only chains them.
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -53,10 +52,10 @@ def ensure_betons():
     subsets, each written once."""
     if not (DATA_DIR / "fashion-mnist_train.beton").is_file() or \
             not (DATA_DIR / "fashion-mnist_val.beton").is_file():
-        run([sys.executable, "write_datasets.py"])
+        run([*env.python_command(), "write_datasets.py"])
     for split, size, path in SUBSETS:
         if not path.is_file():
-            run([sys.executable, "write_datasets.py", "--cfg.dataset=fashion-mnist",
+            run([*env.python_command(), "write_datasets.py", "--cfg.dataset=fashion-mnist",
                  f"--cfg.split={split}", f"--cfg.subset={size}", f"--cfg.write_path={path}"])
 
 
@@ -159,8 +158,8 @@ def analyse(sweep, report, experiment):
     """`python -m ffcv_bias.analysis` on this experiment's slice of the sweep's folder."""
     from ffcv_bias.sweep import load_sweep
     key, reference, where, _ = experiment
-    run([sys.executable, "-m", "ffcv_bias.analysis", load_sweep(sweep).folder, "--vary", key,
-         "--reference", reference, "--where", where, "--out", report])
+    run([*env.python_command(), "-m", "ffcv_bias.analysis", load_sweep(sweep).folder,
+         "--vary", key, "--reference", reference, "--where", where, "--out", report])
 
 
 def main(argv=None):
@@ -175,7 +174,7 @@ def main(argv=None):
     ensure_betons()
     for sweep in (args.sweep, args.decay_sweep):
         step(f"2/4 the sweep {sweep} (finished runs are reused)")
-        run([sys.executable, "-m", "ffcv_bias.sweep", "launch", sweep])
+        run([*env.python_command(), "-m", "ffcv_bias.sweep", "launch", sweep])
     step(f"3/4 the analyses into {args.report} and {args.decay_report}")
     analyse(args.sweep, args.report, CROP)
     analyse(args.decay_sweep, args.decay_report, DECAY)

@@ -1,6 +1,14 @@
-"""Shared fixtures: tiny real-format betons made from the embedded Fashion-MNIST."""
+"""Shared fixtures: tiny real-format betons made from the embedded Fashion-MNIST, and a
+warm `python` (tests/warm_python.py) for the tests that start many Python processes."""
 import gzip
 import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +78,60 @@ def tiny_fashion_betons(tmp_path_factory):
                                  {"train": 60, "val": 20})
 
 
+WARM_PYTHON = Path(__file__).with_name("warm_python.py")
+WARM_START_TIMEOUT_S = 300
+
+
+def warm_up_run(betons, folder):
+    """The server's own run: 1 epoch of ResNet-8 on the tiny betons (test_train's recipe)."""
+    train, val = betons
+    return [f"--data.train_dataset={train}", f"--data.val_dataset={val}",
+            f"--logging.folder={folder}", "--logging.progress=0", "--model.arch=resnet8",
+            "--training.epochs=1", "--training.batch_size=32", "--lr.lr_peak_epoch=0.5",
+            "--resolution.min_res=28", "--resolution.max_res=28", "--validation.resolution=28",
+            "--validation.crop_ratio=1.0", "--validation.batch_size=64", "--data.num_workers=1"]
+
+
+@pytest.fixture(scope="session")
+def warm_python(tiny_fashion_betons):
+    """The words of a `python` whose imports (and a first training run's compiles) are
+    already paid: one server per test worker. For subprocess calls, or as
+    FFCV_BIAS_PYTHON for what ffcv_bias starts."""
+    folder = Path(tempfile.mkdtemp(prefix="warm_python"))  # short: a socket path <= 108
+    socket_path, log_path = folder / "socket", folder / "server.log"
+    # The server's own environment: what a child does not replace at fork (its imports'
+    # settings) stays the suite's; PYTHONUNBUFFERED: a killed child's output is not lost.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, str(WARM_PYTHON), "serve", str(socket_path),
+             *warm_up_run(tiny_fashion_betons, folder / "runs")],
+            stdout=subprocess.PIPE, stderr=log, env=env)
+    try:
+        wait_for_ready(server, log_path)
+        yield [sys.executable, str(WARM_PYTHON), "run", str(socket_path)]
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for_ready(server, log_path):
+    deadline = time.monotonic() + WARM_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if select.select([server.stdout], [], [], 1)[0]:
+            if server.stdout.readline().strip() == b"ready":
+                return
+        if server.poll() is not None:
+            break
+    raise RuntimeError("the warm python server did not start:\n" + log_path.read_text()[-3000:])
+
+
 # The files that take longest (the README run is a chain of real commands: minutes) go
 # first, so that under `make test`'s two pytest-xdist workers (--dist loadfile: a file
 # stays on one worker) the longest chain starts at once instead of ending the run alone.
-LONGEST_FILES_FIRST = ("test_readme.py", "test_quick_run.py", "test_gpu_check.py")
+LONGEST_FILES_FIRST = ("test_readme.py", "test_faults.py", "test_diet.py", "test_quick_run.py",
+                       "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -314,7 +314,7 @@ def test_each_slot_gets_loader_threads_within_its_cpu_share():
     assert loader_thread_args(planned(0), 10) == ["--data.num_workers=9"]   # auto
     assert loader_thread_args(planned(4), 10) == []                        # smaller: kept
     assert loader_thread_args(planned(0), 1) == ["--data.num_workers=1"]
-    pool = TrainerPool(train_script="train_imagenet.py", python="python")
+    pool = TrainerPool(train_script="train_imagenet.py", python=["python"])
     assert pool.command(planned(12), threads=10)[-1] == "--data.num_workers=9"
     assert pool.command(planned(12)) == ["python", "train_imagenet.py", "--config-file", "x.yaml"]
     env = pool._child_env(["3"], 10)

@@ -7,6 +7,7 @@ through the generated sweep file.
 """
 import json
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ffcv_bias.common import env
 from ffcv_bias.record import runs
 from ffcv_bias.studies import diet
 
@@ -176,21 +178,17 @@ QUOTA_FRACTION = 0.2
 
 
 @pytest.fixture(scope="module")
-def scored(tiny_fashion_betons, tmp_path_factory):
+def scored(tiny_fashion_betons, tmp_path_factory, warm_python):
     """(betons, score directory) after `diet score` with ResNet-8, K=2 runs of 2 epochs
-    scored at epoch 1, and the held-out run of class-quota pruning (3 runs, 2 at once)."""
-    saved = {name: os.environ.get(name) for name in THREADS_ENV}
-    os.environ.update(THREADS_ENV)
-    try:
+    scored at epoch 1, and the held-out run of class-quota pruning (3 runs, 2 at once).
+    The trainers start from conftest's warm python."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in THREADS_ENV.items():
+            patch.setenv(name, value)
+        patch.setenv(env.PYTHON_ENV_VAR, shlex.join(warm_python))
         out = tmp_path_factory.mktemp("diet") / "scores"
         assert diet.main(score_argv(tiny_fashion_betons, out, "--max-parallel", "2",
                                     "--quota-val-fraction", str(QUOTA_FRACTION))) == 0
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return tiny_fashion_betons, out
 
 
@@ -370,11 +368,14 @@ def test_a_pruned_run_trains_on_the_kept_indices_only(pruned, monkeypatch):
     assert runs.is_complete(run.run_dir)
 
 
-def test_the_pruning_sweep_is_analysed_like_a_regularization_sweep(pruned, tmp_path):
-    """Launch the whole pruned sweep (dense, 25%, 50%; the 50% run may be done already),
-    then the analysis with sparsity as the varied key: Welch tests and Table 1 per level."""
+def test_the_pruning_sweep_is_analysed_like_a_regularization_sweep(pruned, tmp_path,
+                                                                   warm_python, monkeypatch):
+    """Launch the whole pruned sweep (dense, 25%, 50%; the 50% run may be done already;
+    trainers from the warm python), then the analysis with sparsity as the varied key:
+    Welch tests and Table 1 per level."""
     from ffcv_bias.analysis.__main__ import main as analysis_main
     from ffcv_bias.sweep.cli import main as sweep_main
+    monkeypatch.setenv(env.PYTHON_ENV_VAR, shlex.join(warm_python))
     _, out = pruned
     assert sweep_main(["launch", str(out / "sweep.yaml"), "--max-parallel", "2"]) == 0
     report = tmp_path / "report"

@@ -4,15 +4,13 @@ The claim under test is "nothing finished is ever lost": whenever a run dies, ev
 reader can see in its directory is whole, a restart finishes it, and the result is bit for
 bit the uninterrupted one.
 
-How the trainers run. A fresh trainer process spends ~10 s importing ffcv and ~10 s
-compiling its numba pipeline before its first step (50 s on a loaded 2-core machine), and
-these tests start some 30 of them. So a *fork server* (FORKSERVER below) imports the
-trainer once, trains the reference run in-process (compiling what can be compiled once),
-and then forks one child per trainer start. A child is a separate process: it is
-SIGKILLed, SIGTERMed or limited like any trainer, and what it leaves on disk is what a
-real one would leave. Every result is compared with the reference, trained in the server
-itself, so a restart must reproduce another process's result bit for bit (the trainer
-re-seeds everything it draws from, so a child inherits no random state that matters).
+How the trainers run. A fresh trainer process spends seconds importing ffcv and torch
+before its first step, and these tests start some 30 of them. So they start from
+conftest's warm python (tests/warm_python.py: a server that imported the trainer once
+forks one child per start). A child is a separate process: it is SIGKILLed, SIGTERMed or
+limited like any trainer (signals go to its own pid), and what it leaves on disk is what a
+real one would leave. Every result is compared with the reference, another child's
+uninterrupted run, so a restart must reproduce another process's result bit for bit.
 
 Where in a run a kill lands: ffcv_bias/record/faults.py's named crash points (inside every atomic
 write, between training steps, after an epoch's log line) for the exact instants, plus
@@ -21,24 +19,23 @@ kills from outside at seeded random moments.
 The sweep tests use test_sweep's stand-in trainer (real config, run_id, lock and exit
 codes; an "epoch" is a sleep) and the real launcher.
 """
-import contextlib
 import json
 import os
 import random
-import select
+import resource
 import shutil
 import signal
 import subprocess
-import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ffcv_bias.record import runs
+import warm_python
+from ffcv_bias.record import faults, runs
 from ffcv_bias.sweep import slurm
 from ffcv_bias.sweep.runner import TRAIN_LOG_FILE
 from ffcv_bias.sweep.spec import load_sweep, plan
@@ -74,169 +71,74 @@ def wait_for(condition, process, timeout=300):
 
 
 # ----------------------------------------------------------------------------------------
-# The fork server
+# Trainers started from the warm python
 # ----------------------------------------------------------------------------------------
 
-FORKSERVER = textwrap.dedent('''
-    """Runs `module:function(*args)` requests: in this process, or in a forked child.
-
-    Requests and replies are JSON lines on stdin / stdout; this process's own output and
-    each child's go to files."""
-    import gc, importlib, json, os, resource, sys, time, traceback
-    from ffcv_bias.record import faults
-    import ffcv_bias.train.launch  # the expensive imports, once
-
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-
-    def call(request):
-        module, _, name = request["call"].partition(":")
-        return getattr(importlib.import_module(module), name)(*request["args"])
-
-    def forget_shared_locks():
-        # tqdm's write lock is a multiprocessing semaphore, shared with this server through
-        # fork: a child SIGKILLed while holding it would hang every later child.
-        from tqdm import tqdm
-        from tqdm.std import TqdmDefaultWriteLock
-        for owner, name in ((tqdm, "_lock"), (TqdmDefaultWriteLock, "mp_lock")):
-            if name in vars(owner):
-                delattr(owner, name)
-
-    def child(request):
-        code = 100
-        try:
-            forget_shared_locks()
-            output = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(output, 1)
-            os.dup2(output, 2)
-            if request["fsize_limit"]:
-                limit = request["fsize_limit"]
-                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-            faults.arm(request["crash_at"])
-            code = call(request)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 100)
-
-    for line in iter(sys.stdin.readline, ""):
-        request = json.loads(line)
-        if not request["fork"]:
-            started = time.time()
-            code = call(request)
-            replies.write(json.dumps({"returncode": code,
-                                      "seconds": time.time() - started}) + "\\n")
-            continue
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # The reference run trained in this process: its loaders' numba dispatchers may be
-        # garbage not yet collected. A child would inherit and collect them, and numba's
-        # finalizers print "Exception ignored ... KeyError" tracebacks into its output.
-        gc.collect()
-        pid = os.fork()
-        if pid == 0:
-            child(request)
-        replies.write(json.dumps({"pid": pid}) + "\\n")
-        _, status = os.waitpid(pid, 0)
-        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\\n")
-''')
-
-TRAIN = "ffcv_bias.train.launch:main"
-WRITE_DATASETS = "write_datasets:main"
-REPLY_TIMEOUT_S = 180
+TRAIN_SCRIPT = REPO / "train_imagenet.py"
+WRITE_DATASETS_SCRIPT = REPO / "write_datasets.py"
+PID_TIMEOUT_S = 120
 
 
-class ForkServer:
-    def __init__(self, workdir):
+class WarmTrainers:
+    """Starts `python SCRIPT ARGS` from conftest's warm python, each with its output in a
+    file of `workdir`; `crash_at` arms a faults crash point, `fsize_limit` sets
+    RLIMIT_FSIZE (the warm child takes the caller's limits)."""
+
+    def __init__(self, warm_python, workdir):
+        self.python = warm_python
         self.workdir = Path(workdir)
-        self.log_path = self.workdir / "forkserver.log"
+        self.started = 0
+
+    def start(self, argv, crash_at=None, fsize_limit=None, script=TRAIN_SCRIPT, code=None):
+        """A Child running `script` with `argv`, or `python -c code argv...`."""
+        self.started += 1
+        output = self.workdir / f"child-{self.started}.log"
+        pid_file = self.workdir / f"child-{self.started}.pid"
         env = dict(os.environ, PYTHONUNBUFFERED="1", **THREADS_ENV)
-        env.pop("FFCV_BIAS_CRASH_AT", None)
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen([PYTHON, "-c", FORKSERVER], cwd=REPO, env=env,
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=log)
-        self.pending = b""
-        self.children = 0
-        self.last_child = None
-
-    def request(self, **request):
-        self.process.stdin.write((json.dumps(request) + "\n").encode())
-        self.process.stdin.flush()
-
-    def reply(self, timeout=REPLY_TIMEOUT_S):
-        """The next reply line; unbuffered reads, so select() never misses a buffered one."""
-        deadline = time.time() + timeout
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self.pending:
-            remaining = deadline - time.time()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise AssertionError(f"no answer from the fork server in {timeout} s")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError("the fork server died:\n" + self.log_path.read_text()[-3000:])
-            self.pending += chunk
-        line, _, self.pending = self.pending.partition(b"\n")
-        return json.loads(line)
-
-    def run_in_server(self, argv, call=TRAIN):
-        """(exit code, seconds) of `call(argv)` in the server process itself."""
-        self.request(call=call, args=[argv], fork=False)
-        answer = self.reply()
-        return answer["returncode"], answer["seconds"]
-
-    def start(self, argv, crash_at=None, fsize_limit=None, call=TRAIN, call_args=None):
-        """A forked child running `call(argv)` (or `call(*call_args)`); `crash_at` arms a
-        faults crash point, `fsize_limit` sets RLIMIT_FSIZE."""
-        self.children += 1
-        output = self.workdir / f"child-{self.children}.log"
-        self.request(call=call, args=[argv] if call_args is None else call_args, fork=True,
-                     crash_at=crash_at,
-                     fsize_limit=fsize_limit, output=str(output))
-        self.last_child = self.reply()["pid"]
-        return Child(self, self.last_child, output)
+        env[warm_python.PID_FILE_ENV_VAR] = str(pid_file)
+        env.pop(faults.ENV_VAR, None)
+        if crash_at:
+            env[faults.ENV_VAR] = crash_at
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+                 ) if fsize_limit else None
+        program = ["-c", code] if code is not None else [str(script)]
+        with open(output, "w") as out:
+            process = subprocess.Popen([*self.python, *program, *argv], cwd=REPO, env=env,
+                                       stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit)
+        return Child(process, pid_file, output)
 
     def run(self, argv, **kwargs):
-        """(exit code, output) of a forked child run to its end."""
+        """(exit code, output) of a child run to its end."""
         child = self.start(argv, **kwargs)
         return child.wait(), child.output()
-
-    def close(self):
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # waiting for a hung child: end both
-            if self.last_child is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.last_child, signal.SIGKILL)
-            self.process.kill()
-            self.process.wait()
 
 
 @dataclass
 class Child:
-    server: ForkServer
-    pid: int
+    """A trainer from the warm python: `process` is its client (exit code, forwarded
+    SIGTERM); signals go to the trainer itself, the process that writes the run's files."""
+    process: subprocess.Popen
+    pid_file: Path
     output_path: Path
-    returncode: int = field(default=None)
+
+    @property
+    def pid(self):
+        deadline = time.time() + PID_TIMEOUT_S
+        while not self.pid_file.is_file() or not self.pid_file.read_text().endswith("\n"):
+            if self.process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the trainer never started:\n{self.output()}")
+            time.sleep(0.01)
+        return int(self.pid_file.read_text())
 
     def wait(self):
-        if self.returncode is None:
-            self.returncode = self.server.reply()["returncode"]
-        return self.returncode
+        return self.process.wait()
 
     def signal(self, signum):
         os.kill(self.pid, signum)
 
     def poll(self):
-        """None while the child runs (test_train.wait_for's interface), else its exit code."""
-        try:
-            os.kill(self.pid, 0)
-            return None
-        except ProcessLookupError:
-            return self.wait()
+        """None while the child runs (wait_for's interface), else its exit code."""
+        return self.process.poll()
 
     def communicate(self):
         return self.output(), ""
@@ -260,28 +162,24 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def forkserver(tiny_fashion_betons, tmp_path_factory):
-    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
-    try:
-        yield server
-    finally:
-        server.close()
+def trainers(warm_python, tmp_path_factory):
+    return WarmTrainers(warm_python, tmp_path_factory.mktemp("trainers"))
 
 
 @pytest.fixture(scope="module")
-def reference(forkserver, tiny_fashion_betons):
-    """The uninterrupted 3-epoch run, trained in the fork server (warming it up)."""
-    keep = forkserver.workdir / "keep.npy"
+def reference(trainers, tiny_fashion_betons):
+    """The uninterrupted 3-epoch run."""
+    keep = trainers.workdir / "keep.npy"
     np.save(keep, np.arange(0, TRAIN_IMAGES, TRAIN_IMAGES // KEPT_TRAIN_IMAGES))
-    args = train_args(tiny_fashion_betons, forkserver.workdir / "reference",
+    args = train_args(tiny_fashion_betons, trainers.workdir / "reference",
                       f"--training.epochs={EPOCHS}", f"--training.batch_size={BATCH}",
                       f"--data.keep_indices={keep}",
                       f"--data.sparsity={1 - KEPT_TRAIN_IMAGES / TRAIN_IMAGES}",
                       "--logging.log_level=0")
-    code, _ = forkserver.run_in_server(args)
-    assert code == EXIT_OK, forkserver.log_path.read_text()[-3000:]
+    code, output = trainers.run(args)
+    assert code == EXIT_OK, output[-3000:]
     run_dir = run_dir_of(args)
-    # The first epoch includes compiling; the later ones are what a forked child takes.
+    # The first epoch includes compiling; the later ones are what a resumed run takes.
     warm = max(entry["epoch_seconds"] for entry in read_log(run_dir)[1:])
     return Reference(args, run_dir, warm)
 
@@ -404,13 +302,13 @@ CHAIN = [
 ]
 
 
-def test_sigkill_at_each_crash_point_loses_nothing(forkserver, reference, tmp_path):
+def test_sigkill_at_each_crash_point_loses_nothing(trainers, reference, tmp_path):
     """17 kills in a row, one at each instant of CHAIN; after each, every file present is
     whole and says what it should; the last restart gives the uninterrupted result."""
     args = reference.args_in(tmp_path)
     run_dir = tmp_path / reference.run_dir.name
     for crash_at, checkpoint_epoch, logged, final_files, temporary in CHAIN:
-        code, output = forkserver.run(args, crash_at=crash_at)
+        code, output = trainers.run(args, crash_at=crash_at)
         assert code == -signal.SIGKILL, f"{crash_at}: not reached (exit {code})\n{output}"
         seen = read_run_dir(run_dir)
         assert (seen.checkpoint_epoch, seen.logged_epochs) == (
@@ -421,7 +319,7 @@ def test_sigkill_at_each_crash_point_loses_nothing(forkserver, reference, tmp_pa
         assert seen.temporaries == ([temporary] if temporary else []), crash_at
         assert_consistent_after_a_kill(seen)
 
-    code, output = forkserver.run(args)
+    code, output = trainers.run(args)
     assert code == EXIT_OK, output
     seen = read_run_dir(run_dir)
     assert seen.temporaries == [] and seen.files == set(READERS) - {runs.ERROR_FILE}
@@ -429,13 +327,13 @@ def test_sigkill_at_each_crash_point_loses_nothing(forkserver, reference, tmp_pa
 
 
 def test_sigkill_mid_epoch_and_at_random_moments_then_restart_gives_the_same_logits(
-        forkserver, reference, tmp_path):
+        trainers, reference, tmp_path):
     """Kills from outside: once in epoch 2 (checkpoint.pt has just appeared), then twice at
     a seeded random time after a restart resumed; the last restart gives the uninterrupted
     result."""
     args = reference.args_in(tmp_path)
     run_dir = tmp_path / reference.run_dir.name
-    child = forkserver.start(args)
+    child = trainers.start(args)
     # checkpoint.pt appears once epoch 1 of 3 is done: the run is then in epoch 2.
     wait_for(lambda: (run_dir / runs.CHECKPOINT_FILE).exists(), child)
     child.signal(signal.SIGKILL)
@@ -445,7 +343,7 @@ def test_sigkill_mid_epoch_and_at_random_moments_then_restart_gives_the_same_log
 
     rng = random.Random(9)
     for _ in range(2):
-        child = forkserver.start(args)
+        child = trainers.start(args)
         # Once it has resumed, a restart has at least one epoch and the validation (with
         # its pipeline compile) left: a kill within 1.5 epochs' time lands before the end.
         wait_for(lambda: child.printed(f"resuming {run_dir.name} after epoch "), child)
@@ -456,7 +354,7 @@ def test_sigkill_mid_epoch_and_at_random_moments_then_restart_gives_the_same_log
         assert_consistent_after_a_kill(seen)
         assert seen.checkpoint_epoch in (1, 2)
 
-    code, output = forkserver.run(args)
+    code, output = trainers.run(args)
     assert code == EXIT_OK, output
     assert "resuming" in output
     assert read_run_dir(run_dir).temporaries == []
@@ -475,10 +373,10 @@ def test_crash_point_spec_is_checked():
 # SIGTERM (SLURM preemption) and the run lock
 # ----------------------------------------------------------------------------------------
 
-def test_sigterm_stops_after_a_step_and_the_rerun_resumes(forkserver, reference, tmp_path):
+def test_sigterm_stops_after_a_step_and_the_rerun_resumes(trainers, reference, tmp_path):
     args = reference.args_in(tmp_path)
     run_dir = tmp_path / reference.run_dir.name
-    child = forkserver.start(args)
+    child = trainers.start(args)
     wait_for(lambda: (run_dir / runs.CHECKPOINT_FILE).exists(), child)
     child.signal(signal.SIGTERM)
     assert child.wait() == EXIT_PREEMPTED
@@ -489,17 +387,17 @@ def test_sigterm_stops_after_a_step_and_the_rerun_resumes(forkserver, reference,
     assert seen.checkpoint_epoch in (1, 2) and seen.temporaries == []
     assert seen.logged_epochs[:seen.checkpoint_epoch] == list(range(seen.checkpoint_epoch))
 
-    code, output = forkserver.run(args)
+    code, output = trainers.run(args)
     assert code == EXIT_OK, output
     assert f"resuming {run_dir.name} after epoch {seen.checkpoint_epoch}" in output
     assert_same_result_as(reference, run_dir)
 
 
-def test_a_second_trainer_on_the_same_run_is_refused(forkserver, reference, tmp_path):
+def test_a_second_trainer_on_the_same_run_is_refused(trainers, reference, tmp_path):
     args = reference.args_in(tmp_path)
     run_dir = tmp_path / reference.run_dir.name
     with runs.run_lock(run_dir):
-        code, output = forkserver.run(args)
+        code, output = trainers.run(args)
     assert code == EXIT_FAILURE
     assert output.strip().splitlines()[-1] == \
         f"error: run {run_dir} is being trained by another process"
@@ -507,7 +405,7 @@ def test_a_second_trainer_on_the_same_run_is_refused(forkserver, reference, tmp_
     assert sorted(path.name for path in run_dir.iterdir()) == [runs.LOCK_FILE]
 
 
-def test_a_run_completed_while_the_trainer_took_its_lock_is_left_alone(forkserver, reference,
+def test_a_run_completed_while_the_trainer_took_its_lock_is_left_alone(trainers, reference,
                                                                       tmp_path):
     """run() checks for summary.json before taking the lock; a second launcher's trainer
     can finish the run in between. The lock holder checks again and touches nothing."""
@@ -520,8 +418,10 @@ def test_a_run_completed_while_the_trainer_took_its_lock_is_left_alone(forkserve
     before = record_times()
     nested = resolve_config(reference.args_in(tmp_path))
     # train_worker is what run() calls once it has found no summary.json.
-    code, output = forkserver.run(None, call="ffcv_bias.train.launch:train_worker",
-                                  call_args=[0, nested, str(run_dir), ["test"], True])
+    code, output = trainers.run(
+        [json.dumps(nested), str(run_dir)],
+        code="import json, sys\nfrom ffcv_bias.train.launch import train_worker\n"
+             "sys.exit(train_worker(0, json.loads(sys.argv[1]), sys.argv[2], ['test'], True))")
     assert code == EXIT_OK, output
     assert f"run {run_dir.name} was completed by another process meanwhile" in output
     assert "resuming" not in output
@@ -562,7 +462,7 @@ class ScarceRoom:
 
     def limit_below(self, size, leave=48 * 1024):
         """Make a write of `size` more bytes fail (small files still fit): the kwargs for
-        ForkServer.start."""
+        WarmTrainers.start."""
         if self.kind == "rlimit":
             return {"fsize_limit": size // 2}
         stats = os.statvfs(self.folder)
@@ -586,16 +486,16 @@ def scarce_room(request, tmp_path):
     room.close()
 
 
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(forkserver, reference,
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(trainers, reference,
                                                                     scarce_room):
     args = reference.args_in(scarce_room.folder)
     run_dir = scarce_room.folder / reference.run_dir.name
     checkpoint = run_dir / runs.CHECKPOINT_FILE
-    code, _ = forkserver.run(args, crash_at="atomic-renamed/checkpoint.pt:1")
+    code, _ = trainers.run(args, crash_at="atomic-renamed/checkpoint.pt:1")
     assert code == -signal.SIGKILL
     saved = checkpoint.read_bytes()
 
-    code, output = forkserver.run(args, **scarce_room.limit_below(len(saved)))
+    code, output = trainers.run(args, **scarce_room.limit_below(len(saved)))
     assert code == EXIT_FAILURE, output
     message = f"{scarce_room.message} while writing {checkpoint}"
     assert output.strip().splitlines()[-1] == f"error: {message}"
@@ -606,18 +506,18 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(forkserver,
     assert runs.run_state(run_dir) == "failed"
 
     scarce_room.release()
-    code, output = forkserver.run(args)
+    code, output = trainers.run(args)
     assert code == EXIT_OK, output
     assert_same_result_as(reference, run_dir)
 
 
-def test_full_disk_while_writing_a_beton_leaves_nothing(forkserver, scarce_room, tmp_path):
+def test_full_disk_while_writing_a_beton_leaves_nothing(trainers, scarce_room, tmp_path):
     make_fashion_dir(tmp_path / "fashion", train_per_class=6)
     beton = scarce_room.folder / "fashion_train.beton"
-    code, output = forkserver.run(
+    code, output = trainers.run(
         ["--cfg.dataset=fashion-mnist", "--cfg.split=train",
          f"--cfg.data_dir={tmp_path / 'fashion'}", f"--cfg.write_path={beton}"],
-        call=WRITE_DATASETS, **scarce_room.limit_below(8 << 20))  # a beton page is 8 MiB
+        script=WRITE_DATASETS_SCRIPT, **scarce_room.limit_below(8 << 20))  # 8 MiB: a page
     assert code == 1, output
     assert output.strip().splitlines()[-1] == \
         f"write_datasets.py: error: {scarce_room.message}: {beton}"

@@ -8,6 +8,7 @@ when its hard timeout stops the check.
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +48,12 @@ def run_script(args, cwd, **env):
 
 
 @pytest.mark.e2e
-def test_tiny_cpu_check_runs_every_section_and_skips_only_what_needs_cuda(tmp_path):
+def test_tiny_cpu_check_runs_every_section_and_skips_only_what_needs_cuda(tmp_path,
+                                                                         warm_python):
     out = tmp_path / "out"
-    result = run_script(["--device", "cpu", "--tiny", "--out", str(out)], tmp_path)
+    # Its trainer subprocesses start from conftest's warm python.
+    result = run_script(["--device", "cpu", "--tiny", "--out", str(out)], tmp_path,
+                        FFCV_BIAS_PYTHON=shlex.join(warm_python))
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"gpu_check.sh: results in {out}/gpu_check.json" in result.stdout

@@ -7,7 +7,6 @@ The short run must either learn or say why not."""
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,12 +25,14 @@ def subset_betons(tmp_path_factory):
                                  {"train": 200, "val": 100}, name="fashion-mnist-{split}.beton")
 
 
-def quick_run(betons, folder, *extra):
+def quick_run(python, betons, folder, *extra):
+    """`python train_imagenet.py` (`python`: conftest's warm python) on the shipped CPU
+    config, 2 epochs: (summary, the process's result)."""
     args = ["--config-file", str(CONFIG), "--training.epochs=2",
             f"--data.train_dataset={betons[0]}", f"--data.val_dataset={betons[1]}",
             f"--logging.folder={folder}", "--logging.progress=0", "--logging.log_level=0",
             "--data.num_workers=1", *extra]
-    result = subprocess.run([sys.executable, str(REPO / "train_imagenet.py"), *args],
+    result = subprocess.run([*python, str(REPO / "train_imagenet.py"), *args],
                             cwd=REPO, env=dict(os.environ, **THREADS_ENV),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -39,22 +40,24 @@ def quick_run(betons, folder, *extra):
     return summary, result
 
 
-def test_two_epochs_on_2000_images_learn_with_enough_steps(subset_betons, tmp_path):
-    summary, _ = quick_run(subset_betons, tmp_path, "--training.batch_size=32")
+def test_two_epochs_on_2000_images_learn_with_enough_steps(subset_betons, tmp_path,
+                                                          warm_python):
+    summary, _ = quick_run(warm_python, subset_betons, tmp_path, "--training.batch_size=32")
     assert summary["top1"] > 0.60
     assert max(np.bincount(np.load(run_dir_of_summary(tmp_path, summary) / "val_preds.npy"),
                            minlength=10)) < 0.3 * summary["n_val"]   # not one class
 
 
-def test_too_few_steps_for_batchnorm_is_said_with_the_flags_to_set(subset_betons, tmp_path):
-    summary, result = quick_run(subset_betons, tmp_path)
+def test_too_few_steps_for_batchnorm_is_said_with_the_flags_to_set(subset_betons, tmp_path,
+                                                                  warm_python):
+    summary, result = quick_run(warm_python, subset_betons, tmp_path)
     check = summary["bn_check"]
     assert check["train_top1_recomputed_stats"] - check["train_top1_running_stats"] > 0.15
     assert "warning: BatchNorm running statistics do not match the final weights" \
         in result.stderr
     assert "30 SGD steps" in result.stderr and "--training.batch_size" in result.stderr
     # The named fix: exact statistics of the final weights close the gap and the warning.
-    fixed, fixed_result = quick_run(subset_betons, tmp_path,
+    fixed, fixed_result = quick_run(warm_python, subset_betons, tmp_path,
                                     "--training.bn_recompute_batches=20")
     assert fixed["top1"] > summary["top1"] + 0.15
     assert fixed["bn_check"]["train_top1_recomputed_stats"] - \

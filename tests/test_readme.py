@@ -15,7 +15,8 @@ listed in tables, each line with its reason (and one change of order, RUN_FIRST)
   PLACED        inputs the README names but no README command makes (the user's runs);
   DEMO_SUBSETS  the demo's own subset betons, written smaller before it runs (it writes
                 them only if missing);
-  ENVIRONMENT   process environment (one torch thread, stand-in sbatch/squeue/srun);
+  ENVIRONMENT   process environment (one torch thread, stand-in sbatch/squeue/srun, the
+                warm python for the processes the commands start);
   PYTHON_SNIPPET_REWRITES  the ```python block's "cuda" -> "cpu".
 Nothing else changes. `python X.py ARGS` and `python -m M ARGS` run in this process
 through runpy, as the interpreter runs them (__main__, sys.argv, the sandbox as working
@@ -262,6 +263,8 @@ ENVIRONMENT = {
     "OMP_NUM_THREADS": ("1", "one torch thread per process: 2 cores, other tests beside"),
     "PYTHONUNBUFFERED": ("1", "output in order when a command fails"),
     "PATH": ("{sandbox}/bin:$PATH", "stand-in sbatch/squeue/srun (write_stand_in_slurm)"),
+    "FFCV_BIAS_PYTHON": ("{warm_python}", "what the commands start (sweep trainers, the "
+                         "demo's steps) starts from conftest's warm python: imports paid once"),
 }
 
 
@@ -609,15 +612,15 @@ def covering_test_exists(covered_by, must_contain):
 # Running the README
 # ======================================================================================
 
-def sandbox_env(root):
-    values = {"sandbox": root}
+def sandbox_env(root, warm_python):
+    values = {"sandbox": root, "warm_python": shlex.join(warm_python)}
     env = dict(os.environ)
     for name, (value, _) in ENVIRONMENT.items():
         env[name] = value.format(**values).replace("$PATH", os.environ.get("PATH", ""))
     return env
 
 
-def make_sandbox(root):
+def make_sandbox(root, warm_python):
     for name in SANDBOX_LINKS:
         (root / name).symlink_to(REPO / name)
     for name in SANDBOX_COPIES:
@@ -625,7 +628,8 @@ def make_sandbox(root):
     shrink_files(root)
     make_dataset_roots(root / "datasets")
     write_stand_in_slurm(root / "bin", root / "slurm")
-    sandbox = Sandbox(root, sandbox_env(root), make_tiny_fashion_idx(root / "tiny_fashion"))
+    sandbox = Sandbox(root, sandbox_env(root, warm_python),
+                      make_tiny_fashion_idx(root / "tiny_fashion"))
     for relative, (make, _) in PLACED.items():
         make(sandbox)
     write_demo_subsets(sandbox)
@@ -762,12 +766,12 @@ def run_python_snippet(sandbox, snippet):
 
 
 @pytest.fixture(scope="module")
-def readme_sandbox(tmp_path_factory):
+def readme_sandbox(tmp_path_factory, warm_python):
     """Every README command run once, in order, in one sandbox; outcomes by command."""
     from ffcv_bias.data.sources import FASHION_MNIST_DIR
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip("Debian package dataset-fashion-mnist is not installed (run `make setup`)")
-    sandbox = make_sandbox(tmp_path_factory.mktemp("readme_sandbox"))
+    sandbox = make_sandbox(tmp_path_factory.mktemp("readme_sandbox"), warm_python)
     text = README.read_text()
     run_readme(sandbox, readme_commands(text))
     for snippet in fenced_blocks(text, "python"):

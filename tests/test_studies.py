@@ -338,6 +338,25 @@ def test_transfer_skips_complete_probes(transfer_out, source_runs, target_betons
     assert summaries == {p: (p / runs.SUMMARY_FILE).stat().st_mtime_ns for p in summaries}
 
 
+def test_a_probe_made_after_another_source_equals_one_made_alone(
+        transfer_out, source_runs, target_betons, tmp_path):
+    """run_transfer reads the target sets through one loader per set for every source
+    (FeatureLoaders): the second source's features, hence its probe, are the same as
+    from loaders made for it alone."""
+    second = max(source_runs.values(), key=lambda run: run.name)
+    alone = tmp_path / "alone"
+    code = transfer.main(["--source-runs", str(second), "--train", str(target_betons[0]),
+                          "--val", str(target_betons[1]), "--out", str(alone), "--epochs", "40",
+                          "--batch-size", "32", "--workers", "1"])
+    assert code == 0
+    (probe_dir,) = [p for p in alone.iterdir() if p.is_dir()]
+    assert (probe_dir / runs.VAL_LOGITS_FILE).read_bytes() == \
+        (transfer_out / probe_dir.name / runs.VAL_LOGITS_FILE).read_bytes()
+    loaders = transfer.FeatureLoaders(batch_size=32, num_workers=1)
+    assert loaders.get(target_betons[1], 28, 1.0) is loaders.get(target_betons[1], 28, 1.0)
+    assert loaders.get(target_betons[1], 28, 1.0) is not loaders.get(target_betons[1], 24, 1.0)
+
+
 def test_probe_is_deterministic():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(90, 6, generator=generator)

@@ -8,6 +8,7 @@ and trainers, SIGTERM, requeue and two launchers at once: tests/test_faults.py.
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ffcv_bias.common import env
 from ffcv_bias.record import runs
 from ffcv_bias.sweep import cli, slurm, spec
 from ffcv_bias.sweep.runner import START_MARKER, TRAIN_LOG_FILE, parse_gpus
@@ -110,9 +112,9 @@ def write_sweep(path, **content):
     return path
 
 
-def sweep_cli(*args, env=None, **kwargs):
+def sweep_cli(*args, env=None, python=(PYTHON,), **kwargs):
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([PYTHON, "-m", "ffcv_bias.sweep", *map(str, args)],
+    return subprocess.run([*python, "-m", "ffcv_bias.sweep", *map(str, args)],
                           capture_output=True, text=True, env=full_env, cwd=REPO, **kwargs)
 
 
@@ -392,8 +394,9 @@ def test_slurm_layout_checks_world_size(fake_setup, tmp_path):
 # the real trainer
 # ----------------------------------------------------------------------------------------
 
-def test_local_launch_real_trainer(tiny_fashion_betons, tmp_path):
-    """2 tau x 2 seeds through train_imagenet.py, two at a time; a relaunch trains nothing."""
+def test_local_launch_real_trainer(tiny_fashion_betons, tmp_path, warm_python):
+    """2 tau x 2 seeds through train_imagenet.py, two at a time; a relaunch trains nothing.
+    The launcher and its trainers start from the warm python (tests/warm_python.py)."""
     train_beton, val_beton = tiny_fashion_betons
     base = tmp_path / "tiny.yaml"
     base.write_text(yaml.safe_dump({
@@ -409,8 +412,9 @@ def test_local_launch_real_trainer(tiny_fashion_betons, tmp_path):
     folder = tmp_path / "runs"
     sweep_file = write_sweep(tmp_path / "crop.yaml", base="tiny.yaml", folder=str(folder),
                              grid={"augment.min_scale": [1.0, 0.5]}, seeds=2)
+    warm = {"python": warm_python, "env": {env.PYTHON_ENV_VAR: shlex.join(warm_python)}}
     result = sweep_cli("launch", sweep_file, "--max-parallel", "2", "--gpus", "none",
-                       timeout=600)
+                       timeout=600, **warm)
     assert result.returncode == 0, result.stdout + result.stderr
     planned = plan(load_sweep(sweep_file))
     for run in planned:
@@ -420,7 +424,7 @@ def test_local_launch_real_trainer(tiny_fashion_betons, tmp_path):
         assert config["augment"]["min_scale"] == run.values["augment.min_scale"]
         assert config["training"]["seed"] == run.seed
         assert launch_starts(run.run_dir) == 1
-    relaunch = sweep_cli("launch", sweep_file, "--gpus", "none")
+    relaunch = sweep_cli("launch", sweep_file, "--gpus", "none", **warm)
     assert relaunch.returncode == 0 and "0 to launch" in relaunch.stdout
     assert all(launch_starts(run.run_dir) == 1 for run in planned)
 

@@ -7,7 +7,9 @@ torch is imported only by the function that needs it.
 import importlib.metadata
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 # The packages whose versions a record keeps (the numbers depend on them). Versions come
@@ -18,6 +20,10 @@ SOURCE_DIR = Path(__file__).resolve().parent.parent
 GIT_TIMEOUT_S = 10
 # `git diff` reads every tracked file: a large checkout on a slow disk needs longer.
 GIT_DIFF_TIMEOUT_S = 30
+# The command that starts the Python processes ffcv_bias starts (the sweep's trainers, the
+# demo's steps), when not this interpreter: a profiler (`nsys profile -o prof python`), a
+# wrapper script, or the test suite's warm fork server (tests/warm_python.py).
+PYTHON_ENV_VAR = "FFCV_BIAS_PYTHON"
 
 
 def usable_cpu_count():
@@ -26,6 +32,13 @@ def usable_cpu_count():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def python_command():
+    """The words that start a child Python: $FFCV_BIAS_PYTHON split as a shell would, else
+    this interpreter. A child started so must behave as `python ARGS` does."""
+    words = shlex.split(os.environ.get(PYTHON_ENV_VAR, ""))
+    return words or [sys.executable]
 
 
 def default_device():

@@ -119,11 +119,27 @@ def load_source(run_dir):
 # Features
 # ----------------------------------------------------------------------------------------
 
-def extract_features(model, beton, *, resolution, crop_ratio, batch_size, num_workers,
-                     device, autocast, desc):
-    """float32 [N, D] penultimate features of every image of `beton`, in beton order."""
-    loader = create_val_loader(beton, batch_size=batch_size, resolution=resolution,
-                               crop_ratio=crop_ratio, num_workers=num_workers)
+class FeatureLoaders:
+    """The target sets' validation loaders, one per (beton, resolution, crop ratio), kept
+    for every source run: a new ffcv Loader compiles its pipeline again (~1-2 s each, more
+    than the features of a small target set take); a validation loader reads the same
+    images in the same order on every pass."""
+
+    def __init__(self, batch_size, num_workers):
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._loaders = {}
+
+    def get(self, beton, resolution, crop_ratio):
+        key = (str(beton), resolution, crop_ratio)
+        if key not in self._loaders:
+            self._loaders[key] = create_val_loader(
+                beton, batch_size=self.batch_size, resolution=resolution,
+                crop_ratio=crop_ratio, num_workers=self.num_workers)
+        return self._loaders[key]
+
+
+def extract_features(model, loader, *, device, autocast, desc):
+    """float32 [N, D] penultimate features of every image `loader` reads, in its order."""
     rows = []
     with torch.inference_mode(), autocast():
         for images, _ in tqdm(loader, desc=desc, unit="batch", disable=None):
@@ -271,15 +287,16 @@ def probe_recipe(epochs, lr, weight_decay, batch_size, resolution, crop_ratio):
             "resolution": resolution, "crop_ratio": crop_ratio, "features": "forward_features"}
 
 
-def train_probe(backbone, info, probe, *, target_train, target_val, num_classes,
-                feature_batch_size, num_workers, device):
-    """Features of both target sets, the probe fitted on the train ones. Returns the epoch
-    log, the val logits [N_val, C], the whole model's state_dict and summary extras."""
+def train_probe(backbone, info, probe, *, target_train, target_val, num_classes, loaders,
+                device):
+    """Features of both target sets (`loaders`: a FeatureLoaders), the probe fitted on the
+    train ones. Returns the epoch log, the val logits [N_val, C], the whole model's
+    state_dict and summary extras."""
     model, autocast = inference_setup(backbone, device)
     started = time.time()
-    features = {split: extract_features(model, path, resolution=probe["resolution"],
-                                        crop_ratio=probe["crop_ratio"],
-                                        batch_size=feature_batch_size, num_workers=num_workers,
+    features = {split: extract_features(model,
+                                        loaders.get(path, probe["resolution"],
+                                                    probe["crop_ratio"]),
                                         device=device, autocast=autocast,
                                         desc=f"{info['run_id']}: {split} features")
                 for split, path in (("train", target_train), ("val", target_val))}
@@ -303,7 +320,7 @@ def train_probe(backbone, info, probe, *, target_train, target_val, num_classes,
 
 def probe_one_source(source_dir, *, target_train, target_val, out_dir, num_classes,
                      resolution, crop_ratio, epochs, lr, weight_decay, batch_size,
-                     feature_batch_size, num_workers, device, command):
+                     loaders, device, command):
     """Probe one source run; returns (probe run dir, summary or None when it was done)."""
     backbone, info = load_source(source_dir)
     probe = probe_recipe(epochs, lr, weight_decay, batch_size,
@@ -319,8 +336,7 @@ def probe_one_source(source_dir, *, target_train, target_val, out_dir, num_class
         config["meta"] = {"run_id": probe_id, **provenance(source_dir, command)}
         log, val_logits, state, extras = train_probe(
             backbone, info, probe, target_train=target_train, target_val=target_val,
-            num_classes=num_classes, feature_batch_size=feature_batch_size,
-            num_workers=num_workers, device=device)
+            num_classes=num_classes, loaders=loaders, device=device)
         source_summary = runs.read_json(Path(source_dir) / runs.SUMMARY_FILE)
         extras.update(source_run=info["run_id"], source_top1=source_summary.get("top1"))
         summary = write_probe_record(run_dir, config, log, state, val_logits,
@@ -342,6 +358,7 @@ def run_transfer(source_paths, *, target_train, target_val, out_dir, resolution=
     for run_dir, reason in skipped:
         print(f"skipping {run_dir}: {reason}")
     device = device or pick_device()
+    loaders = FeatureLoaders(feature_batch_size, num_workers)
     results = []
     for source_dir in sources:
         try:
@@ -349,8 +366,7 @@ def run_transfer(source_paths, *, target_train, target_val, out_dir, resolution=
                 source_dir, target_train=target_train, target_val=target_val, out_dir=out_dir,
                 num_classes=len(class_names), resolution=resolution, crop_ratio=crop_ratio,
                 epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                feature_batch_size=feature_batch_size, num_workers=num_workers, device=device,
-                command=command))
+                loaders=loaders, device=device, command=command))
         except runs.RunLockedError as error:  # another process probes it now
             print(f"skipping {source_dir}: {error}")
     return results

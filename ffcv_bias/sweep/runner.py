@@ -12,7 +12,6 @@ import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ffcv_bias.common import atomic
+from ffcv_bias.common import atomic, env
 from ffcv_bias.record import runs
 from ffcv_bias.common.env import usable_cpu_count
 from ffcv_bias.common.errors import EXIT_PREEMPTED
@@ -124,10 +123,11 @@ class TrainerPool:
     """Trains runs as child processes; `stop()` interrupts them all (they save and exit)."""
 
     def __init__(self, train_script=None, cwd=None, extra_args=(), python=None):
+        """`python`: the words that start a trainer's interpreter (env.python_command())."""
         self.train_script = str(train_script or default_train_script())
         self.cwd = str(cwd or os.getcwd())
         self.extra_args = list(extra_args)
-        self.python = python or sys.executable
+        self.python = list(python or env.python_command())
         self._children = set()
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -138,7 +138,7 @@ class TrainerPool:
         """The trainer's command line; with `threads` (the CPU share of each of the run's
         processes) its loader threads are sized to that share."""
         sized = loader_thread_args(run, threads) if threads else []
-        return ([self.python, self.train_script] + list(run.config_args) + sized
+        return ([*self.python, self.train_script] + list(run.config_args) + sized
                 + self.extra_args)
 
     def train(self, run, gpus=None, threads=None):
