@@ -6,10 +6,10 @@ bit the uninterrupted one.
 
 How the trainers run. A fresh trainer process spends seconds importing ffcv and torch
 before its first step, and these tests start some 30 of them. So they start from
-conftest's warm python (tests/warm_python.py: a server that imported the trainer once
-forks one child per start). A child is a separate process: it is SIGKILLed, SIGTERMed or
-limited like any trainer (signals go to its own pid), and what it leaves on disk is what a
-real one would leave. Every result is compared with the reference, another child's
+conftest's warm python (tests/warm_python.py: a server that imported the trainer and
+trained one tiny run forks one child per start). A child is a separate process: it is
+SIGKILLed, SIGTERMed or limited like any trainer (signals go to its own pid), and what it
+leaves on disk is what a real one would leave. Every result is compared with the reference, another child's
 uninterrupted run, so a restart must reproduce another process's result bit for bit.
 
 Where in a run a kill lands: ffcv_bias/record/faults.py's named crash points (inside every atomic
@@ -34,7 +34,6 @@ import numpy as np
 import pytest
 import torch
 
-import warm_python
 from ffcv_bias.record import faults, runs
 from ffcv_bias.sweep import slurm
 from ffcv_bias.sweep.runner import TRAIN_LOG_FILE
@@ -44,6 +43,7 @@ from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 from ffcv_bias.train.config import resolve_config
 from conftest import FASHION_DIR
 from fixtures_datasets import make_fashion_dir
+from warm_python import PID_FILE_ENV_VAR
 from test_sweep import (PYTHON, REPO, epochs_logged, launch_starts, read_lines, sweep_cli,
                         write_sweep)
 from test_sweep import fake_setup  # noqa: F401 (a fixture: the stand-in trainer's files)
@@ -95,7 +95,7 @@ class WarmTrainers:
         output = self.workdir / f"child-{self.started}.log"
         pid_file = self.workdir / f"child-{self.started}.pid"
         env = dict(os.environ, PYTHONUNBUFFERED="1", **THREADS_ENV)
-        env[warm_python.PID_FILE_ENV_VAR] = str(pid_file)
+        env[PID_FILE_ENV_VAR] = str(pid_file)
         env.pop(faults.ENV_VAR, None)
         if crash_at:
             env[faults.ENV_VAR] = crash_at
