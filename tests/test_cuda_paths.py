@@ -212,7 +212,7 @@ def test_loader_thread_selects_its_streams_gpu_first(monkeypatch):
 def test_patches_are_installed_on_ffcvs_epoch_iterator():
     import ffcv_bias.data.loaders  # noqa: F401 - applies the patches
     from ffcv.loader.epoch_iterator import EpochIterator
-    assert EpochIterator.run is ffcv_patches._run_on_streams_device
+    assert EpochIterator.run is ffcv_patches._run_reporting_errors
     assert EpochIterator.run_pipeline is ffcv_patches._run_pipeline_after_slot_copy
 
 

@@ -196,6 +196,35 @@ def test_stage_grouping_terminates_on_jit_torch_jit():
     assert ffcv_patches._group_operations(graph) == [[0], [1], [2]]
 
 
+@pytest.mark.timeout(300)   # the failure this guards against is a hang
+def test_an_error_in_ffcvs_loader_thread_is_raised_in_the_loop_not_a_hang(
+        tiny_fashion_betons, monkeypatch):
+    """Patch 7: the thread's exception ends the epoch and comes out of the iteration."""
+    _, val = tiny_fashion_betons
+    loader = create_val_loader(val, batch_size=8, resolution=28, crop_ratio=1.0,
+                               num_workers=1)
+    first = [images.clone() for images, _ in loader][0]   # a working loader ...
+    calls = []
+
+    def fail_on_the_third_batch(self, b_ix, *args):
+        calls.append(b_ix)
+        if b_ix == 2:
+            raise ValueError("no room in the pinned buffer")
+        return original(self, b_ix, *args)
+    original = ffcv_patches._ORIGINAL_RUN_PIPELINE
+    monkeypatch.setattr(ffcv_patches, "_ORIGINAL_RUN_PIPELINE", fail_on_the_third_batch)
+    batches = []
+    with pytest.raises(ffcv_patches.LoaderThreadError,
+                       match="^ffcv's loader thread failed: ValueError: no room in the "
+                             "pinned buffer$") as raised:
+        for images, _ in loader:   # ... whose thread fails at the third batch
+            batches.append(images.clone())
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert len(batches) == 2 and torch.equal(batches[0], first) and calls == [0, 1, 2]
+    monkeypatch.undo()
+    assert len(list(loader)) == len(loader)   # the next epoch runs again
+
+
 IMPORT_PROBE = """
 import sys
 {first}

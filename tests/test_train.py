@@ -295,3 +295,25 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
     log_path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epo')
     truncate_log(log_path, 2)
     assert log_path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
+
+
+@pytest.mark.timeout(300)   # ffcv alone would hang here
+def test_a_failing_loader_thread_fails_the_run_in_one_line(tiny_fashion_betons, tmp_path,
+                                                          monkeypatch, capsys):
+    """data/ffcv_patches.py patch 7 in a run: exit 1, the one-line error, the thread's
+    traceback in error.txt, no summary."""
+    from ffcv_bias.common.errors import EXIT_FAILURE
+    from ffcv_bias.data import ffcv_patches
+
+    def decode_error(*args):
+        raise ValueError("corrupt JPEG data: premature end of data segment")
+    monkeypatch.setattr(ffcv_patches, "_ORIGINAL_RUN_PIPELINE", decode_error)
+    args = train_args(tiny_fashion_betons, tmp_path)
+    assert train_in_process(args) == EXIT_FAILURE
+    message = ("ffcv's loader thread failed: ValueError: corrupt JPEG data: premature end "
+               "of data segment")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+    run_dir = run_dir_of(args)
+    error_text = (run_dir / runs.ERROR_FILE).read_text()
+    assert error_text.splitlines()[0] == message and "decode_error" in error_text
+    assert not runs.is_complete(run_dir)

@@ -39,10 +39,17 @@ Kept in one module so they are easy to audit and to drop once upstream fixes the
 6. (every process) Importing ffcv compiles numba's typed-dictionary code for its table of
    image modes, ~5 s of CPU per process; data/ffcv_import.py (installed by importing
    `ffcv_bias.data`, before anything imports ffcv) makes that table a plain dict.
+
+7. An exception in `EpochIterator.run` (a numba compile error, a decode error, a
+   MemoryError) ends ffcv's loader thread silently, and the training loop then waits in
+   `__next__` for a batch that never comes: a hang instead of an error. Ours records the
+   exception, ends the epoch's queue, and `__next__` raises LoaderThreadError (the
+   thread's exception as its cause) in the loop.
 """
 import contextlib
 import functools
 import os
+import queue
 import signal
 import sys
 import threading
@@ -62,6 +69,7 @@ from ffcv_bias.common.atomic import NO_ROOM_ERRNOS  # noqa: E402
 
 _ORIGINAL_RUN = epoch_iterator.EpochIterator.run
 _ORIGINAL_RUN_PIPELINE = epoch_iterator.EpochIterator.run_pipeline
+_ORIGINAL_NEXT = epoch_iterator.EpochIterator.__next__
 
 _APPLIED = {"done": False}
 
@@ -106,6 +114,39 @@ def _run_on_streams_device(self):
     return _ORIGINAL_RUN(self)
 
 
+class LoaderThreadError(RuntimeError):
+    """ffcv's loader thread failed; `__cause__` is its exception, with its traceback."""
+
+
+# How long the failed thread waits for room in a full batch queue before it checks again
+# whether the loop has given up on the epoch (ffcv's own thread polls alike).
+_QUEUE_POLL_S = 0.5
+
+
+def _run_reporting_errors(self):
+    try:
+        _run_on_streams_device(self)
+    except BaseException as error:  # noqa: BLE001 - any exception would leave a hang
+        self._thread_error = error
+        while not self.terminate_event.is_set():   # None: ffcv's end of the epoch
+            try:
+                self.output_queue.put(None, timeout=_QUEUE_POLL_S)
+                return
+            except queue.Full:
+                pass
+
+
+def _next_raising_thread_errors(self):
+    try:
+        return _ORIGINAL_NEXT(self)
+    except StopIteration:
+        error = self.__dict__.get("_thread_error")
+        if error is None:
+            raise
+        raise LoaderThreadError(f"ffcv's loader thread failed: {type(error).__name__}: "
+                                f"{error}") from error
+
+
 def _run_pipeline_after_slot_copy(self, b_ix, batch_indices, batch_slot, cuda_event):
     if not epoch_iterator.IS_CUDA:
         return _ORIGINAL_RUN_PIPELINE(self, b_ix, batch_indices, batch_slot, cuda_event)
@@ -125,7 +166,8 @@ def apply():
         return
     Compiler.set_num_threads = classmethod(_set_numba_threads_only)
     Graph.group_operations = _group_operations
-    epoch_iterator.EpochIterator.run = _run_on_streams_device
+    epoch_iterator.EpochIterator.run = _run_reporting_errors
+    epoch_iterator.EpochIterator.__next__ = _next_raising_thread_errors
     epoch_iterator.EpochIterator.run_pipeline = _run_pipeline_after_slot_copy
     torch.set_num_threads(_TORCH_THREADS_BEFORE_FFCV)
     _APPLIED["done"] = True

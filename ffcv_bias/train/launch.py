@@ -23,6 +23,7 @@ from ffcv_bias import record
 from ffcv_bias.common import atomic, env
 from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 from ffcv_bias.common.errors import EXIT_USAGE as EXIT_CONFIG
+from ffcv_bias.data.ffcv_patches import LoaderThreadError
 from ffcv_bias.data.fingerprint import current_fingerprints
 from ffcv_bias.data.sidecar import check_beton
 from ffcv_bias.data.sources import DatasetError
@@ -92,7 +93,8 @@ def write_error(run_dir, error, details):
 
 
 def one_line(error):
-    if isinstance(error, (RunError, ConfigError, runs.RunLockedError, atomic.NoRoomError)):
+    if isinstance(error, (RunError, ConfigError, runs.RunLockedError, atomic.NoRoomError,
+                          LoaderThreadError)):
         return str(error)
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
