@@ -83,13 +83,9 @@ WARM_START_TIMEOUT_S = 300
 
 
 def warm_up_run(betons, folder):
-    """The server's own run: 1 epoch of ResNet-8 on the tiny betons (test_train's recipe)."""
-    train, val = betons
-    return [f"--data.train_dataset={train}", f"--data.val_dataset={val}",
-            f"--logging.folder={folder}", "--logging.progress=0", "--model.arch=resnet8",
-            "--training.epochs=1", "--training.batch_size=32", "--lr.lr_peak_epoch=0.5",
-            "--resolution.min_res=28", "--resolution.max_res=28", "--validation.resolution=28",
-            "--validation.crop_ratio=1.0", "--validation.batch_size=64", "--data.num_workers=1"]
+    """The server's own run: test_train's recipe (ResNet-8, tiny betons) for 1 epoch."""
+    from test_train import train_args
+    return train_args(betons, folder, "--training.epochs=1")
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,7 @@ import yaml
 
 from fixtures_datasets import (make_cifar10_dir, make_inaturalist_tree, save_image,
                                smooth_image, write_idx)
+from warm_python import exit_status
 
 # Every test here runs README commands as processes (trainers, launchers, analysis).
 pytestmark = pytest.mark.e2e
@@ -656,16 +657,6 @@ def inside(sandbox, argv):
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
-
-
-def exit_status(code):
-    """What the interpreter makes of SystemExit(code)."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
 
 
 def run_in_process(words, sandbox):

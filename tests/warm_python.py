@@ -279,10 +279,17 @@ def run_args(args):
             runpy.run_path(args[0], run_name="__main__")
         return 0
     except SystemExit as stop:
-        if stop.code is None or isinstance(stop.code, int):
-            return stop.code or 0
-        print(stop.code, file=sys.stderr)
-        return 1
+        return exit_status(stop.code)
+
+
+def exit_status(code):
+    """What the interpreter makes of SystemExit(code)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
