@@ -1,6 +1,8 @@
 """Seeded crop/flip decoder and loaders: determinism, crop statistics, class-conditional crop."""
+import gc
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -75,6 +77,95 @@ def test_jpeg_and_raw_betons_decode(tiny_fashion_betons, tmp_path):
     assert decoded.shape == (32, 3, 32, 32) and decoded.dtype == torch.uint8
     assert decoded.is_contiguous(memory_format=torch.channels_last)
     assert set(decoded_labels.tolist()) <= set(range(10))
+
+
+def test_loaders_share_one_compiled_decode_chain_and_leave_numbas_types_alone(tmp_path):
+    """The JPEG decode chain is compiled once per process, not once per loader (patch 9);
+    that needs patch 8: ffcv's memory manager used to flag numba's interned uint8[::1]
+    read-only, changing its hash, and the chain's table of compiled signatures then failed
+    with KeyError in the second loader's thread."""
+    import numba
+    from conftest import write_tiny_beton
+    from ffcv_bias.data import fast_decode
+    interned, its_hash = numba.uint8[::1], hash(numba.uint8[::1])
+    images = np.random.default_rng(1).integers(0, 255, size=(24, 28, 28), dtype=np.uint8)
+    jpg = write_tiny_beton(tmp_path / "jpg.beton", images, np.arange(24) % 10, "train",
+                           write_mode="jpg")
+    chain, _ = fast_decode.compile_crop_resizer("exact")
+    _, first, _ = epoch_batches(jpg, batch_size=8)
+    _, again, _ = epoch_batches(jpg, batch_size=8)           # a second loader, same seed
+    _, other, _ = epoch_batches(jpg, batch_size=8, seed=1)
+    val = create_val_loader(jpg, batch_size=8, resolution=28, crop_ratio=1.0, num_workers=1)
+    assert sum(len(images) for images, _ in val) == 24
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert fast_decode.compile_crop_resizer("exact")[0] is chain
+    assert len(chain.signatures) == 1          # one compile served all four loaders
+    assert numba.uint8[::1] is interned and interned.mutable and hash(interned) == its_hash
+
+
+def end_loader_threads():
+    from warm_python import join_loader_threads
+    join_loader_threads()
+    gc.collect()
+
+
+def test_a_loader_like_one_before_it_compiles_nothing(tiny_fashion_betons):
+    """Patch 9 + FixedRows: once a train and a val loader were built and collected, a new
+    pair with the same settings reuses all their compiled code (a trainer in a warm or
+    long-lived process pays ffcv's pipeline compile once)."""
+    from numba.core import event
+    train, val = tiny_fashion_betons
+
+    def one_epoch_each():
+        images = [epoch_batches(train, batch_size=16)[1]]
+        loader = create_val_loader(val, batch_size=16, resolution=28, crop_ratio=1.0,
+                                   num_workers=1)
+        images += [batch.clone() for batch, _ in loader]
+        return images
+
+    first = one_epoch_each()
+    end_loader_threads()
+    with event.install_recorder("numba:compile") as compiles:
+        again = one_epoch_each()
+    compiled = [ev.data["dispatcher"].py_func.__qualname__ for _, ev in compiles.buffer
+                if ev.is_start]
+    assert compiled == []
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_the_compile_memo_keys_on_code_and_closure_and_never_on_arrays():
+    from ffcv.pipeline.compiler import Compiler
+    ffcv_patches.apply()
+
+    def add(amount):
+        def adder(value):
+            return value + amount
+        return adder
+    assert Compiler.compile(add(1)) is Compiler.compile(add(1))
+    three, four = Compiler.compile(add(3)), Compiler.compile(add(4))
+    assert three is not four and (three(1), four(1)) == (4, 5)
+    table = np.array([10])
+    before = Compiler.compile(add(table))
+    assert before(1)[0] == 11
+    table[0] = 20   # numba froze the first array's contents: a new closure must see 20
+    assert Compiler.compile(add(table)) is not before and Compiler.compile(add(table))(1)[0] == 21
+
+
+def test_stopping_early_ends_ffcvs_loader_thread(tiny_fashion_betons):
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    def loader_threads():
+        return [t for t in threading.enumerate() if isinstance(t, EpochIterator)]
+    end_loader_threads()
+    loader = create_train_loader(tiny_fashion_betons[0], batch_size=8, resolution=28, seed=0,
+                                 num_workers=1)
+    for step, _ in enumerate(loader):
+        if step == 1:
+            break   # as the BatchNorm check does
+    threads = loader_threads()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert threads and not any(thread.is_alive() for thread in threads)
 
 
 def test_crop_area_stays_within_bounds_and_covers_them():

@@ -25,6 +25,9 @@ the crop (INTER_AREA), as ffcv does; 'fast' decodes only the crop, DCT-scaled wh
 least twice the output (ffcv_bias/data/fast_decode.py). The crop rectangle is the same in both.
 `CenterCropDecoder` is the validation decoder (ffcv's centre crop) with the same choice.
 """
+import heapq
+import weakref
+
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
@@ -145,6 +148,36 @@ def per_sample_min_scale(labels, class_min_scale):
     return np.ascontiguousarray(class_min_scale[labels])
 
 
+class FixedRows:
+    """Rows of int64 at addresses that stay the same from one loader to the next.
+
+    The compiled decoders read their live state and add their fallback counts through an
+    address, which numba freezes into the code as a constant. An owner (a decoder, a
+    counter) takes the lowest free row and gives it back when it is collected, so the next
+    loader's decoder gets the address the previous one had, the same closure, and (ffcv's
+    Compiler memoised, data/ffcv_patches.py patch 9) the code already compiled. Past
+    `rows` owners at once, an owner gets an array of its own (correct, compiled anew)."""
+
+    def __init__(self, width, rows=64):
+        self.table = np.zeros((rows, width), dtype=np.int64)
+        self.free = list(range(rows))   # a heap: the lowest free row first
+
+    def take(self, owner):
+        if not self.free:
+            return np.zeros(self.table.shape[1], dtype=np.int64)
+        row = heapq.heappop(self.free)
+        self.table[row] = 0
+        weakref.finalize(owner, heapq.heappush, self.free, row)
+        return self.table[row]
+
+
+_LIVE_STATE_ROWS = FixedRows(2)                                   # [seed, epoch]
+_FALLBACK_ROWS = FixedRows(len(fast_decode.FALLBACK_REASONS))
+# Every sample at the decoder's min_scale (no per-sample bound): one array for all of them.
+_NO_SAMPLE_BOUNDS = np.full(1, -1.0)
+_NO_SAMPLE_BOUNDS.flags.writeable = False
+
+
 class FallbackCounter:
     """Images the fast path handed to the exact one, per reason (fast_decode.FALLBACK_REASONS).
 
@@ -157,7 +190,7 @@ class FallbackCounter:
                              f"got {decode!r}")
         self.decode = decode
         self.fast_active = False  # set when the code is generated (False: exact everywhere)
-        self.counts = np.zeros(len(fast_decode.FALLBACK_REASONS), dtype=np.int64)
+        self.counts = _FALLBACK_ROWS.take(self)
 
     @property
     def fallbacks(self):
@@ -222,9 +255,10 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip = bool(flip)
         # [seed, epoch]: read by the compiled code through its address, so it stays live.
-        self.live_state = np.array([int(seed), 0], dtype=np.int64)
+        self.live_state = _LIVE_STATE_ROWS.take(self)
+        self.live_state[0] = int(seed)
         if sample_min_scale is None:
-            self.sample_min_scale = np.full(1, -1.0)  # -1: use min_scale for every sample
+            self.sample_min_scale = _NO_SAMPLE_BOUNDS  # -1: use min_scale for every sample
         else:
             bounds = np.ascontiguousarray(sample_min_scale, dtype=np.float64)
             if bounds.size and not (np.all(bounds > 0) and np.all(bounds <= 1)):
@@ -247,7 +281,7 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         bounds_address = self.sample_min_scale.ctypes.data
         counts_address = self.fallback.counts.ctypes.data
         num_reasons = len(self.fallback.counts)
-        per_sample = self.sample_min_scale[0] >= 0
+        per_sample = bool(self.sample_min_scale[0] >= 0)
         min_scale, max_scale = self.scale
         log_ratio_low, log_ratio_high = np.log(self.ratio[0]), np.log(self.ratio[1])
         do_flip = self.flip

@@ -45,7 +45,27 @@ Kept in one module so they are easy to audit and to drop once upstream fixes the
    `__next__` for a batch that never comes: a hang instead of an error. Ours records the
    exception, ends the epoch's queue, and `__next__` raises LoaderThreadError (the
    thread's exception as its cause) in the loop.
+
+8. The memory managers' `state_type` marks its arrays read-only by *mutating* numba's
+   shared, interned array types (`t = nb.uint8[::1]; t.mutable = False`, at every Loader):
+   from then on every `uint8[::1]` in the process says read-only and, worse, hashes
+   differently from when it went into a dict, so numba's per-function table of compiled
+   signatures (an OrderedDict keyed by argument types) fails with KeyError the next time
+   it is read. A compiled function used by two loaders (data/fast_decode.py compiles the
+   decode chain once per process, patch 9) then dies in the loader thread. Ours builds
+   new read-only types and leaves numba's alone; the OS-cache reader returns the read-only
+   array it reads (ffcv declared a mutable one, which only compiled because of the
+   mutation).
+
+9. `Compiler.compile` wraps every operation's code in a new numba dispatcher, and every
+   Loader asks for new code, so each Loader compiles its whole pipeline again, the parts
+   that are the same in every loader included (the label decoder, the file reader, our
+   JPEG decode chain): ~1 s of CPU per loader, a trainer builds two or three. Ours returns
+   the dispatcher it made before for the same function code, defaults, closure and flags
+   (the compiled code is then the same: numba freezes a closure's variables when it
+   compiles), so those parts are compiled once per process.
 """
+import collections
 import contextlib
 import functools
 import os
@@ -55,6 +75,7 @@ import sys
 import threading
 
 import numba
+import numpy as np
 import torch
 
 # Importing ffcv runs `Compiler.set_num_threads(1)`, which pins torch to one thread.
@@ -62,12 +83,15 @@ import torch
 _TORCH_THREADS_BEFORE_FFCV = torch.get_num_threads()
 
 from ffcv.loader import epoch_iterator  # noqa: E402
+from ffcv.memory_managers.os_cache import OSCacheManager  # noqa: E402
+from ffcv.memory_managers.process_cache.manager import ProcessCacheManager  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.graph import Graph  # noqa: E402
 
 from ffcv_bias.common.atomic import NO_ROOM_ERRNOS  # noqa: E402
 
 _ORIGINAL_RUN = epoch_iterator.EpochIterator.run
+_ORIGINAL_COMPILE = Compiler.compile
 _ORIGINAL_RUN_PIPELINE = epoch_iterator.EpochIterator.run_pipeline
 _ORIGINAL_NEXT = epoch_iterator.EpochIterator.__next__
 
@@ -80,6 +104,59 @@ def _set_numba_threads_only(cls, n):
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     cls.num_threads = n
     numba.set_num_threads(n)
+
+
+# Patch 9: (code, defaults, closure, signature, parallel) -> dispatcher, the newest last.
+_DISPATCHERS = collections.OrderedDict()
+_DISPATCHERS_KEPT = 512   # a bound: most entries are per-loader code that never comes back
+_DISPATCHERS_LOCK = threading.Lock()
+_FROZEN_BY_VALUE = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _cell_key(cell):
+    """How a closure variable enters the key: scalars by type and repr (exact for floats,
+    -0.0 apart from 0.0); other objects by identity (the cached function keeps them alive,
+    so an id is not reused while its entry lives); None for a numpy array, whose contents
+    numba freezes at compile time and may change, and for an empty cell."""
+    try:
+        value = cell.cell_contents
+    except ValueError:
+        return None
+    if isinstance(value, _FROZEN_BY_VALUE):
+        return type(value), repr(value)
+    if isinstance(value, np.ndarray):
+        return None
+    return "id", id(value)
+
+
+def _dispatcher_key(code, signature, parallel):
+    """The key under which `code` may reuse a dispatcher, or None when it may not."""
+    if not hasattr(code, "__code__"):
+        return None
+    cells = tuple(_cell_key(cell) for cell in (code.__closure__ or ()))
+    if any(cell is None for cell in cells):
+        return None
+    key = (code.__code__, code.__defaults__, cells, signature, parallel,
+           id(code.__globals__))
+    try:
+        hash(key)
+    except TypeError:   # an unhashable default or signature: compile as ffcv does
+        return None
+    return key
+
+
+def _compile_once(cls, code, signature=None):
+    parallel = bool(getattr(code, "is_parallel", False)) and cls.num_threads > 1
+    key = _dispatcher_key(code, signature, parallel) if cls.is_enabled else None
+    if key is None:
+        return _ORIGINAL_COMPILE(code, signature)
+    with _DISPATCHERS_LOCK:   # loaders may be built from several threads
+        if key not in _DISPATCHERS:
+            _DISPATCHERS[key] = _ORIGINAL_COMPILE(code, signature)   # lazy: compiles nothing
+            if len(_DISPATCHERS) > _DISPATCHERS_KEPT:
+                _DISPATCHERS.popitem(last=False)
+        _DISPATCHERS.move_to_end(key)
+        return _DISPATCHERS[key]
 
 
 def _group_operations(self):
@@ -112,6 +189,31 @@ def _run_on_streams_device(self):
     if device is not None:
         torch.cuda.set_device(device)  # per thread: the loader thread starts on GPU 0
     return _ORIGINAL_RUN(self)
+
+
+def _readonly(dtype, ndim):
+    """A new read-only C-contiguous array type (numba's interned `dtype[::1]` untouched)."""
+    return numba.types.Array(dtype, ndim, "C", readonly=True)
+
+
+def _os_cache_state_type(self):
+    """(file bytes, sample addresses, sample sizes): the bytes read-only, as ffcv meant."""
+    return numba.types.Tuple([_readonly(numba.uint8, 1), numba.uint64[::1],
+                              numba.uint64[::1]])
+
+
+def _os_cache_compile_reader(self):
+    def read(address, mem_state):
+        size = mem_state[2][np.searchsorted(mem_state[1], address)]
+        return mem_state[0][address:address + size]
+
+    return Compiler.compile(read, _readonly(numba.uint8, 1)(numba.uint64, self.state_type))
+
+
+def _process_cache_state_type(self):
+    """(page slots, sample addresses, sample sizes, page -> slot), all read-only."""
+    return numba.types.Tuple([_readonly(numba.uint8, 2), _readonly(numba.uint64, 1),
+                              _readonly(numba.uint64, 1), _readonly(numba.uint32, 1)])
 
 
 class LoaderThreadError(RuntimeError):
@@ -165,10 +267,14 @@ def apply():
     if _APPLIED["done"]:
         return
     Compiler.set_num_threads = classmethod(_set_numba_threads_only)
+    Compiler.compile = classmethod(_compile_once)
     Graph.group_operations = _group_operations
     epoch_iterator.EpochIterator.run = _run_reporting_errors
     epoch_iterator.EpochIterator.__next__ = _next_raising_thread_errors
     epoch_iterator.EpochIterator.run_pipeline = _run_pipeline_after_slot_copy
+    OSCacheManager.state_type = property(_os_cache_state_type)
+    OSCacheManager.compile_reader = _os_cache_compile_reader
+    ProcessCacheManager.state_type = property(_process_cache_state_type)
     torch.set_num_threads(_TORCH_THREADS_BEFORE_FFCV)
     _APPLIED["done"] = True
 

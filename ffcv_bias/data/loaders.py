@@ -130,8 +130,15 @@ class SeededLoader:
         self.loader.next_epoch = self.epoch
         if self.crop_decoder is not None:
             self.crop_decoder.set_epoch(self.epoch)
-        for images, labels in self.loader:
-            yield images, labels.clone()
+        batches = iter(self.loader)
+        try:
+            for images, labels in batches:
+                yield images, labels.clone()
+        finally:
+            # A consumer that stops early (the BatchNorm check reads a few batches) would
+            # leave ffcv's loader thread offering the next batch forever, holding the loader
+            # and its buffers; after a whole epoch the thread has ended and this is a no-op.
+            batches.terminate_event.set()
 
 
 def _to_device_ops(device):
