@@ -4,7 +4,6 @@ benchmark is for)."""
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "loader.py"
@@ -14,14 +13,15 @@ ROW = re.compile(r"^ +(\d+) +([0-9.]+) \| +" + r" +".join([r"(\d+)"] * 5) + r" \
                  r"([0-9]+\.[0-9]{2}) +(\d+)%$")
 
 
-def run_bench(*args, timeout=600):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
+def run_bench(python, *args, timeout=600):
+    """`python bench/loader.py ARGS` (`python`: conftest's warm python, imports paid)."""
+    return subprocess.run([*python, str(SCRIPT), *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
-def test_tiny_run_prints_every_cell_ratio_and_goal(tmp_path):
+def test_tiny_run_prints_every_cell_ratio_and_goal(tmp_path, warm_python):
     json_path = tmp_path / "figures.json"
-    result = run_bench("--images", "32", "--classes", "4", "--batch-size", "16",
+    result = run_bench(warm_python, "--images", "32", "--classes", "4", "--batch-size", "16",
                        "--resolutions", "160,24", "--taus", "1.0,0.08", "--max-sides", "96",
                        "--epochs", "1", "--workers", "2", "--workdir", str(tmp_path / "data"),
                        "--json", str(json_path))
@@ -53,19 +53,19 @@ def test_tiny_run_prints_every_cell_ratio_and_goal(tmp_path):
     assert len(list((tmp_path / "data" / "side96" / "imagefolder").glob("class_*/*.jpg"))) == 32
 
 
-def test_bad_arguments_fail_with_one_line():
-    result = run_bench("--images", "8", "--batch-size", "16", timeout=120)
+def test_bad_arguments_fail_with_one_line(warm_python):
+    result = run_bench(warm_python, "--images", "8", "--batch-size", "16", timeout=120)
     assert result.returncode != 0
     assert "--images (8) must be >= --batch-size (16)" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_bench("--taus", "0,1", timeout=120)
+    result = run_bench(warm_python, "--taus", "0,1", timeout=120)
     assert result.returncode != 0 and "out of range: '0,1'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_decode_mechanism_bench_prints_three_mechanisms_per_crop():
+def test_decode_mechanism_bench_prints_three_mechanisms_per_crop(warm_python):
     script = SCRIPT.parent / "decode_mechanism.py"
-    result = subprocess.run([sys.executable, str(script), "--images", "2", "--rounds", "1"],
+    result = subprocess.run([*warm_python, str(script), "--images", "2", "--rounds", "1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = re.findall(r"^ +\d+x\d+ \(([0-9.]+)\) +1/(\d) +([0-9.]+) +([0-9.]+) +([0-9.]+)$",

@@ -51,9 +51,13 @@ def run_script(args, cwd, **env):
 def test_tiny_cpu_check_runs_every_section_and_skips_only_what_needs_cuda(tmp_path,
                                                                          warm_python):
     out = tmp_path / "out"
-    # Its trainer subprocesses start from conftest's warm python.
+    # The check and its trainer subprocesses start from conftest's warm python ($PYTHON is
+    # one word for the script: a wrapper that runs the warm python's words).
+    wrapper = tmp_path / "warm-python"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.join(warm_python)} "$@"\n')
+    wrapper.chmod(0o755)
     result = run_script(["--device", "cpu", "--tiny", "--out", str(out)], tmp_path,
-                        FFCV_BIAS_PYTHON=shlex.join(warm_python))
+                        PYTHON=str(wrapper), FFCV_BIAS_PYTHON=shlex.join(warm_python))
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"gpu_check.sh: results in {out}/gpu_check.json" in result.stdout

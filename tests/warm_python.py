@@ -34,6 +34,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                      signal.SIGUSR2)
@@ -153,9 +154,21 @@ def warm_up(train_args):
             os.environ["OMP_NUM_THREADS"] = saved
         if code != 0:
             raise SystemExit(f"warm_python: the warm-up run failed (exit {code})")
-    # The run's numba dispatchers may be garbage not yet collected: a child would collect
-    # them, and their finalizers print "Exception ignored ... KeyError" into its output.
-    gc.collect()
+    # ffcv's loader threads that were told to stop (data/loaders.py) end within their
+    # 0.5 s poll; then the run's loaders are garbage, collected here and not in a child.
+    # Its decoders' fixed rows are then free (data/augment.py FixedRows), so a child's
+    # decoders get the rows, hence the compiled code (ffcv_patches patch 9), of this run.
+    join_loader_threads()
+    for _ in range(3):   # finalizers run in one pass can free more in the next
+        if not gc.collect():
+            break
+
+
+def join_loader_threads(timeout_s=10):
+    from ffcv.loader.epoch_iterator import EpochIterator
+    for thread in threading.enumerate():
+        if isinstance(thread, EpochIterator):
+            thread.join(timeout=timeout_s)
 
 
 def serve(socket_path, train_args):
