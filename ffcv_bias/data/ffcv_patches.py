@@ -51,11 +51,10 @@ Kept in one module so they are easy to audit and to drop once upstream fixes the
    from then on every `uint8[::1]` in the process says read-only and, worse, hashes
    differently from when it went into a dict, so numba's per-function table of compiled
    signatures (an OrderedDict keyed by argument types) fails with KeyError the next time
-   it is read. A compiled function used by two loaders (data/fast_decode.py compiles the
-   decode chain once per process, patch 9) then dies in the loader thread. Ours builds
-   new read-only types and leaves numba's alone; the OS-cache reader returns the read-only
-   array it reads (ffcv declared a mutable one, which only compiled because of the
-   mutation).
+   it is read. A compiled function shared by two loaders (patch 9: our JPEG decode chain)
+   then dies in the second loader's thread. Ours builds new read-only types and leaves
+   numba's alone; the OS-cache reader returns the read-only array it reads (ffcv declared
+   a mutable one, which only compiled because of the mutation).
 
 9. `Compiler.compile` wraps every operation's code in a new numba dispatcher, and every
    Loader asks for new code, so each Loader compiles its whole pipeline again, the parts
