@@ -724,12 +724,12 @@ def test_submitit_local_jobs_requeue_and_resume(fake_setup, tmp_path, monkeypatc
         tmp_path / "s.yaml", base="base.yaml", folder=str(folder),
         overrides={"training.epochs": 16}, grid={"augment.min_scale": [1.0, 0.5, 0.2]},
         seeds=1,
-        # submitit signals (SIGUSR2) signal_delay_s before the 1-minute limit: 10 s after
-        # each (re)start; a run takes 16 s plus start-up, so the signal always lands
+        # submitit signals (SIGUSR2) signal_delay_s before the 1-minute limit: 5 s after
+        # each (re)start; a run takes 8 s plus start-up (~1 s), so the signal lands
         # mid-run and each restart makes progress from the checkpoint.
         slurm={"mode": "pack", "gpus_per_node": 0, "runs_per_node": 2, "time": 1,
-               "signal_delay_s": 50})
-    monkeypatch.setenv("FAKE_EPOCH_S", "1.0")
+               "signal_delay_s": 55})
+    monkeypatch.setenv("FAKE_EPOCH_S", "0.5")
     monkeypatch.chdir(REPO)
     sweep = load_sweep(sweep_file)
     planned = plan(sweep)
