@@ -7,7 +7,12 @@ from ffcv_bias.analysis import where
 from ffcv_bias.analysis.analyze import run_analysis
 from ffcv_bias.analysis.records import AnalysisError
 from ffcv_bias.analysis.report import summary_text
+from ffcv_bias.common.atomic import no_room_error
+from ffcv_bias.common.errors import EXIT_FAILURE
 from ffcv_bias.common.output_paths import OutputPathError, require_creatable_dir
+from ffcv_bias.common.report_folder import NotAReportError, staged_folder
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def build_parser():
@@ -87,6 +92,10 @@ def notes_on_the_request(frames, args):
             lines.append(f"note: --crossfit-folds {args.crossfit_folds}: the fewest seeds per "
                          f"setting is {used}, so the cross-fit used {used} folds (one seed "
                          f"each); oracle.csv's crossfit_folds records it")
+    if oracle is not None and "crossfit_settings_left_out" in oracle and len(oracle):
+        for text in oracle["crossfit_settings_left_out"]:
+            if isinstance(text, str) and text:
+                lines.append(f"note: {text}; oracle.csv's crossfit_settings_left_out records it")
     settings = frames.get("settings")
     if settings is not None and "setting" in settings and settings["setting"].nunique() < 2:
         lines.append(f"note: the runs hold one value of {args.vary[0]} "
@@ -99,15 +108,27 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
-                              out_dir=args.out, ignore_keys=args.ignore_key, top_k=args.top_k,
-                              make_plots=not args.no_figures,
-                              crossfit_folds=args.crossfit_folds, protocol=args.protocol,
-                              where_conditions=[where.parse_condition(text)
-                                                for text in args.where])
-    except AnalysisError as error:
+        with staged_folder(args.out) as staging:
+            frames = run_analysis(args.run_dirs, args.vary, reference=args.reference,
+                                  out_dir=staging, ignore_keys=args.ignore_key,
+                                  top_k=args.top_k, make_plots=not args.no_figures,
+                                  crossfit_folds=args.crossfit_folds, protocol=args.protocol,
+                                  where_conditions=[where.parse_condition(text)
+                                                    for text in args.where])
+    except (AnalysisError, NotAReportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; no report written to {args.out} (an earlier report "
+              f"there is kept)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:   # a full disk, wherever in the writers it surfaced
+        no_room = no_room_error(error, args.out)
+        if no_room is None:
+            raise
+        print(f"error: {no_room.strerror} while writing the report for {args.out}: nothing "
+              f"written there (an earlier report there is kept)", file=sys.stderr)
+        return EXIT_FAILURE
     for line in notes_on_the_request(frames, args):
         print(line, file=sys.stderr)
     print(summary_text(frames, args.vary, args.out))

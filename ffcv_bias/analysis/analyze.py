@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ffcv_bias.analysis import (confusion, crossfit, paired, power, protocols, report, stats,
-                                tables, where)
+from ffcv_bias.analysis import (calibration, confusion, crossfit, paired, power, protocols,
+                                report, stats, tables, where)
 from ffcv_bias.analysis.records import (REPLICATE_KEY, AnalysisError, check_poolable,
                                         dotted_get, load_runs)
 from ffcv_bias.common.tables import write_csv
@@ -33,13 +33,15 @@ def analyse_settings(data, crossfit_folds=crossfit.DEFAULT_FOLDS):
     class_means, class_stds, _ = tables.class_means(data)
     welch = stats.welch_table(data)
     oracle_summary, oracle_per_class = stats.oracle(data, class_means)
-    trust = trust_frames(data, class_means, oracle_summary, oracle_per_class, crossfit_folds)
+    null = calibration.null_calibration(data)
+    trust = trust_frames(data, class_means, oracle_summary, oracle_per_class, crossfit_folds,
+                         null)
     frames = {
         "runs": tables.runs_table(data),
         "settings": tables.settings_table(data),
         "per_class": tables.per_class_table(data),
         "welch": welch,
-        "table1": stats.table1(welch),
+        "table1": calibration.add_calibration(stats.table1(welch), null, "welch"),
         "oracle": oracle_summary,
         "oracle_per_class": oracle_per_class,
         "selection": stats.selection(data, class_means),
@@ -54,10 +56,11 @@ def analyse_settings(data, crossfit_folds=crossfit.DEFAULT_FOLDS):
     return frames, class_means, class_stds
 
 
-def trust_frames(data, class_means, oracle_summary, oracle_per_class, folds):
+def trust_frames(data, class_means, oracle_summary, oracle_per_class, folds, null):
     """Estimates that survive selection, beside the in-sample ones (issue 19): the
     cross-fitted oracle (columns added to oracle / oracle_per_class in place), the
-    seed-paired tests and their Table 1, and the seed planning table."""
+    seed-paired tests and their Table 1 (with its measured null rates, `null`:
+    calibration.null_calibration), and the seed planning table."""
     columns, class_acc = crossfit.crossfit_oracle(data, class_means, folds)
     for name, value in columns.items():
         oracle_summary[name] = [value]
@@ -65,7 +68,9 @@ def trust_frames(data, class_means, oracle_summary, oracle_per_class, folds):
     excluded = stats.excluded_class_note(data, stats.scored_classes(class_means))
     oracle_summary["excluded_classes"] = [excluded]
     paired_frame = paired.paired_table(data)
-    return {"paired": paired_frame, "table1_paired": paired.table1_paired(paired_frame),
+    table1_paired = calibration.add_calibration(paired.table1_paired(paired_frame), null,
+                                                "paired")
+    return {"paired": paired_frame, "table1_paired": table1_paired,
             "power": power.power_table(data)}
 
 

@@ -8,17 +8,24 @@ confusion.csv, one row per (setting, true class, predicted class): `rate` = the 
     (row-normalised: a true class's rates sum to 1, its diagonal is its mean accuracy).
     Every pair when there are at most DENSE_MAX_CLASSES classes; above that the diagonal
     and the TOP_K_SPARSE largest off-diagonal rates of each true class (sparse).
-confusion_flows.csv, for each setting and each class it hurts: the classes that absorbed
-    its lost predictions. With r_ref and r_s the reference's and the setting's rates,
-        lost  = r_ref[c, c] - r_s[c, c]          (points of accuracy the class lost)
-        gain  = r_s[c, j] - r_ref[c, j]          (for j != c; the gains sum to `lost`)
-        share = gain / lost                       (of the loss that went to class j)
-    The gains of all j sum to `lost`, so the positive ones sum to at least `lost`: where
-    some confusions fell, the rising ones' shares add up to more than 100% (Dress -2.5
-    pts going to Shirt 200% means its Shirt confusion rose 5 points, others fell 2.5).
-    The hurt classes are those whose one-sided Welch p_less < ALPHA at the setting (the
-    welch table), or, when none is, the WORST_WHEN_NONE largest drops (flagged). Each
-    gets its ABSORBERS largest positive gains.
+confusion_flows.csv, for each setting and each class it hurts: where its predictions went
+    and where they came back from. With r_ref and r_s the reference's and the setting's
+    rates (fractions; "points" below are these times 100),
+        lost   = r_ref[c, c] - r_s[c, c]         (net points of accuracy the class lost)
+        change = r_s[c, j] - r_ref[c, j]         (for j != c; the changes sum to `lost`)
+        gross_out  = sum of the positive changes (c's images newly predicted as others)
+        gross_back = - sum of the negative changes (confusions that fell: images back)
+    so lost = gross_out - gross_back. A class losing 5 points net while its confusion
+    with j1 rises 20 points and that with j2 falls 15 has gross_out 20, gross_back 15.
+    Rows: the ABSORBERS largest positive changes (direction "to") and the ABSORBERS
+    largest negative ones (direction "back from"), each with its signed `change` and
+    share = |change| / gross_out ("to") or |change| / gross_back ("back from"), the
+    row's part of its own direction's gross flow: the shares of one direction sum to at
+    most 1 (exactly 1 when every class with a change that way is listed).
+    The hurt classes are those with Benjamini-Hochberg q_less < ALPHA and diff < 0 at the
+    setting (the welch table), most significant first, or, when none is, the
+    WORST_WHEN_NONE largest drops (flagged in `selected_by`). A hurt class whose
+    prediction runs show no net loss (lost <= 0) gets no rows.
 
 Seeds enter as a mean: the seeds of one setting are pooled into one count matrix, which
 divided by (n seeds x the class's val images) is exactly the mean of the per-seed
@@ -42,14 +49,16 @@ TOP_K_SPARSE = 5
 ALPHA = 0.05
 WORST_WHEN_NONE = 3
 ABSORBERS = 5
+CHANGE_TOLERANCE = 1e-12   # smaller changes of a confusion rate are rounding, not flows
 # Predictions of this many images are counted in one np.bincount call.
 BATCH_IMAGES = 2 ** 22
 
 CONFUSION_COLUMNS = ["setting", "true_class", "true_name", "predicted_class",
                      "predicted_name", "rate", "n"]
-FLOW_COLUMNS = ["setting", "class", "class_name", "selected_by", "p_less", "lost",
-                "absorbing_class", "absorbing_name", "share", "rate_ref", "rate",
-                "n_ref", "n"]
+FLOW_COLUMNS = ["setting", "class", "class_name", "selected_by", "p_less", "q_less", "lost",
+                "gross_out", "gross_back", "direction", "other_class", "other_name",
+                "change", "share", "rate_ref", "rate", "n_ref", "n"]
+TO, BACK = "to", "back from"   # values of the direction column
 
 
 class LabelReader:
@@ -141,37 +150,49 @@ def confusion_rows(setting, rates, runs_counted, class_names):
 
 
 def hurt_classes(welch_rows):
-    """(class indices, how they were chosen) at one setting, most significant first."""
-    significant = welch_rows[(welch_rows["p_less"] < ALPHA) & (welch_rows["diff"] < 0)]
+    """(class indices, how they were chosen) at one setting, most significant first:
+    Benjamini-Hochberg q_less < ALPHA with a drop, else the WORST_WHEN_NONE largest drops."""
+    significant = welch_rows[(welch_rows["q_less"] < ALPHA) & (welch_rows["diff"] < 0)]
     if len(significant):
-        ordered = significant.sort_values(["p_less", "diff"], kind="stable")
-        return ordered["class"].to_numpy(), f"p_less < {ALPHA:g}"
+        ordered = significant.sort_values(["q_less", "p_less", "diff"], kind="stable")
+        return ordered["class"].to_numpy(), f"q_less < {ALPHA:g}"
     dropping = welch_rows[welch_rows["diff"] < 0].sort_values("diff", kind="stable")
     return (dropping["class"].to_numpy()[:WORST_WHEN_NONE],
-            f"largest drop (none with p_less < {ALPHA:g})")
+            f"largest drop (none with q_less < {ALPHA:g})")
 
 
 def flow_rows(setting, rates, reference_rates, welch_rows, n_ref, n, class_names):
     """confusion_flows.csv rows of one setting (see the module docstring)."""
     classes, selected_by = hurt_classes(welch_rows)
     p_less = dict(zip(welch_rows["class"], welch_rows["p_less"]))
+    q_less = dict(zip(welch_rows["class"], welch_rows["q_less"]))
     rows = []
     for class_index in classes:
         lost = reference_rates[class_index, class_index] - rates[class_index, class_index]
         if not lost > 0:  # this run subset did not lose (or the class has no images)
             continue
-        gain = rates[class_index] - reference_rates[class_index]
-        gain[class_index] = -np.inf
-        absorbers = [j for j in np.argsort(-gain, kind="stable")[:ABSORBERS] if gain[j] > 0]
-        for absorbing in absorbers:
-            rows.append({"setting": setting, "class": int(class_index),
-                         "class_name": class_names[class_index], "selected_by": selected_by,
-                         "p_less": p_less.get(class_index, np.nan), "lost": lost,
-                         "absorbing_class": int(absorbing),
-                         "absorbing_name": class_names[absorbing],
-                         "share": gain[absorbing] / lost,
-                         "rate_ref": reference_rates[class_index, absorbing],
-                         "rate": rates[class_index, absorbing], "n_ref": n_ref, "n": n})
+        change = rates[class_index] - reference_rates[class_index]
+        change[class_index] = 0.0
+        # Equal counts over different numbers of seeds can differ in the last bit.
+        change[np.abs(change) < CHANGE_TOLERANCE] = 0.0
+        gross_out = float(change[change > 0].sum())
+        gross_back = float(np.abs(change[change < 0]).sum())
+        order = np.argsort(-change, kind="stable")
+        went = [j for j in order[:ABSORBERS] if change[j] > 0]
+        came_back = [j for j in order[::-1][:ABSORBERS] if change[j] < 0]
+        for direction, others, gross in ((TO, went, gross_out), (BACK, came_back, gross_back)):
+            for other in others:
+                rows.append({"setting": setting, "class": int(class_index),
+                             "class_name": class_names[class_index],
+                             "selected_by": selected_by,
+                             "p_less": p_less.get(class_index, np.nan),
+                             "q_less": q_less.get(class_index, np.nan), "lost": lost,
+                             "gross_out": gross_out, "gross_back": gross_back,
+                             "direction": direction, "other_class": int(other),
+                             "other_name": class_names[other], "change": change[other],
+                             "share": abs(change[other]) / gross,
+                             "rate_ref": reference_rates[class_index, other],
+                             "rate": rates[class_index, other], "n_ref": n_ref, "n": n})
     return rows
 
 
@@ -210,10 +231,19 @@ def confusion_tables(data, welch):
 # Figure
 # ----------------------------------------------------------------------------------------
 
+def _colour_index(class_index):
+    """tab20 colour of a class: the 10 dark hues first, then the 10 light ones (tab20's
+    neighbours are one hue in two shades, too alike for neighbouring class indices)."""
+    k = class_index % 20
+    return (2 * k) % 20 + (k // 10) % 2
+
+
 def flows_figure(flows, setting, path, max_classes=8, title_suffix=""):
-    """Horizontal bars, one per hurt class at `setting` (most significant on top): its
-    lost points split by the classes that absorbed them, the rest grey. False when there
-    is nothing to draw."""
+    """Diverging horizontal bars, one per hurt class at `setting` (most significant on
+    top): right of 0 the points of its images newly predicted as other classes (gross
+    out, split by class, the unlisted rest grey), left of 0 the points that came back
+    from confusions that fell (gross back); a diamond at the net loss (gross out - gross
+    back). Each other class keeps one colour. False when there is nothing to draw."""
     rows = rows_where(flows, "setting", setting)
     classes = list(dict.fromkeys(rows["class"]))[:max_classes]
     if not classes:
@@ -221,33 +251,49 @@ def flows_figure(flows, setting, path, max_classes=8, title_suffix=""):
     from ffcv_bias.analysis.figures import _save
     from ffcv_bias.common import plots
     plt = plots.pyplot()
-    figure, axis = plt.subplots(figsize=(9, 0.6 * len(classes) + 1.6))
-    palette = plt.get_cmap("tab10")
-    # A name fits in a bar wider than ~7% of the widest bar (gains can exceed the loss
-    # where other classes receive fewer of the hurt class's images than at the reference).
-    widest = max(100 * rows.groupby("class")["lost"].first().max(),
-                 100 * (rows["lost"] * rows["share"]).groupby(rows["class"]).sum().max())
+    figure, axis = plt.subplots(figsize=(10, 0.6 * len(classes) + 1.9))
+    palette = plt.get_cmap("tab20")
+    per_class = rows.groupby("class")[["lost", "gross_out", "gross_back"]].first()
+    right = 100 * float(per_class["gross_out"].max())
+    left = 100 * float(per_class["gross_back"].max())
+    span = max(right + left, 1e-9)
     for position, class_index in enumerate(classes):
         block = rows[rows["class"] == class_index]
-        lost = 100 * float(block["lost"].iloc[0])
-        left = 0.0
-        for rank, (_, row) in enumerate(block.iterrows()):
-            width = lost * float(row["share"])
-            axis.barh(position, width, left=left, color=palette(rank % 10), edgecolor="white")
-            if width > 0.07 * widest:
-                axis.text(left + width / 2, position, f"{row['absorbing_name'][:14]}",
-                          ha="center", va="center", fontsize=7)
-            left += width
-        if left < lost:
-            axis.barh(position, lost - left, left=left, color="#ccc", edgecolor="white")
-        axis.text(max(lost, left) + 0.3, position, f"-{lost:.1f} pts", va="center", fontsize=8)
+        totals = per_class.loc[class_index]
+        for direction, sign, gross in ((TO, 1.0, totals["gross_out"]),
+                                       (BACK, -1.0, totals["gross_back"])):
+            start = 0.0
+            for _, row in block[block["direction"] == direction].iterrows():
+                width = 100 * abs(float(row["change"]))
+                axis.barh(position, sign * width, left=sign * start,
+                          color=palette(_colour_index(int(row["other_class"]))),
+                          edgecolor="white")
+                if width > 0.07 * span:
+                    axis.text(sign * (start + width / 2), position,
+                              f"{row['other_name'][:14]}", ha="center", va="center",
+                              fontsize=7)
+                start += width
+            rest = 100 * float(gross) - start
+            if rest > 1e-9:  # classes past the listed ABSORBERS
+                axis.barh(position, sign * rest, left=sign * start, color="#ccc",
+                          edgecolor="white")
+        lost = 100 * float(totals["lost"])
+        axis.plot(lost, position, marker="D", color="black", markersize=6, linestyle="none",
+                  label="net loss" if position == 0 else None, zorder=3)
+        axis.text(100 * float(totals["gross_out"]) + 0.03 * span + 0.1, position,
+                  f"net -{lost:.1f} pts = {100 * totals['gross_out']:.1f} out "
+                  f"- {100 * totals['gross_back']:.1f} back", va="center", fontsize=8)
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlim(-left - 0.05 * span - 0.1, right + 0.45 * span + 0.1)
     axis.set_yticks(range(len(classes)))
     axis.set_yticklabels([rows[rows["class"] == c]["class_name"].iloc[0][:28] for c in classes])
     axis.invert_yaxis()
-    axis.set_xlabel("accuracy lost vs the reference (points), split by the classes that "
-                    "absorbed it (grey: the rest)")
+    axis.set_xlabel("change in the share of the class's images predicted as each other class "
+                    "(points):\nright = went to, left = came back from; diamond = net loss "
+                    "(grey: classes not listed)")
     axis.set_title(f"Where the hurt classes' predictions went at "
                    f"{format_setting(setting)}{title_suffix}")
+    axis.legend(loc="lower right", fontsize=8)
     axis.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     _save(figure, path)

@@ -1,7 +1,8 @@
 """The report's figures (PNG, matplotlib's Agg backend: no display needed).
 
 1. accuracy_curves.png: mean top-1 vs the varied value, and the per-class curves of the k
-   classes with the largest significant loss (one-sided Welch p < 0.05) at ANY setting and
+   classes with the largest significant loss (one-sided Welch, BH q < 0.05 within the
+   setting: raw p < 0.05 would flag about 5% of classes under no effect) at ANY setting and
    the k that gain most at the compared setting (the paper's Figs. 2-4); each line's label
    gives both its change at the compared setting and its largest significant loss.
 2. class_spread.png: standard deviation of per-class accuracy and worst-class accuracy
@@ -37,7 +38,7 @@ def compared_index(data):
 
 def largest_losses(data, class_means, welch, alpha=0.05):
     """Per class: (the most negative change from the reference over all settings among the
-    significant ones, p_less < alpha; NaN if none), its setting, and its p_less."""
+    significant ones, BH q_less < alpha; NaN if none), its setting, and its q_less."""
     worst = np.full(data.num_classes, np.nan)
     where = np.full(data.num_classes, None, dtype=object)
     p_values = np.full(data.num_classes, np.nan)
@@ -45,8 +46,8 @@ def largest_losses(data, class_means, welch, alpha=0.05):
         return worst, where, p_values
     for _, row in welch.iterrows():
         c = int(row["class"])
-        if row["p_less"] < alpha and row["diff"] < 0 and not (row["diff"] >= worst[c]):
-            worst[c], where[c], p_values[c] = row["diff"], row["setting"], row["p_less"]
+        if row["q_less"] < alpha and row["diff"] < 0 and not (row["diff"] >= worst[c]):
+            worst[c], where[c], p_values[c] = row["diff"], row["setting"], row["q_less"]
     return worst, where, p_values
 
 
@@ -70,12 +71,12 @@ def classes_to_draw(data, class_means, welch, k, alpha=0.05):
 
 
 def curve_label(data, class_index, change, compared, worst, where, p_values):
-    """'Shirt: at 0.65 +3.0; worst -10.2 at 0.3 (p=0.003)' (or 'no significant loss')."""
+    """'Shirt: at 0.65 +3.0; worst -10.2 at 0.3 (q=0.003)' (or 'no significant loss')."""
     text = f"{_short(data.class_names[class_index], 20)}: at {compared} {change:+.1f}"
     if np.isnan(worst[class_index]):
         return text + "; no sig. loss"
     return (text + f"; worst {100 * worst[class_index]:+.1f} at "
-            f"{format_setting(where[class_index])} (p={p_values[class_index]:.2g})")
+            f"{format_setting(where[class_index])} (q={p_values[class_index]:.2g})")
 
 
 def losers_and_gainers(data, class_means, k):
@@ -148,7 +149,7 @@ def accuracy_curves(data, class_means, class_stds, path, k=5, title_suffix="", w
     right.plot(x, mean, color="black", linewidth=2, alpha=0.6, label="mean top-1")
     right.set_ylabel("per-class accuracy (%)")
     right.set_title(f"Solid: the {len(losers)} largest significant losses at any setting "
-                    f"(p<0.05);\ndashed: the {len(gainers)} largest gains at {compared} "
+                    f"(BH q<0.05);\ndashed: the {len(gainers)} largest gains at {compared} "
                     f"(change in pts vs ref)", fontsize=10)
     right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     _settings_axis(right, data)
@@ -182,13 +183,13 @@ def class_spread(data, path, title_suffix=""):
 
 
 def change_histogram(data, class_means, welch, path, alpha=0.05, title_suffix=""):
-    """Histogram of per-class change, classes significantly lower (p_less < alpha) in red."""
+    """Histogram of per-class change, classes significantly lower (BH q_less < alpha) in red."""
     compared = compared_index(data)
     change = 100 * (class_means[compared] - class_means[data.reference_index])
     rows = rows_where(welch, "setting", data.settings[compared])
     significant = np.zeros(data.num_classes, dtype=bool)
     if len(rows):
-        significant[rows["class"].to_numpy()] = rows["p_less"].to_numpy(dtype=float) < alpha
+        significant[rows["class"].to_numpy()] = rows["q_less"].to_numpy(dtype=float) < alpha
     plt = plots.pyplot()
     figure, axis = plt.subplots(figsize=(8.5, 4.5))
     figure.subplots_adjust(left=0.09, right=0.97, bottom=0.14, top=0.9)
@@ -196,7 +197,7 @@ def change_histogram(data, class_means, welch, path, alpha=0.05, title_suffix=""
     axis.hist([change[~significant], change[significant]], bins=bins, stacked=True,
               color=["tab:gray", "tab:red"],
               label=[f"not significantly lower ({(~significant).sum()})",
-                     f"significantly lower, p < {alpha:g} ({significant.sum()})"])
+                     f"significantly lower, BH q < {alpha:g} ({significant.sum()})"])
     axis.axvline(0, color="black", linewidth=1)
     axis.axvline(change.mean(), color="tab:blue", linestyle="--",
                  label=f"mean change {change.mean():+.2f} pts")

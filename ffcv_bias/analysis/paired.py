@@ -15,15 +15,21 @@ stays the default and the paper's number (Table 1); this one is reported beside 
 
 A setting whose seeds are not exactly the reference's (a missing, extra or repeated seed)
 falls back to Welch on all its runs, and its `test` column says so. Degenerate classes
-follow stats.welch_less: all differences equal -> t = 0 / -inf / +inf and p_less = 1 /
-0 / 1 (flagged 'constant'); fewer than 2 pairs -> NaN ('too few runs').
+follow the rule of stats.welch_less: when all n differences are equal (sd(d) = 0, common
+at 50 val images and few seeds) t is undefined, and the class gets the exact
+randomization (sign-flip) p-value instead: under H0 each seed's two runs are exchangeable,
+the 2^n sign patterns are equally likely, and n equal negative differences are the single
+most extreme one, so p_less = 2^-n (1/4 at 2 seeds, 1/8 at 3: never 0); equal zero or
+positive differences give p_less = 1 (t = 0 / -inf / +inf, flagged 'constant'). Fewer
+than 2 pairs -> NaN ('too few runs').
 """
 import numpy as np
 import pandas as pd
 from scipy.special import stdtr
 
 from ffcv_bias.analysis.crossfit import seed_keys
-from ffcv_bias.analysis.stats import _variance, benjamini_hochberg, table1, welch_less
+from ffcv_bias.analysis.stats import (TIE_TOLERANCE, _variance, benjamini_hochberg, table1,
+                                      welch_less, with_q_across_settings)
 
 PAIRED = "paired"
 WELCH_FALLBACK = "welch (seeds unmatched)"
@@ -44,15 +50,24 @@ def paired_less(setting_acc, reference_acc):
                 "degenerate": np.full(num_classes, "too few runs", dtype=object)}
     mean = differences.mean(axis=0)
     variance = _variance(differences)
+    t, df, p_less, constant = paired_from_moments(mean, variance, n)
+    return {"t": t, "df": df, "p_less": p_less, "diff": mean, "sd_diff": np.sqrt(variance),
+            "degenerate": np.where(constant, "constant", "").astype(object)}
+
+
+def paired_from_moments(mean, variance, n):
+    """(t, df, p_less, constant) of the one-sided paired t-test from the mean and variance
+    (ddof=1) of n >= 2 seed differences (any shape); equal differences by the exact
+    sign-flip rule of the module docstring (also used by analysis/calibration.py)."""
     constant = variance == 0
     with np.errstate(divide="ignore", invalid="ignore"):
         t = mean / np.sqrt(variance / n)
-    df = np.full(num_classes, n - 1.0)
+    df = np.full(np.shape(mean), n - 1.0)
     p_less = stdtr(df, t)
-    t[constant] = np.where(mean[constant] == 0, 0.0, np.copysign(np.inf, mean[constant]))
-    p_less[constant] = np.where(mean[constant] < 0, 0.0, 1.0)
-    return {"t": t, "df": df, "p_less": p_less, "diff": mean, "sd_diff": np.sqrt(variance),
-            "degenerate": np.where(constant, "constant", "").astype(object)}
+    tied = mean[constant]
+    t[constant] = np.where(np.abs(tied) <= TIE_TOLERANCE, 0.0, np.copysign(np.inf, tied))
+    p_less[constant] = np.where(tied < -TIE_TOLERANCE, 0.5 ** n, 1.0)   # exact sign-flip p
+    return t, df, p_less, constant
 
 
 def matched_rows(setting_seeds, reference_seeds):
@@ -101,8 +116,10 @@ def paired_table(data):
             "q_less": benjamini_hochberg(result["p_less"]),
             "degenerate": result["degenerate"]}))
     columns = ["setting", "class", "class_name", "test", "n_ref", "n", "n_pairs", "diff",
-               "sd_diff", "t", "df", "p_less", "q_less", "degenerate"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+               "sd_diff", "t", "df", "p_less", "q_less", "degenerate", "q_less_all_settings"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return with_q_across_settings(pd.concat(frames, ignore_index=True))
 
 
 def table1_paired(paired):

@@ -156,7 +156,7 @@ def read_records(roots):
         identifier = str(summary.get("run_id", run_dir.name))
         first = seen.get(identifier)
         if (first is not None and _same_val_shape(first.summary, summary)
-                and _val_class_names(first.config) == _val_class_names(config)):
+                and not _class_lists_conflict(first.config, config)):
             skipped.append(duplicate_record(first, run_dir, identifier, summary, config))
             continue
         run = Run(run_dir, identifier, config, summary)
@@ -184,11 +184,20 @@ def _same_val_shape(summary_a, summary_b):
 
 
 def _val_class_names(config):
-    """The class list of the val beton a config names (its sidecar), or None: two records
-    of one run_id on betons with other class lists are two datasets, not a duplicate."""
+    """The class list of the val beton a config names (its sidecar), or None when the
+    sidecar cannot be read (a moved data folder: the path in config.json is stale)."""
     path = dotted_get(config, "data.val_dataset", None) if isinstance(config, dict) else None
     sidecar = _read_json_or_none(str(path) + ".classes.json") if path else None
     return sidecar.get("classes") if isinstance(sidecar, dict) else None
+
+
+def _class_lists_conflict(config_a, config_b):
+    """True only when both records' class lists are known and differ: then one run_id
+    names runs on two datasets, and check_one_dataset refuses them. A list that cannot be
+    read (a moved data folder keeps the run_id, README) is no conflict: identity is the
+    run_id, so such a record is a duplicate of the first, not a second replicate."""
+    names_a, names_b = _val_class_names(config_a), _val_class_names(config_b)
+    return names_a is not None and names_b is not None and names_a != names_b
 
 
 def _results_differ(first, run_dir, summary):

@@ -14,13 +14,22 @@ with the class's accuracy in each of the n_s and n_r seeds:
 This is `scipy.stats.ttest_ind(a_s, a_r, equal_var=False, alternative='less')`, computed
 for all classes at once. A small p_less is evidence that the class LOSES accuracy.
 
-Degenerate classes, where both arms have zero variance (e.g. a class at 100% in every
-run), are handled as follows (scipy returns NaN for the first case):
-  * equal constants: no evidence of a drop, t = 0 and p_less = 1, flagged 'constant';
-  * different constants: the difference is exact, t = -inf / p_less = 0 when lower,
-    t = +inf / p_less = 1 when higher (as scipy), flagged 'constant'.
-An arm with fewer than 2 runs has no variance estimate: t and p_less are NaN, flagged
-'too few runs', and the class is left out of Table 1's denominator.
+Tied arms. Where both arms have zero sample variance (every run of each arm scores the
+same, common with 50 val images per class, where accuracy moves in steps of 2 points, and
+2-5 seeds), the t statistic is undefined (+-inf, or 0/0), and scipy returns p = 0 or
+NaN. A zero sample variance is not evidence of a zero population variance, so such a
+class gets the p-value of the exact randomization test of its mean difference instead:
+under H0 the n_s + n_r runs are exchangeable between the arms, every one of the
+C(n_s + n_r, n_s) assignments is equally likely, and when the arms are constant and
+differ, the observed assignment is the single most extreme one:
+  * equal constants: t = 0, p_less = 1;
+  * setting lower:   t = -inf, p_less = 1 / C(n_s + n_r, n_s)  (1/6 at 2 + 2 seeds,
+                     1/20 at 3 + 3, 1/252 at 5 + 5: never 0);
+  * setting higher:  t = +inf, p_less = 1;
+all flagged 'constant'. The rule is documented with its measured null behaviour in
+docs/statistics.md (bench/stats_null.py). An arm with fewer than 2 runs has no variance
+estimate: t and p_less are NaN, flagged 'too few runs', and the class is left out of
+Table 1's denominator.
 
 Effect sizes: `diff` = mean_s - mean_r (accuracy, a fraction) and Hedges' g = Cohen's d
 with the pooled standard deviation (ddof=1) times the small-sample correction
@@ -43,10 +52,16 @@ CONFIDENCES = (90, 95, 99)
 # Welch, BH, effect size: vectorized over classes
 # ----------------------------------------------------------------------------------------
 
+# Values closer than this (accuracy as a fraction) are one value: seed differences of
+# equal counts, e.g. 0.98 - 1.00 and 0.50 - 0.52, differ in their last bits, and that
+# rounding residue must not pass for a tiny variance (t of 1e15, p of 1e-30).
+TIE_TOLERANCE = 1e-9
+
+
 def _variance(samples):
-    """Per-column variance (ddof=1), exactly 0 for constant columns (no rounding residue)."""
+    """Per-column variance (ddof=1), exactly 0 for columns constant to TIE_TOLERANCE."""
     variance = samples.var(axis=0, ddof=1)
-    constant = samples.max(axis=0) == samples.min(axis=0)
+    constant = samples.max(axis=0) - samples.min(axis=0) <= TIE_TOLERANCE
     variance[constant] = 0.0
     return variance
 
@@ -63,20 +78,30 @@ def welch_less(setting_acc, reference_acc):
         nan = np.full(num_classes, np.nan)
         return {"t": nan, "df": nan.copy(), "p_less": nan.copy(),
                 "degenerate": np.full(num_classes, "too few runs", dtype=object)}
-    diff = setting_acc.mean(axis=0) - reference_acc.mean(axis=0)
-    var_term_s = _variance(setting_acc) / n_s
-    var_term_r = _variance(reference_acc) / n_r
+    t, df, p_less, constant = welch_from_moments(
+        setting_acc.mean(axis=0), _variance(setting_acc), n_s,
+        reference_acc.mean(axis=0), _variance(reference_acc), n_r)
+    degenerate = np.where(constant, "constant", "").astype(object)
+    return {"t": t, "df": df, "p_less": p_less, "degenerate": degenerate}
+
+
+def welch_from_moments(mean_s, var_s, n_s, mean_r, var_r, n_r):
+    """(t, df, p_less, constant) of the one-sided Welch test from each arm's means and
+    variances (ddof=1; any shape, n_s and n_r >= 2), tied arms by the exact randomization
+    rule of the module docstring. The null calibration (analysis/calibration.py) calls it
+    on the moments of label-swapped records, so both apply one rule."""
+    diff = mean_s - mean_r
+    var_term_s, var_term_r = var_s / n_s, var_r / n_r
     standard_error_sq = var_term_s + var_term_r
     constant = standard_error_sq == 0
     with np.errstate(divide="ignore", invalid="ignore"):
         t = diff / np.sqrt(standard_error_sq)
         df = standard_error_sq ** 2 / (var_term_s ** 2 / (n_s - 1) + var_term_r ** 2 / (n_r - 1))
     p_less = stdtr(df, t)
-    # Both arms constant: the sign of the exact difference decides (see module docstring).
-    t[constant] = np.where(diff[constant] == 0, 0.0, np.copysign(np.inf, diff[constant]))
-    p_less[constant] = np.where(diff[constant] < 0, 0.0, 1.0)
-    degenerate = np.where(constant, "constant", "").astype(object)
-    return {"t": t, "df": df, "p_less": p_less, "degenerate": degenerate}
+    tied = diff[constant]
+    t[constant] = np.where(np.abs(tied) <= TIE_TOLERANCE, 0.0, np.copysign(np.inf, tied))
+    p_less[constant] = np.where(tied < -TIE_TOLERANCE, 1.0 / math.comb(n_s + n_r, n_s), 1.0)
+    return t, df, p_less, constant
 
 
 def benjamini_hochberg(p_values):
@@ -130,8 +155,20 @@ def welch_table(data):
             "degenerate": result["degenerate"],
         }))
     columns = ["setting", "class", "class_name", "n_ref", "n", "mean_ref", "mean", "diff",
-               "hedges_g", "t", "df", "p_less", "q_less", "degenerate"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+               "hedges_g", "t", "df", "p_less", "q_less", "degenerate",
+               "q_less_all_settings"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return with_q_across_settings(pd.concat(frames, ignore_index=True))
+
+
+def with_q_across_settings(table):
+    """`q_less_all_settings`: BH over every (setting, class) test of the table at once.
+    q_less corrects within one setting only (the paper's Table 1 is per setting); a reader
+    who scans all settings for a hurt class makes S x C tests, and this column is the
+    false-discovery control for that reading."""
+    table["q_less_all_settings"] = benjamini_hochberg(table["p_less"].to_numpy(float))
+    return table
 
 
 def setting_blocks(frame):
@@ -231,7 +268,8 @@ def oracle(data, class_means):
     is scored on, so part of its gain is selection on noise (with many settings and few
     images per class, even identical settings show an "oracle gain"). It bounds what
     class-dependent regularization could reach; it is not an achievable accuracy. The
-    cross-fitted oracle (analysis/crossfit.py) is the honest estimate beside it.
+    cross-fitted oracle (analysis/crossfit.py, biased low when gains are real) is the
+    other end of the interval reported beside it.
 
     Returns (one-row summary DataFrame, per-class DataFrame).
     """
