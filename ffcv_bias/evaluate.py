@@ -124,7 +124,7 @@ def run_val_labels(run_dir, val_dataset):
     labels_path = run_dir / runs.VAL_LABELS_FILE
     if not labels_path.is_file():
         raise EvaluateError(f"{run_dir}: no {runs.VAL_LABELS_FILE}")
-    labels = np.load(labels_path).astype(np.int64)
+    labels = metrics.read_labels_file(labels_path)
     try:
         beton_labels = read_labels(val_dataset)
     except BetonError as error:
@@ -203,7 +203,7 @@ def build_parser():
     return parser
 
 
-@main_guard(failures=(runs.RunLockedError, atomic.NoRoomError))
+@main_guard(metrics.RecordFileError, failures=(runs.RunLockedError, atomic.NoRoomError))
 def main(argv=None):
     """Exit 0, 1 (a run could not be evaluated) or 2 (bad --protocols)."""
     args = build_parser().parse_args(argv)

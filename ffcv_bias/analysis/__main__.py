@@ -11,6 +11,7 @@ from ffcv_bias.common.atomic import no_room_error
 from ffcv_bias.common.errors import EXIT_FAILURE
 from ffcv_bias.common.output_paths import OutputPathError, require_creatable_dir
 from ffcv_bias.common.report_folder import NotAReportError, staged_folder
+from ffcv_bias.record.metrics import RecordFileError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
@@ -115,7 +116,7 @@ def main(argv=None):
                                   crossfit_folds=args.crossfit_folds, protocol=args.protocol,
                                   where_conditions=[where.parse_condition(text)
                                                     for text in args.where])
-    except (AnalysisError, NotAReportError) as error:
+    except (AnalysisError, NotAReportError, RecordFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

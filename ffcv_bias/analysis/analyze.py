@@ -80,12 +80,17 @@ def _check_vary_keys(run_set, vary_keys):
     for key in vary_keys:
         if key == REPLICATE_KEY:
             raise AnalysisError(f"{REPLICATE_KEY} marks replicates and cannot be varied")
-        missing = [r.run_dir for r in run_set.runs if _absent(r.config, key)]
+        missing = [r for r in run_set.runs if _absent(r.config, key)]
         if missing:
-            section = dotted_get(run_set.runs[0].config, key.rsplit(".", 1)[0], {})
+            section_name = key.rsplit(".", 1)[0] if "." in key else ""
+            section = (dotted_get(missing[0].config, section_name, None) if section_name
+                       else missing[0].config)
             known = ", ".join(sorted(section)) if isinstance(section, dict) else ""
-            raise AnalysisError(f"config key {key} is absent from {len(missing)} run(s), e.g. "
-                                f"{missing[0]}" + (f" (keys there: {known})" if known else ""))
+            where = f"its {section_name} section holds" if section_name else "its keys are"
+            raise AnalysisError(
+                f"config key {key} is absent from {len(missing)} of {len(run_set.runs)} "
+                f"run(s), e.g. {missing[0].run_dir}" + (f" ({where}: {known})" if known else
+                f" (it has no {section_name} section)" if section_name else ""))
 
 
 def _absent(config, key):

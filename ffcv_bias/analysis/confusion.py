@@ -74,7 +74,7 @@ class LabelReader:
         identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         labels = self.by_file.get(identity)
         if labels is None:
-            labels = np.load(path).astype(np.int64)
+            labels = metrics.read_labels_file(path)
             if self.first is None:
                 self.first, self.first_dir = labels, run_dir
             elif not np.array_equal(labels, self.first):

@@ -118,6 +118,16 @@ def is_run_summary(summary):
     return isinstance(per_class, list) and all(map(_is_number_or_none, per_class))
 
 
+def summary_length_problem(summary):
+    """'' or what is wrong with the length of per_class_acc: it must have num_classes
+    entries (a list cut short would otherwise read as a run on another dataset)."""
+    num_classes, per_class = summary.get("num_classes"), summary.get("per_class_acc")
+    if (isinstance(num_classes, int) and isinstance(per_class, list)
+            and len(per_class) != num_classes):
+        return f"per_class_acc has {len(per_class)} entries but num_classes is {num_classes}"
+    return ""
+
+
 def _skip_reason(run_dir):
     state = run_record.run_state(run_dir)
     if state == "failed":
@@ -152,6 +162,11 @@ def read_records(roots):
         if not is_run_summary(summary):
             skipped.append(SkippedRun(run_dir, run_dir.name, "unreadable",
                                       "summary.json is not a run summary", config))
+            continue
+        problem = summary_length_problem(summary)
+        if problem:
+            skipped.append(SkippedRun(run_dir, run_dir.name, "corrupt",
+                                      f"summary.json is corrupt: {problem}", config))
             continue
         identifier = str(summary.get("run_id", run_dir.name))
         first = seen.get(identifier)
@@ -241,13 +256,15 @@ def accuracy_from_logits(run_dir, need_top5=False, max_chunk_elements=2 ** 23,
     and top5 is None without val_logits.npy. `num_classes` defaults to the logits' width,
     else summary.json's num_classes, else the largest class index seen + 1.
     """
-    labels = np.load(run_dir / run_record.VAL_LABELS_FILE).astype(np.int64)
+    labels = metrics.read_labels_file(run_dir / run_record.VAL_LABELS_FILE)
     logits = None
     if (run_dir / run_record.VAL_PREDS_FILE).is_file():
-        predictions = np.load(run_dir / run_record.VAL_PREDS_FILE)
+        predictions = metrics.load_record_array(run_dir / run_record.VAL_PREDS_FILE, 1,
+                                                integer=True)
         source = run_record.VAL_PREDS_FILE
     else:
-        logits = np.load(run_dir / run_record.VAL_LOGITS_FILE, mmap_mode="r")
+        logits = metrics.load_record_array(run_dir / run_record.VAL_LOGITS_FILE, 2,
+                                           integer=False, mmap_mode="r")
         predictions = metrics.predictions_from_logits(logits, max_chunk_elements)
         source = run_record.VAL_LOGITS_FILE
     if len(labels) != len(predictions):
@@ -258,7 +275,8 @@ def accuracy_from_logits(run_dir, need_top5=False, max_chunk_elements=2 ** 23,
     per_class = metrics.per_class_accuracy(predictions, labels, num_classes)
     top5 = None
     if need_top5 and logits is None and (run_dir / run_record.VAL_LOGITS_FILE).is_file():
-        logits = np.load(run_dir / run_record.VAL_LOGITS_FILE, mmap_mode="r")
+        logits = metrics.load_record_array(run_dir / run_record.VAL_LOGITS_FILE, 2,
+                                           integer=False, mmap_mode="r")
     if need_top5 and logits is not None:
         ranks = metrics.label_ranks(logits, labels, max_chunk_elements)
         top5 = float(np.mean(ranks < min(5, logits.shape[1])))
@@ -373,7 +391,7 @@ def _class_counts(runs, num_classes, n_val):
     for run in runs:
         labels_path = run.run_dir / run_record.VAL_LABELS_FILE
         if labels_path.is_file():
-            counts = np.bincount(np.load(labels_path).astype(np.int64), minlength=num_classes)
+            counts = np.bincount(metrics.read_labels_file(labels_path), minlength=num_classes)
             if len(counts) == num_classes and (n_val is None or counts.sum() == n_val):
                 return counts
     return None

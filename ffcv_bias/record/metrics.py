@@ -158,14 +158,47 @@ def write_predictions(run_dir, logits, labels=None, protocol=None):
     return predictions
 
 
+class RecordFileError(ValueError):
+    """A run record's .npy file that is not what the record contract says (a hand edit, a
+    foreign tool, a disk error); str() is one line naming the file and the problem."""
+
+
+def load_record_array(path, ndim, integer, mmap_mode=None):
+    """np.load of a record's array, checked: `ndim` dimensions, integer or floating
+    values, no pickled objects. Raises RecordFileError instead of numpy's errors."""
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RecordFileError(f"{path}: not a numpy array file this record can hold ({reason});"
+                              f" the record is corrupt: move it aside or retrain the run") from None
+    kind = np.integer if integer else np.floating
+    if not isinstance(array, np.ndarray) or array.ndim != ndim \
+            or not np.issubdtype(array.dtype, kind):
+        shape = getattr(array, "shape", None)
+        dtype = getattr(array, "dtype", type(array).__name__)
+        wanted = f"{ndim}-d {'integer' if integer else 'floating'}"
+        raise RecordFileError(f"{path}: a {dtype} array of shape {shape} where the record holds "
+                              f"a {wanted} array; the record is corrupt: move it aside or "
+                              f"retrain the run")
+    return array
+
+
+def read_labels_file(path):
+    """val_labels.npy: 1-d integer class indices (RecordFileError otherwise)."""
+    return load_record_array(path, 1, integer=True).astype(np.int64)
+
+
 def read_predictions(run_dir, protocol=None):
     """One run's predictions: val_preds.npy, or for a record written before it existed,
-    the argmax of val_logits.npy with the same tie rule. None when neither file exists."""
+    the argmax of val_logits.npy with the same tie rule. None when neither file exists;
+    RecordFileError when one is not an array of the record's shape."""
     run_dir = Path(run_dir)
     preds_path = run_dir / protocol_file(runs.VAL_PREDS_FILE, protocol)
     if preds_path.is_file():
-        return np.load(preds_path)
+        return load_record_array(preds_path, 1, integer=True)
     logits_path = run_dir / protocol_file(runs.VAL_LOGITS_FILE, protocol)
     if logits_path.is_file():
-        return predictions_from_logits(np.load(logits_path, mmap_mode="r"))
+        return predictions_from_logits(load_record_array(logits_path, 2, integer=False,
+                                                         mmap_mode="r"))
     return None

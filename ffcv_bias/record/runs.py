@@ -216,6 +216,11 @@ class RunLockedError(RuntimeError):
     pass
 
 
+class RunDirNotWritableError(RunLockedError):
+    """The run's lock cannot be taken because its directory cannot be written: one line
+    (a subclass, so every caller that reports a locked run reports this one too)."""
+
+
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Hold an exclusive lock on a run directory while training it.
@@ -226,7 +231,14 @@ def run_lock(run_dir):
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        handle = open(run_dir / LOCK_FILE, "a+")
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        raise RunDirNotWritableError(
+            f"cannot write into run {run_dir} ({error.strerror}): its lock file and new "
+            f"files go there; copy the run somewhere writable") from None
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -248,7 +260,7 @@ def is_locked(run_dir):
     lock_path = Path(run_dir) / LOCK_FILE
     if not lock_path.exists():
         return False
-    with open(lock_path, "a+") as handle:
+    with open(lock_path) as handle:   # flock needs no write access: read-only runs too
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
