@@ -23,8 +23,7 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
-from ffcv_bias.analysis import calibration
-from ffcv_bias.analysis.stats import welch_less
+from ffcv_bias.analysis import calibration, verdicts
 from ffcv_bias.common import env
 
 DATA_DIR = Path("data")
@@ -83,7 +82,6 @@ def print_machine():
 # The two experiments: (varied key, its reference, the slice of demo/runs, summary label).
 CROP = ("augment.min_scale", "1.0", "training.weight_decay=0.0005", "tau")
 DECAY = ("training.weight_decay", "0.0005", "augment.min_scale=1.0", "weight_decay")
-SIGNIFICANT = 0.05
 
 
 def print_means(runs, label):
@@ -95,39 +93,14 @@ def print_means(runs, label):
               f"(n={int(row['count'])})")
 
 
-def tradeoff_verdict(rise, p_rise, n_losers):
-    """The paper's claim needs both halves: a mean that rises beyond seed noise, and a
-    class that falls significantly."""
-    if rise <= 0:
-        return "no trade-off here: the mean does not rise"
-    if not n_losers:
-        return "the mean rises and no class falls significantly"
-    if p_rise < SIGNIFICANT:
-        return "the paper's trade-off: the mean rises significantly while a class falls"
-    return ("the paper's shape, but the mean's rise is within seed noise at these seeds "
-            f"(p={p_rise:.2g} >= {SIGNIFICANT})")
-
-
-def tradeoff_lines(runs, welch, reference, label):
+def tradeoff_lines(runs, welch, reference, label, table1=None):
     """For each setting: does it raise the mean top-1 (one-sided Welch over seeds) while a
-    class falls significantly (one-sided Welch, BH q < 0.05 over the classes: raw p < 0.05
-    would flag about 5% of the classes under no effect)? The paper's finding, in numbers."""
-    top1 = {value: group["top1"].to_numpy() for value, group in runs.groupby("setting")}
-    lines = []
-    for value in sorted((v for v in top1 if v != reference), reverse=True):
-        rise = 100 * (top1[value].mean() - top1[reference].mean())
-        # One-sided Welch "the setting's mean is higher": the reference tested as lower.
-        p_rise = float(welch_less(top1[reference][:, None], top1[value][:, None])["p_less"][0])
-        losers = welch[(welch["setting"] == value) & (welch["q_less"] < SIGNIFICANT)]
-        losers = losers.sort_values("diff")
-        fallen = ", ".join(f"{row['class_name']} {100 * row['diff']:+.1f} pts "
-                           f"(p={row['p_less']:.2g}, BH q={row['q_less']:.2g})"
-                           for _, row in losers.head(3).iterrows()) or "no class"
-        n = f"n={len(top1[value])} / {len(top1[reference])} seeds"
-        verdict = tradeoff_verdict(rise, p_rise, len(losers))
-        lines.append(f"  {label}={value:g}: mean {rise:+.2f} pts ({n}; one-sided Welch "
-                     f"p={p_rise:.2g}); falls at BH q<{SIGNIFICANT}: {fallen} -> {verdict}")
-    return lines
+    class falls significantly (one-sided Welch, BH q < 0.05 over the classes)? The paper's
+    finding, in numbers (analysis/verdicts.py, the report's opening panel)."""
+    table1 = pd.DataFrame() if table1 is None else table1
+    results = verdicts.setting_verdicts(runs, welch, table1, reference)
+    results.sort(key=lambda result: result["setting"], reverse=True)
+    return [f"  {verdicts.verdict_line(result, label)}" for result in results]
 
 
 def print_summary(report_dir, label="tau"):
@@ -140,7 +113,8 @@ def print_summary(report_dir, label="tau"):
     reference = setting_rows.loc[setting_rows["is_reference"].astype(bool), "setting"].iloc[0]
     print_means(runs, label)
     print(f"\nraises the mean while a class falls? (against {label}={reference:g})")
-    print("\n".join(tradeoff_lines(runs, welch, reference, label)))
+    table1 = pd.read_csv(report_dir / "table1.csv")
+    print("\n".join(tradeoff_lines(runs, welch, reference, label, table1)))
     std = {(row["setting"], row["class"]): row["std_acc"] for _, row in per_class.iterrows()}
     print(f"\nlargest per-class losses against the reference ({label}={reference:g}), "
           f"± std over seeds:")
@@ -149,7 +123,6 @@ def print_summary(report_dir, label="tau"):
               f"{row['mean_ref']:.3f} ± {std[(reference, row['class'])]:.3f} (n={row['n_ref']})"
               f" -> {row['mean']:.3f} ± {std[(row['setting'], row['class'])]:.3f} "
               f"(n={row['n']})  p_less={row['p_less']:.3g}")
-    table1 = pd.read_csv(report_dir / "table1.csv")
     print(f"\nTable 1: % of classes significantly LOWER than at {label}={reference:g} "
           f"(one-sided Welch, raw p), and what no effect gives on these runs (labels "
           f"swapped within seeds; docs/statistics.md):")

@@ -179,6 +179,21 @@ def test_table1_prints_the_measured_null_not_a_nominal_claim(tmp_path, capsys):
     assert paired_table["null_percent_classes"].notna().all()
     page = (tmp_path / "out" / "index.html").read_text()
     assert "no effect (measured)" in page
+    # The report opens with the answer: per setting, the mean's change, the classes that
+    # fall at BH q < 0.05 and the calibration's verdict, before any table of details.
+    assert page.index("The answer") < page.index("<h2>Settings</h2>")
+    answer = page[page.index("The answer"):page.index("<h2>Settings</h2>")]
+    assert "syn_001" in answer and "more than noise" in answer
+
+
+def test_every_accuracy_column_of_the_report_is_in_points():
+    """The protocol table showed changes as fractions (-0.12) beside points elsewhere."""
+    from ffcv_bias.analysis.report import _display
+    frame = pd.DataFrame({"setting": [0.3], "change_main": [-0.125], "mean_40@1.0": [0.5],
+                          "protocol_part": [0.01], "n_runs": [4]})
+    html = _display(frame)
+    assert "change_main (%)" in html and "-12.50" in html and "50.00" in html
+    assert "n_runs (%)" not in html
 
 
 def test_calibration_counts_equal_the_tests_on_swapped_records():

@@ -2,6 +2,7 @@
 import re
 
 from ffcv_bias import demo
+from ffcv_bias.analysis import verdicts
 from ffcv_bias.analysis.analyze import run_analysis
 from ffcv_bias.analysis.synthetic import make_synthetic_runs
 
@@ -45,8 +46,8 @@ def test_the_verdict_names_a_setting_that_raises_the_mean_while_a_class_falls(tm
 
 
 def test_a_rise_within_seed_noise_is_not_called_a_trade_off():
-    assert demo.tradeoff_verdict(0.4, 0.2, 1).startswith("the paper's shape, but the mean's "
+    assert verdicts.tradeoff_verdict(0.4, 0.2, 1).startswith("the paper's shape, but the mean's "
                                                           "rise is within seed noise")
-    assert demo.tradeoff_verdict(0.4, 0.01, 0) == \
+    assert verdicts.tradeoff_verdict(0.4, 0.01, 0) == \
         "the mean rises and no class falls significantly"
-    assert demo.tradeoff_verdict(-0.1, 0.9, 3) == "no trade-off here: the mean does not rise"
+    assert verdicts.tradeoff_verdict(-0.1, 0.9, 3) == "no trade-off here: the mean does not rise"

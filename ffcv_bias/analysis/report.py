@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from ffcv_bias.analysis import calibration, trust_report
+from ffcv_bias.analysis import calibration, trust_report, verdicts
 from ffcv_bias.analysis.stats import setting_blocks
 from ffcv_bias.analysis.tables import compared_index, format_setting, rows_where
 from ffcv_bias.analysis.where import OUTSIDE_STATE
@@ -21,7 +21,13 @@ PERCENT_COLUMNS = {"top1", "top5", "mean_ref", "mean", "diff", "mean_acc", "std_
                    "oracle_acc", "best_setting_acc", "reference_acc",
                    "lost", "share", "rate_ref", "rate"} | {
     f"{name}_{stat}" for name in ("top1", "top5", "class_std", "worst_class", "worst10pct")
-    for stat in ("mean", "sd")} | trust_report.PERCENT_COLUMNS
+    for stat in ("mean", "sd")} | trust_report.PERCENT_COLUMNS | {
+    # analysis/protocols.py's per-class table (its mean_<protocol> columns: _is_percent)
+    "change_main", "change_best_cross_fitted", "protocol_part", "change_best_in_sample"}
+
+
+def _is_percent(column):
+    return column in PERCENT_COLUMNS or column.startswith("mean_")
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
@@ -33,6 +39,8 @@ td:first-child, th:first-child { text-align: left; }
 .note { color: #555; max-width: 60em; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 .warn { color: #a40; }
+.answer { background: #f6f8fb; border: 1px solid #ccd; padding: 0.2em 1em 0.5em; }
+.answer td, .answer th { text-align: left; vertical-align: top; }
 """
 
 TABLE1_NOTE = (
@@ -90,11 +98,11 @@ WELCH_NOTE = (
 def _display(frame, max_rows=None):
     shown = frame.head(max_rows).copy() if max_rows else frame.copy()
     for column in shown.columns:
-        if column in PERCENT_COLUMNS:
+        if _is_percent(column):
             shown[column] = 100 * shown[column].astype(float)
         if column == "setting" or column == "best_setting" or column.endswith("_setting"):
             shown[column] = [format_setting(v) for v in shown[column]]
-    shown = shown.rename(columns={c: f"{c} (%)" for c in shown.columns if c in PERCENT_COLUMNS})
+    shown = shown.rename(columns={c: f"{c} (%)" for c in shown.columns if _is_percent(c)})
     return shown.to_html(index=False, escape=True, na_rep="",
                          float_format=lambda v: f"{v:.4g}" if abs(v) < 1e-3 else f"{v:.2f}")
 
@@ -178,6 +186,7 @@ def write_group_index(out_dir, data, frames, figure_files, context):
     if warnings:
         body.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
                     + "</ul>")
+    body.append(answer_panel(frames, data))
     body.append("<h2>Settings</h2>" + _display(frames["settings"]))
     captions = (("accuracy_curves", "Mean accuracy and the classes that lose / gain most"),
                 ("class_spread", "Spread of per-class accuracy and the worst classes"),
@@ -212,6 +221,37 @@ def write_group_index(out_dir, data, frames, figure_files, context):
                                                    "power", "confusion",
                                                    "confusion_flows")) + "</p>")
     write_text(out_dir / "index.html", _page(title, "\n".join(body)))
+
+
+ANSWER_NOTE = (
+    "Per setting against the reference: the change of the mean top-1 (one-sided Welch "
+    "over the seeds' top-1, n = seeds per arm), the classes that fall significantly (one-sided "
+    "Welch per class, Benjamini&ndash;Hochberg q &lt; 0.05 within the setting), whether "
+    "that is the paper's trade-off, and whether the count of falling classes is more than "
+    "swapping the setting and reference labels within seeds gives (Table 1's null "
+    "calibration at 95%). Details below.")
+
+
+def answer_panel(frames, data):
+    """The report's opening: one row per setting from analysis/verdicts.py."""
+    results = verdicts.setting_verdicts(frames["runs"], frames["welch"], frames["table1"],
+                                        data.reference)
+    if not results:
+        return ""
+    rows = []
+    for result in results:
+        rows.append(
+            f"<tr><td>{html.escape(format_setting(result['setting']))}</td>"
+            f"<td>{result['rise']:+.2f} pts (p = {result['p_rise']:.2g}, n = {result['n']} / "
+            f"{result['n_ref']})</td>"
+            f"<td>{html.escape(verdicts.losers_text(result['losers']))}</td>"
+            f"<td>{html.escape(result['tradeoff'])}</td>"
+            f"<td>{html.escape(result['calibration'])}</td></tr>")
+    return ("<div class='answer'><h2>The answer</h2>"
+            f"<p class='note'>{ANSWER_NOTE}</p><table><tr><th>setting</th>"
+            "<th>mean top-1 vs reference</th><th>classes that fall (BH q &lt; 0.05)</th>"
+            "<th>trade-off</th><th>per-class findings at this seed count</th></tr>"
+            + "".join(rows) + "</table></div>")
 
 
 def _flows_section(frames, setting, figure_files, max_rows=40):
