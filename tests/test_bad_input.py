@@ -652,6 +652,114 @@ ISSUE_ITEMS = {BETON, "beton label count vs its classes.json",
 
 
 # --------------------------------------------------------------------------------------
+# Issue 31, third round: huge counts, non-finite numbers, YAML keys given twice, sections
+# that are not mappings, keys left empty, YAML syntax errors
+# --------------------------------------------------------------------------------------
+
+def config_file_case(text, *needles, extra=()):
+    """A config file holding `text`, given to the trainer; needles may name {config}."""
+    def make(ws):
+        config = ws.file("cfg.yaml", text)
+        return BadInput(ws.train_args("--config-file", str(config), *extra),
+                        [needle.format(config=config) for needle in needles])
+    return make
+
+
+def sweep_with_two_grids(ws):
+    """A second `grid:` (say, pasted from another sweep) used to replace the first:
+    `sweep plan` showed 1 run instead of 3."""
+    train, val = ws.good_betons()
+    base = ws.file("base.yaml", yaml.safe_dump({
+        "data": {"train_dataset": str(train), "val_dataset": str(val)},
+        "model": {"arch": "resnet8"}, "training": {"epochs": 2, "batch_size": 32},
+        "lr": {"lr_peak_epoch": 1}}))
+    sweep = ws.file("sweep.yaml", f"base: {base}\nfolder: {ws.runs}\ngrid:\n"
+                                  f"  augment.min_scale: [1.0, 0.5, 0.25]\nseeds: 1\n"
+                                  f"grid:\n  model.dropout: [0.1]\n")
+    return BadInput(["plan", str(sweep)],
+                    [f"{sweep}:6:1: duplicate key 'grid' in sweep file (lines 3 and 6)"])
+
+
+def sweep_yaml_syntax_error(ws):
+    sweep = ws.file("sweep.yaml", "base: base.yaml\ngrid:\n  augment.min_scale: [1.0, 0.5\n"
+                                  "seeds: 2\n")
+    return BadInput(["plan", str(sweep)],
+                    [f"{sweep}:4:", "sweep file is not valid YAML",
+                     "(while parsing a flow sequence at line 3)"])
+
+
+HUGE = "a huge count or a non-finite number (issue 31)"
+TWICE = "a YAML key given twice, or YAML that does not parse (issue 31)"
+SHAPE = "a section that is not a mapping, a key left empty (issue 31)"
+CASES += [
+    # Used to pass every check, create the run directory and hang building the lr schedule
+    # (one list entry per epoch): the real command, so that a hang fails the test.
+    Case("huge_epochs", HUGE, "train",
+         config_override("--training.epochs=99999999999999999999",
+                         "training.epochs=99999999999999999999 is out of range",
+                         "[1, 10000]"), EXIT_CONFIG, subprocess=True),
+    Case("huge_loader_threads", HUGE, "train",
+         config_override("--data.num_workers=100000",
+                         "data.num_workers=100000 is out of range", "[0, 1024]"), EXIT_CONFIG),
+    Case("huge_world_size", HUGE, "train",
+         config_override("--dist.world_size=1000000",
+                         "dist.world_size=1000000 is out of range", "[1, 4096]"), EXIT_CONFIG),
+    Case("huge_ramp", HUGE, "train",
+         config_override("--resolution.end_ramp=99999999999",
+                         "resolution.end_ramp=99999999999 is out of range", "[0, 10000]"),
+         EXIT_CONFIG),
+    # Used to print numpy warnings, create the run directory, then fail: "non-finite loss".
+    Case("lr_inf", HUGE, "train",
+         config_override("--lr.lr=inf", "bad value for 'lr.lr': 'inf' is not a finite number"),
+         EXIT_CONFIG),
+    Case("yaml_nan", HUGE, "train",
+         config_file_case("training:\n  momentum: .nan\n",
+                          "bad value for 'training.momentum': nan is not a finite number"),
+         EXIT_CONFIG),
+    # Used to train 3 epochs / drop the first augment section's min_scale / run 1 setting.
+    Case("yaml_key_twice", TWICE, "train",
+         config_file_case("training:\n  epochs: 2\n  epochs: 3\n",
+                          "{config}:3:3: duplicate key 'training.epochs' in config file "
+                          "(lines 2 and 3)"), EXIT_CONFIG, subprocess=True),
+    Case("yaml_section_twice", TWICE, "train",
+         config_file_case("augment:\n  min_scale: 0.3\nmodel:\n  dropout: 0.1\naugment:\n"
+                          "  flip: 0\n",
+                          "{config}:5:1: duplicate key 'augment' in config file "
+                          "(lines 1 and 5)"), EXIT_CONFIG),
+    Case("yaml_key_nested_and_dotted", TWICE, "train",
+         config_file_case("training:\n  label_smoothing: 0.2\ntraining.label_smoothing: 0\n",
+                          "config key 'training.label_smoothing' is given twice in {config}"),
+         EXIT_CONFIG),
+    Case("sweep_grid_twice", TWICE, "sweep", sweep_with_two_grids, EXIT_MODULE_CLI_ERROR),
+    # Used to say "not valid YAML: while scanning for the next token": no file, no line.
+    Case("yaml_tab", TWICE, "train",
+         config_file_case("training:\n\tepochs: 2\n",
+                          "{config}:2:1: config file is not valid YAML",
+                          "that is a tab: YAML indents with spaces"), EXIT_CONFIG),
+    Case("yaml_unclosed_bracket", TWICE, "train",
+         config_file_case("augment: {min_scale: 0.3\nmodel:\n  dropout: 0.1\n",
+                          "{config}:2:", "config file is not valid YAML",
+                          "(while parsing a flow mapping at line 1)"), EXIT_CONFIG),
+    Case("sweep_yaml_syntax_error", TWICE, "sweep", sweep_yaml_syntax_error,
+         EXIT_MODULE_CLI_ERROR),
+    # Used to say "unknown config key 'training'".
+    Case("section_is_a_list", SHAPE, "train",
+         config_file_case("training:\n  - epochs: 2\n",
+                          "config section 'training' in {config} must be a mapping of keys",
+                          "got a list"), EXIT_CONFIG),
+    Case("section_left_empty", SHAPE, "train",
+         config_file_case("training:\nepochs: 3\n",
+                          "config section 'training' in {config} is empty"), EXIT_CONFIG),
+    # Used to train with the default (or the earlier file's) value without a word.
+    Case("key_null", SHAPE, "train",
+         config_file_case("training:\n  label_smoothing: null\n",
+                          "config key 'training.label_smoothing' in {config} has no value"),
+         EXIT_CONFIG),
+]
+ISSUE_ITEMS |= {HUGE, TWICE, SHAPE}
+
+
+# --------------------------------------------------------------------------------------
 # Running a command as a user would, and reading what it left
 # --------------------------------------------------------------------------------------
 

@@ -265,3 +265,170 @@ def test_world_size_enters_the_run_id_only_when_not_one():
              "dist": {"world_size": 8, "port": 2}}
     assert runs.run_id(single) == runs.run_id({**single, "dist": {"world_size": 1}})
     assert runs.run_id(single) != runs.run_id(eight)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 31: ffcv-imagenet's own configs, huge counts, the lr schedule computed per step
+# --------------------------------------------------------------------------------------
+
+# libffcv/ffcv-imagenet's shipped configs, key for key as their YAML text has them
+# (github.com/libffcv/ffcv-imagenet at commit 4dd291a: rn18_configs/rn18_<E>_epochs.yaml
+# and rn50_configs/rn50_<E>_epochs.yaml, E in FFCV_IMAGENET_RAMPS). Every file of a family
+# holds the keys below plus training.epochs and the ramp's resolution.start_ramp /
+# end_ramp; rn18's data.gpu is the one key their trainer never declared.
+FFCV_IMAGENET_KEYS = {
+    "rn18": {"data.gpu": "0", "data.in_memory": "1", "data.num_workers": "12",
+             "dist.world_size": "1", "logging.folder": "/tmp/", "logging.log_level": "0",
+             "lr.lr": "0.5", "lr.lr_peak_epoch": "2", "lr.lr_schedule_type": "cyclic",
+             "model.arch": "resnet18", "resolution.max_res": "192",
+             "resolution.min_res": "160", "training.batch_size": "1024",
+             "training.bn_wd": "0", "training.distributed": "0",
+             "training.label_smoothing": "0.1", "training.momentum": "0.9",
+             "training.optimizer": "sgd", "training.weight_decay": "5e-5",
+             "training.use_blurpool": "1", "validation.lr_tta": "true",
+             "validation.resolution": "256"},
+    "rn50": {"data.in_memory": "1", "data.num_workers": "12", "dist.world_size": "8",
+             "logging.folder": "/tmp/", "lr.lr": "1.7", "lr.lr_schedule_type": "cyclic",
+             "model.arch": "resnet50", "resolution.max_res": "192",
+             "resolution.min_res": "160", "training.batch_size": "512",
+             "training.bn_wd": "0", "training.distributed": "1",
+             "training.label_smoothing": "0.1", "training.momentum": "0.9",
+             "training.optimizer": "sgd", "training.weight_decay": "0.0001",
+             "training.use_blurpool": "1", "validation.lr_tta": "true",
+             "validation.resolution": "256"},
+}
+FFCV_IMAGENET_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48),
+                       88: (65, 76)}
+
+
+def ffcv_imagenet_config(folder, family, epochs):
+    """The file rn<family>_configs/<family>_<epochs>_epochs.yaml, its keys as theirs are
+    laid out (sections in alphabetical order, as their files have them)."""
+    start_ramp, end_ramp = FFCV_IMAGENET_RAMPS[epochs]
+    keys = {**FFCV_IMAGENET_KEYS[family], "training.epochs": str(epochs),
+            "resolution.start_ramp": str(start_ramp), "resolution.end_ramp": str(end_ramp)}
+    sections = {}
+    for dotted, value in sorted(keys.items()):
+        section, key = dotted.split(".")
+        sections.setdefault(section, []).append(f"  {key}: {value}")
+    path = Path(folder) / f"{family}_{epochs}_epochs.yaml"
+    path.write_text("".join(f"{section}:\n" + "\n".join(lines) + "\n"
+                            for section, lines in sections.items()))
+    return path, keys
+
+
+@pytest.mark.parametrize("family", sorted(FFCV_IMAGENET_KEYS))
+@pytest.mark.parametrize("epochs", sorted(FFCV_IMAGENET_RAMPS))
+def test_every_ffcv_imagenet_config_loads_with_its_values(family, epochs, tmp_path, capsys):
+    """All 12 files load unchanged, every key with its file's value; the undeclared
+    data.gpu is dropped with a one-line note, and nothing else is said."""
+    import yaml
+    from ffcv_bias.train.config import FFCV_IMAGENET_UNUSED_KEYS
+    path, keys = ffcv_imagenet_config(tmp_path, family, epochs)
+    betons = placeholder_betons(tmp_path, "imagenet", (10_000, 500), ["a", "b", "c"])
+    capsys.readouterr()
+    nested = resolve_config(["--config-file", str(path), *data_args(*betons)])
+    validate_semantics(nested)  # and passes the trainer's checks as it stands
+    ignored = [dotted for dotted in keys if tuple(dotted.split(".")) in FFCV_IMAGENET_UNUSED_KEYS]
+    assert ignored == (["data.gpu"] if family == "rn18" else [])
+    for dotted, text in keys.items():
+        if dotted in ignored:
+            continue
+        section, key = dotted.split(".")
+        value, expected = nested[section][key], yaml.safe_load(text)
+        if isinstance(value, bool):
+            expected = bool(expected)
+        elif isinstance(value, float):
+            expected = float(expected)
+        assert value == expected, dotted
+    assert "gpu" not in nested["data"]
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.strip()]
+    assert notes == ([f"note: {path}: ignoring data.gpu: 0 ("
+                      f"{FFCV_IMAGENET_UNUSED_KEYS[('data', 'gpu')]})"]
+                     if family == "rn18" else []), err
+
+
+def test_ffcv_imagenet_rn18_config_runs_from_the_command_line(tmp_path):
+    """`python train_imagenet.py --config-file rn18_configs/rn18_16_epochs.yaml ...` used
+    to stop at "unknown config key 'data.gpu'". Here the run it names is complete, so the
+    trainer answers without training: exit 0, the note the only line on stderr."""
+    path, _ = ffcv_imagenet_config(tmp_path, "rn18", 16)
+    betons = placeholder_betons(tmp_path, "imagenet", (10_000, 500), ["a", "b", "c"])
+    args = ["--config-file", str(path), *data_args(*betons),
+            f"--logging.folder={tmp_path / 'runs'}"]
+    run_dir = tmp_path / "runs" / runs.run_id(resolve_config(args))
+    run_dir.mkdir(parents=True)
+    (run_dir / runs.SUMMARY_FILE).write_text('{"run_id": "%s"}' % run_dir.name)
+    result = subprocess.run([sys.executable, str(REPO / "train_imagenet.py"), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"run {run_dir.name} is already complete" in result.stdout
+    assert result.stderr.strip().startswith(f"note: {path}: ignoring data.gpu: 0 ("), \
+        result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_ignored_ffcv_imagenet_keys_stay_errors_elsewhere(tmp_path):
+    """Only a config file may carry data.gpu; on the command line it is a typo as any."""
+    with pytest.raises(ConfigError, match="unknown config key 'data.gpu' \\(from command line"):
+        resolve_config([*data_args("t", "v"), "--data.gpu=0"])
+    other = tmp_path / "other.yaml"
+    other.write_text("data:\n  gpus: 0\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.gpus'"):
+        resolve_config(["--config-file", str(other), *data_args("t", "v")])
+
+
+def test_every_count_has_a_bound_and_the_bound_is_inclusive(fake_betons):
+    """Each integer key of the trainer is bounded (or is a flag / a seed with its own
+    check); the bound itself is accepted, one past it is refused naming key and bound."""
+    from ffcv_bias.train.checks import COUNT_BOUNDS, check_numbers
+    from ffcv_bias.train.config import Integer
+    from fastargs import get_current_config
+    integer_keys = {path for path, entry in get_current_config().entries.items()
+                    if isinstance(entry.checker, Integer)}
+    assert integer_keys - set(COUNT_BOUNDS) == {("training", "seed"), ("logging", "log_level")}
+    for (section, key), (low, high) in COUNT_BOUNDS.items():
+        at_bound = small_args(fake_betons, "--training.epochs=10000", "--lr.lr_peak_epoch=0",
+                              "--resolution.end_ramp=10000", f"--{section}.{key}={high}")
+        if (section, key) == ("resolution", "min_res"):
+            at_bound.append(f"--resolution.max_res={high}")
+        check_numbers(resolve_config(at_bound))
+        with pytest.raises(ConfigError, match=f"^{section}.{key}={high + 1} is out of range: "
+                                              f"it must be in \\[{low}, {high}\\]$"):
+            check_numbers(resolve_config(small_args(fake_betons,
+                                                    f"--{section}.{key}={high + 1}")))
+
+
+def test_the_lr_schedule_is_computed_per_step_not_per_epoch():
+    """The trainer's LrSchedule builds nothing proportional to the run's length: a run of
+    10**9 epochs x 10**6 steps answers at once, and every rate equals the array's."""
+    from ffcv_bias.train.schedules import LrSchedule
+    huge = LrSchedule("cosine", lr=1.0, epochs=10 ** 9, iters_per_epoch=10 ** 6,
+                      lr_peak_epoch=2)
+    assert len(huge) == 10 ** 15 and huge[-1] >= 0 and huge[0] == pytest.approx(1e-4)
+    for schedule, options in (("cyclic", {}), ("step", {"step_length": 2}),
+                              ("cosine", {"lr_peak_epoch": 1.5}),
+                              ("step", {"warmup_epochs": 2, "warmup_start_factor": 0.1}),
+                              ("cosine", {"lr_peak_epoch": 0, "warmup_epochs": 1.5})):
+        lazy = LrSchedule(schedule, lr=1.7, epochs=6, iters_per_epoch=7, **options)
+        array = lr_per_iteration(schedule, lr=1.7, epochs=6, iters_per_epoch=7, **options)
+        assert len(lazy) == len(array) == 42
+        assert [lazy[i] for i in range(42)] == list(array)  # bit for bit
+        assert np.array_equal(lazy[5:30], array[5:30]) and lazy[-1] == array[-1]
+        with pytest.raises(IndexError):
+            lazy[42]
+
+
+def test_every_yaml_file_is_read_through_the_strict_loader():
+    """Duplicate keys are refused wherever the project reads YAML: no module parses YAML
+    but ffcv_bias/common/yaml_files.py (the analysis's --where parses a typed value)."""
+    allowed = {"ffcv_bias/common/yaml_files.py", "ffcv_bias/analysis/where.py"}
+    offenders = []
+    for path in sorted((REPO / "ffcv_bias").rglob("*.py")) + [REPO / "train_imagenet.py",
+                                                             REPO / "write_datasets.py"]:
+        relative = str(path.relative_to(REPO))
+        text = path.read_text()
+        if relative not in allowed and ("yaml.safe_load(" in text or "yaml.load(" in text):
+            offenders.append(relative)
+    assert offenders == []

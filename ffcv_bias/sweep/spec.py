@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from ffcv_bias.record import runs
 from ffcv_bias.common.errors import UserError
+from ffcv_bias.common.yaml_files import YamlFileError, load_yaml_file
 
 SEED_KEY = "training.seed"
 FOLDER_KEY = "logging.folder"
@@ -142,13 +141,16 @@ def _parse_points(points, path):
 
 def _read_yaml(path):
     try:
-        with open(path) as handle:
-            content = yaml.safe_load(handle)
+        content = load_yaml_file(path, "sweep file")
     except FileNotFoundError:
         raise SweepError(f"sweep file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise SweepError(f"sweep file {path} is not valid YAML: "
-                         f"{str(error).splitlines()[0]}") from None
+    except IsADirectoryError:
+        raise SweepError(f"sweep file {path} is a directory, not a YAML file") from None
+    except (OSError, UnicodeDecodeError) as error:  # unreadable, or a binary file
+        raise SweepError(f"cannot read sweep file {path}: "
+                         f"{getattr(error, 'strerror', None) or error}") from None
+    except YamlFileError as error:  # FILE:LINE:COL: a syntax error or a key given twice
+        raise SweepError(str(error)) from None
     if not isinstance(content, dict):
         raise SweepError(f"sweep file {path} must hold a mapping (base:, grid:, seeds:, ...)")
     return content
@@ -174,21 +176,25 @@ def _dotted_mapping(value, what, path):
     """{'training': {'epochs': 1}} or {'training.epochs': 1} -> {'training.epochs': 1}."""
     if not isinstance(value, dict):
         raise SweepError(f"'{what}' in {path} must be a mapping of section.key: value")
-    flat = _flatten(value)
+    flat = _flatten(value, what=what, path=path)
     for key in flat:
         if "." not in key:
             raise SweepError(f"key '{key}' of '{what}' in {path} must be written section.key")
     return flat
 
 
-def _flatten(mapping, prefix=""):
+def _flatten(mapping, prefix="", what=None, path=None):
+    """{'a': {'b': 1}} -> {'a.b': 1}; a key given both nested and dotted is a SweepError."""
     flat = {}
     for key, item in mapping.items():
         dotted = f"{prefix}{key}"
-        if isinstance(item, dict):
-            flat.update(_flatten(item, dotted + "."))
-        else:
-            flat[dotted] = item
+        items = _flatten(item, dotted + ".", what, path) if isinstance(item, dict) else {
+            dotted: item}
+        for name in items:
+            if name in flat:
+                raise SweepError(f"key '{name}' of '{what}' in {path} is given twice (once "
+                                 f"as section: key, once as section.key): give it once")
+        flat.update(items)
     return flat
 
 

@@ -24,10 +24,49 @@ def _require(condition, message):
         raise ConfigError(message)
 
 
+# Sane bounds of every count in the config: far beyond any real run, and low enough that
+# a slip of the keyboard (--training.epochs=99999999999999999999) is refused at once, in
+# one line naming the key, instead of a trainer that hangs building per-epoch state or
+# spawns a million processes. The lower bounds that had messages of their own keep them
+# (check_numbers asks those first).
+MAX_EPOCHS = 10_000           # ImageNet's longest published schedules are ~1600 epochs
+MAX_BATCH_SIZE = 10 ** 9      # per process; the memory check below refuses far less
+MAX_RESOLUTION = 65_535       # JPEG's largest side
+MAX_WORKERS = 1_024           # loader threads per process
+MAX_WORLD_SIZE = 4_096        # processes (GPUs) of one run
+MAX_BN_RECOMPUTE_BATCHES = 100_000
+COUNT_BOUNDS = {
+    ("training", "epochs"): (1, MAX_EPOCHS),
+    ("training", "batch_size"): (1, MAX_BATCH_SIZE),
+    ("training", "checkpoint_every"): (1, MAX_EPOCHS),
+    ("training", "bn_recompute_batches"): (0, MAX_BN_RECOMPUTE_BATCHES),
+    ("validation", "batch_size"): (1, MAX_BATCH_SIZE),
+    ("validation", "resolution"): (1, MAX_RESOLUTION),
+    ("resolution", "min_res"): (1, MAX_RESOLUTION),
+    ("resolution", "max_res"): (1, MAX_RESOLUTION),
+    ("resolution", "start_ramp"): (0, MAX_EPOCHS),
+    ("resolution", "end_ramp"): (0, MAX_EPOCHS),
+    ("lr", "step_length"): (1, MAX_EPOCHS),
+    ("data", "num_workers"): (0, MAX_WORKERS),
+    ("dist", "world_size"): (1, MAX_WORLD_SIZE),
+}
+
+
+def _check_count_bounds(nested, upper_only=False):
+    """Every count within COUNT_BOUNDS (training.save_weights_at, lr.lr_peak_epoch and
+    lr.warmup_epochs are bounded by training.epochs). The upper bounds are asked first
+    (a huge value is named as such, not through a check across keys it breaks)."""
+    for (section, key), (low, high) in COUNT_BOUNDS.items():
+        value = nested[section][key]
+        _require((upper_only or low <= value) and value <= high,
+                 f"{section}.{key}={value} is out of range: it must be in [{low}, {high}]")
+
+
 def check_numbers(nested):
     """The cross-field checks of numbers alone (no file is read): what `sweep plan` can
     check on a login node that may not see the betons."""
     training, lr, resolution = nested["training"], nested["lr"], nested["resolution"]
+    _check_count_bounds(nested, upper_only=True)
     _require(training["epochs"] >= 1, "training.epochs must be >= 1")
     _require(0 <= training["seed"] < 2 ** 32,  # numpy's and torch's seeds are unsigned 32-bit
              f"training.seed={training['seed']} must be in [0, 2**32)")
@@ -63,6 +102,7 @@ def check_numbers(nested):
     _check_drop_path(nested["model"])
     _require(nested["data"]["num_workers"] >= 0, "data.num_workers must be >= 0 (0 = auto)")
     _require(nested["logging"]["log_level"] in (0, 1), "logging.log_level must be 0 or 1")
+    _check_count_bounds(nested)
 
 
 def _check_peak_epoch(lr, epochs):

@@ -7,6 +7,13 @@
 2. fastargs parses a `bool` with Python's `bool(str)`, so `--x=0` is True. `StrictBool`
    accepts only 0/1/true/false/yes/no (any case).
 
+Also refused, each in one line naming the key: a YAML key given twice (with both lines)
+or a syntax error (`FILE:LINE:COL:`, ffcv_bias/common/yaml_files.py), a section that is
+not a mapping (`training:` left empty, or a list), a key left empty (`epochs:` or
+`epochs: null`, which fastargs would silently replace by the default), and a float key
+set to inf or nan. `ignored_file_keys` names undeclared keys a config file may carry (the
+trainer: those of ffcv-imagenet's own YAML files): dropped with a note on stderr.
+
 Usage, in a CLI::
 
     Section('training', 'Training hyper-parameters').params(
@@ -15,17 +22,14 @@ Usage, in a CLI::
     nested = config_to_dict(config)    # {'training': {'epochs': 16, ...}, ...}
 """
 import argparse
+import math
 import sys
 
-import yaml
 from fastargs import get_current_config
 from fastargs.validation import Checker
 
 from ffcv_bias.common.errors import UserError
-
-
-# libyaml's loader when present: a sweep resolves its base config once per run.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+from ffcv_bias.common.yaml_files import YamlFileError, load_yaml_file
 
 
 class ConfigError(UserError, ValueError):
@@ -108,15 +112,19 @@ class EpochList(Checker):
         return "a list of distinct epoch numbers >= 1 (e.g. 20 or 20,60; empty = none)"
 
 
-def flatten(nested, prefix=()):
-    """{'a': {'b': 1}} -> {('a', 'b'): 1}."""
+def flatten(nested, prefix=(), source=None):
+    """{'a': {'b': 1}} -> {('a', 'b'): 1}. A key given both nested and dotted
+    (`training: {epochs: 2}` and `training.epochs: 3`) is a ConfigError naming `source`."""
     flat = {}
     for key, value in nested.items():
         path = prefix + tuple(str(key).split("."))
-        if isinstance(value, dict):
-            flat.update(flatten(value, path))
-        else:
-            flat[path] = value
+        items = flatten(value, path, source) if isinstance(value, dict) else {path: value}
+        for item in items:
+            if item in flat:
+                raise ConfigError(f"config key '{'.'.join(item)}' is given twice in "
+                                  f"{source or 'the config'} (once as section: key, once "
+                                  f"as section.key): give it once")
+        flat.update(items)
     return flat
 
 
@@ -131,10 +139,61 @@ def _check_known(paths, config, source):
         raise ConfigError(f"unknown config key '{dotted}' (from {source})")
 
 
+def _check_sections(content, config, source):
+    """A known section must be a mapping of keys: `training:` left empty or holding a
+    list is said to be so (not reported as an unknown key 'training')."""
+    known_sections = {path[0] for path in config.entries}
+    for name, value in content.items():
+        name = str(name)
+        if name not in known_sections or isinstance(value, dict):
+            continue  # a dotted key (training.epochs: 3), or an unknown section
+        if value is None:
+            raise ConfigError(f"config section '{name}' in {source} is empty: put its keys "
+                              f"under it, indented ('{name}:' then '  key: value' lines), "
+                              f"or remove the line")
+        raise ConfigError(f"config section '{name}' in {source} must be a mapping of keys "
+                          f"('{name}:' then '  key: value' lines), got "
+                          f"{_kind(value)}")
+
+
+def _kind(value):
+    if isinstance(value, list):
+        return "a list"
+    return f"the {type(value).__name__} {value!r}"
+
+
+def _check_not_empty(file_values, source):
+    """`epochs:` or `epochs: null`: fastargs would silently keep the earlier value."""
+    for path, value in file_values.items():
+        if value is None:
+            raise ConfigError(f"config key '{'.'.join(path)}' in {source} has no value "
+                              f"(empty or null): give one (\"\" for an empty text) or "
+                              f"remove the line")
+
+
+# The undeclared keys already noted in this process: a sweep resolves one base config
+# once per run, and says so once.
+_NOTED = set()
+
+
+def _drop_ignored(file_values, config, source, ignored_file_keys):
+    kept = {}
+    for path, value in file_values.items():
+        if path in (ignored_file_keys or {}) and path not in config.entries:
+            if (str(source), path) not in _NOTED:
+                _NOTED.add((str(source), path))
+                print(f"note: {source}: ignoring {'.'.join(path)}: {value!r} "
+                      f"({ignored_file_keys[path]})", file=sys.stderr)
+            continue
+        kept[path] = value
+    return kept
+
+
 def _read_config_file(path):
     try:
-        with open(path) as handle:
-            content = yaml.load(handle, Loader=_YAML_LOADER)
+        content = load_yaml_file(path, "config file")
+    except YamlFileError as error:  # FILE:LINE:COL: a syntax error or a key given twice
+        raise ConfigError(str(error)) from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -142,9 +201,6 @@ def _read_config_file(path):
     except (OSError, UnicodeDecodeError) as error:  # unreadable, or a binary file
         raise ConfigError(f"cannot read config file {path}: "
                           f"{getattr(error, 'strerror', None) or error}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: "
-                          f"{str(error).splitlines()[0]}") from None
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -172,12 +228,14 @@ def _parse_cli_overrides(extra_args):
     return overrides
 
 
-def parse_config(argv=None, description=None, config_files=()):
+def parse_config(argv=None, description=None, config_files=(), ignored_file_keys=None):
     """Collect config files and `--section.key=value` overrides into fastargs' config.
 
     Later sources win: `config_files`, then each `--config-file` in order, then the
     command line. Every key is checked; every value is validated (a wrong type is a
-    ConfigError naming the key). Returns the fastargs Config.
+    ConfigError naming the key). `ignored_file_keys`: {('section', 'key'): why} of
+    undeclared keys a config file may hold; they are dropped, with a note on stderr.
+    Returns the fastargs Config.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     config = get_current_config()
@@ -192,8 +250,12 @@ def parse_config(argv=None, description=None, config_files=()):
     known, extra = parser.parse_known_args(argv)
 
     for path in list(config_files) + known.config_file:
-        file_values = flatten(_read_config_file(path))
+        content = _read_config_file(path)
+        _check_sections(content, config, path)
+        file_values = _drop_ignored(flatten(content, source=path), config, path,
+                                    ignored_file_keys)
         _check_known(file_values, config, path)
+        _check_not_empty(file_values, path)
         config.collect({".".join(p): v for p, v in file_values.items()})
     overrides = _parse_cli_overrides(extra)
     _check_known(overrides, config, "command line")
@@ -207,13 +269,17 @@ def validate_all(config):
     for path in config.entries:
         dotted = ".".join(path)
         try:
-            config[path]
+            value = config[path]
         except Exception:  # fastargs raises bare ValidationError/MissingValueError
             raw = config.content.get(path)
             checker = config.entries[path].checker.help()
             if raw is None:
                 raise ConfigError(f"missing required config value '{dotted}' ({checker})") from None
             raise ConfigError(f"bad value for '{dotted}': {raw!r} is not {checker}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            # float('inf'), float('nan') and YAML's .inf / .nan parse: no key means them.
+            raise ConfigError(f"bad value for '{dotted}': {config.content.get(path)!r} is "
+                              f"not a finite number")
 
 
 def config_to_dict(config):

@@ -34,7 +34,7 @@ from ffcv_bias.train.config import (bn_weight_decay, config_dict, read_class_min
 from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.train.models import create_model, eval_logits, weight_decay_groups
 from ffcv_bias.train.optimizer import build_optimizer
-from ffcv_bias.train.schedules import lr_per_iteration, resolution_at_epoch
+from ffcv_bias.train.schedules import LrSchedule, resolution_at_epoch
 from ffcv_bias.train.state import (CHECKPOINT_FORMAT, NonFiniteLossError, Preempted,
                                    RunError, choose_loader_threads, choose_torch_threads,
                                    rank_seed, read_checkpoint, rng_state, set_determinism,
@@ -157,12 +157,13 @@ class Trainer:
                 torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing))
 
     def create_lr_schedule(self):
+        # Each step's rate computed when asked: nothing of the run's length is built here.
         lr = self.cfg.lr
-        return lr_per_iteration(lr.lr_schedule_type, lr=lr.lr, epochs=self.cfg.training.epochs,
-                                iters_per_epoch=len(self.train_loader),
-                                lr_peak_epoch=lr.lr_peak_epoch, step_ratio=lr.step_ratio,
-                                step_length=lr.step_length, warmup_epochs=lr.warmup_epochs,
-                                warmup_start_factor=lr.warmup_start_factor)
+        return LrSchedule(lr.lr_schedule_type, lr=lr.lr, epochs=self.cfg.training.epochs,
+                          iters_per_epoch=len(self.train_loader),
+                          lr_peak_epoch=lr.lr_peak_epoch, step_ratio=lr.step_ratio,
+                          step_length=lr.step_length, warmup_epochs=lr.warmup_epochs,
+                          warmup_start_factor=lr.warmup_start_factor)
 
     def resolution(self, epoch):
         ramp = self.cfg.resolution

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ffcv_bias.common import atomic
+from ffcv_bias.common import atomic, yaml_files
 from ffcv_bias.common.tables import write_csv
 from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.studies.diet import quota
@@ -78,8 +78,8 @@ def _yaml_value(text):
     """A trainer override's text as the YAML scalar a sweep file holds ('5e-4' stays text
     where YAML would not read it back as the same number)."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = yaml_files.loads(text)
+    except yaml_files.YamlFileError:
         return text
     if isinstance(value, (bool, int, float, str)) and value is not None:
         return value
