@@ -69,6 +69,10 @@ def test_equal_seed_differences_in_floating_point_are_ties():
     result = paired.paired_less(setting, reference)
     assert list(result["degenerate"]) == ["constant", "constant"]
     assert result["p_less"] == pytest.approx([0.25, 0.25])
+    # 1,000 tied seeds per arm: 1 / C(2000, 1000) underflows; the p stays above 0.
+    many = np.full((1000, 1), 0.98)
+    assert 0 < stats.welch_less(many, many + 0.02)["p_less"][0] < 1e-300
+    assert 0 < paired.paired_less(many, many + 0.02)["p_less"][0] < 1e-300
 
 
 # ----------------------------------------------------------------------------------------
@@ -301,3 +305,9 @@ def test_an_interrupted_or_full_disk_analysis_leaves_the_earlier_report(
     assert err.count("\n") == 1 and words in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")]
+
+
+def test_row_wise_benjamini_hochberg_equals_the_one_setting_version():
+    p_values = np.random.default_rng(2).random((7, 50)) ** 3
+    expected = np.stack([stats.benjamini_hochberg(row) for row in p_values])
+    np.testing.assert_allclose(calibration.benjamini_hochberg_rows(p_values), expected)

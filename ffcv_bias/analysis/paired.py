@@ -28,8 +28,9 @@ import pandas as pd
 from scipy.special import stdtr
 
 from ffcv_bias.analysis.crossfit import seed_keys
-from ffcv_bias.analysis.stats import (TIE_TOLERANCE, _variance, benjamini_hochberg, table1,
-                                      welch_less, with_q_across_settings)
+from ffcv_bias.analysis.stats import (SMALLEST_P, TIE_TOLERANCE, _variance, benjamini_hochberg,
+                                      smallest_exact_p, table1, welch_less,
+                                      with_q_across_settings)
 
 PAIRED = "paired"
 WELCH_FALLBACK = "welch (seeds unmatched)"
@@ -63,10 +64,10 @@ def paired_from_moments(mean, variance, n):
     with np.errstate(divide="ignore", invalid="ignore"):
         t = mean / np.sqrt(variance / n)
     df = np.full(np.shape(mean), n - 1.0)
-    p_less = stdtr(df, t)
+    p_less = np.maximum(stdtr(df, t), SMALLEST_P)
     tied = mean[constant]
     t[constant] = np.where(np.abs(tied) <= TIE_TOLERANCE, 0.0, np.copysign(np.inf, tied))
-    p_less[constant] = np.where(tied < -TIE_TOLERANCE, 0.5 ** n, 1.0)   # exact sign-flip p
+    p_less[constant] = np.where(tied < -TIE_TOLERANCE, smallest_exact_p(2 ** n), 1.0)
     return t, df, p_less, constant
 
 
