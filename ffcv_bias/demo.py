@@ -20,11 +20,13 @@ Each step is the same command a user would type; the demo only chains them.
 import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 from ffcv_bias.analysis import calibration, verdicts
 from ffcv_bias.common import env
+from ffcv_bias.common.errors import EXIT_INTERRUPTED, EXIT_OK, UserError, main_guard
 
 DATA_DIR = Path("data")
 # The demo's own subsets, class-stratified: (split, images, path). Half the test set
@@ -42,9 +44,32 @@ def step(message):
     print(f"\n[demo] {message}", flush=True)
 
 
+class StepFailed(UserError):
+    """A step's command failed; it printed its own error above."""
+
+
 def run(command):
-    print("[demo] $ " + " ".join(str(part) for part in command), flush=True)
-    subprocess.run([str(part) for part in command], check=True)
+    """Run one step's command; a failure is one line naming it (the command's own error,
+    printed above, is never wrapped in a traceback), with the command's exit code."""
+    words = " ".join(str(part) for part in command)
+    print(f"[demo] $ {words}", flush=True)
+    code = subprocess.run([str(part) for part in command]).returncode
+    if code != 0:
+        error = StepFailed(f"demo step failed: `{words}` exited with {code} (its error is "
+                           f"above)")
+        error.exit_code = EXIT_INTERRUPTED if code in (-2, EXIT_INTERRUPTED) else \
+            (code if 0 < code < 126 else 1)
+        raise error
+
+
+def check_sweeps(*sweeps):
+    """Every sweep file exists and loads (SweepError: one line), before any beton is
+    written or any run trained."""
+    from ffcv_bias.sweep import load_sweep
+    for sweep in sweeps:
+        if not Path(sweep).is_file():
+            raise UserError(f"sweep file not found: {sweep}")
+        load_sweep(sweep)
 
 
 def ensure_betons():
@@ -143,13 +168,17 @@ def analyse(sweep, report, experiment):
          "--vary", key, "--reference", reference, "--where", where, "--out", report])
 
 
+@main_guard(interrupted="interrupted; finished betons and runs are kept: rerun the "
+                        "same command to go on")
 def main(argv=None):
+    """Exit 0, 2 (a sweep file missing or bad), a failed step's exit code, 130 (Ctrl-C)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP)
     parser.add_argument("--decay-sweep", type=Path, default=DEFAULT_DECAY_SWEEP)
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
     parser.add_argument("--decay-report", type=Path, default=DEFAULT_DECAY_REPORT)
     args = parser.parse_args(argv)
+    check_sweeps(args.sweep, args.decay_sweep)
 
     step("1/4 betons (reused when present)")
     ensure_betons()
@@ -167,7 +196,8 @@ def main(argv=None):
     print_summary(args.decay_report, DECAY[3])
     print(f"\n[demo] reports: {(args.report / 'index.html').resolve()}\n"
           f"               {(args.decay_report / 'index.html').resolve()}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -203,9 +203,12 @@ def build_parser():
     return parser
 
 
-@main_guard(metrics.RecordFileError, failures=(runs.RunLockedError, atomic.NoRoomError))
+@main_guard(metrics.RecordFileError, failures=(runs.RunLockedError, atomic.NoRoomError),
+            interrupted="interrupted; each run keeps the protocols its summary.json lists "
+                        "(no file is half-written): rerun the same command to evaluate the "
+                        "rest")
 def main(argv=None):
-    """Exit 0, 1 (a run could not be evaluated) or 2 (bad --protocols)."""
+    """Exit 0, 1 (a run could not be evaluated), 2 (bad --protocols) or 130 (Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         protocols = parse_protocols(args.protocols)

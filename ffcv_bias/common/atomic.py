@@ -8,8 +8,12 @@ a NoRoomError, one line naming the file. tests/test_faults.py kills writers at e
 """
 import contextlib
 import errno
+import glob
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -24,6 +28,54 @@ TEMP_SUFFIX = ".tmp"
 
 def temp_prefix(name):
     return f".{name}."
+
+
+# A temporary that a writer without a lock leaves when it is killed (a beton, a prune's
+# staging folder) carries its writer's PID and host: `.<name>.pid<PID>@<host>.<random>.tmp`.
+# A later writer of the same name removes those whose writer is gone (remove_orphaned_temps).
+_OWNED = re.compile(r"pid(\d+)@([A-Za-z0-9_-]+)\.")
+
+
+def _host():
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def owned_temp_prefix(name):
+    """`.<name>.pid<PID>@<host>.`: the prefix of this process's temporaries of `name`."""
+    return f"{temp_prefix(name)}pid{os.getpid()}@{_host()}."
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_temps(directory, name):
+    """Remove the temporaries of `name` in `directory` (files, or folders such as a prune's
+    staging folder) whose writer on this host is no longer running (killed mid-write:
+    SIGKILL, the OOM killer). A live writer's temporary, another host's (a shared file
+    system: its PIDs mean nothing here) and an unnamed one are left alone.
+    Returns the paths removed."""
+    removed = []
+    prefix = temp_prefix(name)
+    for path in Path(directory).glob(f"{glob.escape(prefix)}pid*"):
+        owner = _OWNED.match(path.name[len(prefix):])
+        if not owner or TEMP_SUFFIX not in path.name or owner.group(2) != _host():
+            continue
+        if _process_alive(int(owner.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 # Errors that mean "the bytes did not fit": the device is full, the user's quota is
@@ -49,17 +101,20 @@ def no_room_error(error, final_path):
 
 
 @contextlib.contextmanager
-def atomic_path(final_path):
+def atomic_path(final_path, owned=False):
     """Yield a temporary path beside `final_path`; rename it onto `final_path` on success.
 
     On any exception the temporary file is removed and `final_path` is left untouched; a
     full disk (or quota, or file-size limit) is raised as NoRoomError naming `final_path`.
-    A process killed meanwhile leaves a `.<name>.*.tmp` file: remove_stale_temp_files.
+    A process killed meanwhile leaves a `.<name>.*.tmp` file: remove_stale_temp_files;
+    with `owned`, the name carries this process's PID (owned_temp_prefix), and any later
+    writer can remove it once this process is gone: remove_orphaned_temps.
     """
     final_path = Path(final_path)
+    prefix = owned_temp_prefix(final_path.name) if owned else temp_prefix(final_path.name)
     try:
         final_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final_path.name),
+        handle, tmp_name = tempfile.mkstemp(prefix=prefix,
                                             suffix=TEMP_SUFFIX, dir=final_path.parent)
     except OSError as error:
         raise (no_room_error(error, final_path) or error) from None

@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1     # the work was attempted and failed (a run, a training job, a full disk)
 EXIT_USAGE = 2       # bad input: the command, its config or its files; nothing was done
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal (SLURM preemption); rerun resumes
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 class UserError(Exception):
@@ -25,10 +26,13 @@ def report(error, exit_code):
     return exit_code
 
 
-def main_guard(*usage_errors, failures=()):
+def main_guard(*usage_errors, failures=(), interrupted="interrupted"):
     """Decorator for a CLI's `main(argv=None)`: a UserError raised inside becomes
     `error: <message>` and the error's exit_code. Classes outside the family (ffcv's,
-    the loaders') are named here: `usage_errors` exit EXIT_USAGE, `failures` EXIT_FAILURE."""
+    the loaders') are named here: `usage_errors` exit EXIT_USAGE, `failures` EXIT_FAILURE.
+    Ctrl-C (KeyboardInterrupt) prints `error: <interrupted>` (say what is kept and how to
+    go on) and exits EXIT_INTERRUPTED; the atomic writers have removed their temporaries
+    by then."""
     def decorate(main):
         @functools.wraps(main)
         def guarded(*args, **kwargs):
@@ -40,5 +44,8 @@ def main_guard(*usage_errors, failures=()):
                 return report(error, EXIT_USAGE)
             except failures as error:
                 return report(error, EXIT_FAILURE)
+            except KeyboardInterrupt:
+                sys.stdout.flush()
+                return report(interrupted, EXIT_INTERRUPTED)
         return guarded
     return decorate

@@ -33,7 +33,8 @@ Kept in one module so they are easy to audit and to drop once upstream fixes the
 5. (writing betons) `DatasetWriter` polls a shared counter until every sample is written,
    with no timeout: a worker that died (disk full, killed) means a writer that hangs
    forever. `watching_workers` wraps the `Process` name ffcv's writer module uses, to see
-   the workers, and a watchdog thread turns a dead one into WriterWorkerDied. Not part of
+   the workers, and a watchdog thread turns a dead one into WriterWorkerDied. The wrapped
+   workers also die with their parent (a SIGKILLed writer left them running). Not part of
    `apply()`: data/writer.py enters it around each write.
 
 6. (every process) Importing ffcv compiles numba's typed-dictionary code for its table of
@@ -88,6 +89,7 @@ from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.graph import Graph  # noqa: E402
 
 from ffcv_bias.common.atomic import NO_ROOM_ERRNOS  # noqa: E402
+from ffcv_bias.common.children import die_with_parent  # noqa: E402
 
 _ORIGINAL_RUN = epoch_iterator.EpochIterator.run
 _ORIGINAL_COMPILE = Compiler.compile
@@ -335,7 +337,8 @@ def recording_writer_processes():
     original = ffcv.writer.Process
 
     def start_recorded(*args, target=None, **kwargs):
-        process = original(*args, target=functools.partial(writer_worker, target), **kwargs)
+        process = original(*args, target=functools.partial(writer_worker, target, os.getpid()),
+                           **kwargs)
         started.append(process)
         return process
 
@@ -384,9 +387,12 @@ def watching_workers():
             signal.signal(signal.SIGUSR1, previous_handler)
 
 
-def writer_worker(target, *args):
-    """An ffcv writer worker that, on a full disk, exits with the errno as its exit code
-    (no traceback): run_writer then names the beton and the reason in one line."""
+def writer_worker(target, parent_pid, *args):
+    """An ffcv writer worker that dies with its parent (a SIGKILLed write_datasets.py left
+    it running, holding the temporary beton and a /dev/shm segment) and, on a full disk,
+    exits with the errno as its exit code (no traceback): run_writer then names the beton
+    and the reason in one line."""
+    die_with_parent(parent_pid)
     try:
         target(*args)
     except OSError as error:

@@ -6,6 +6,8 @@ subset, and an up-front decode of image files. The first stage of the data flow:
         writer workers (ArrayImages in memory, ImageFiles on disk)
     stratified_subset(labels, size)      a deterministic, class-stratified subset
     check_images(dataset)                files only: decode every image with PIL up front
+                                         (16- and 32-bit integer pixels are scaled to 8
+                                         bits, said once; float pixels are refused)
 
 data/writer.py turns a dataset into a beton, data/sidecar.py reads and checks one.
 
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from ffcv_bias.common.children import die_with_parent
 
 
 class DatasetError(ValueError):
@@ -102,11 +106,78 @@ class ArrayImages:
         return 3 * height * width
 
 
-def load_rgb(path):
-    """Decode an image file completely (a truncated file fails here) into H x W x 3 uint8."""
+class PixelFormatError(DatasetError):
+    """An image whose pixels have no defined 8-bit scale (floats); str() is one line."""
+
+
+def integer_depth(image):
+    """(bits, signed) of a grey image PIL holds in more than 8 bits per pixel (modes I;16*
+    and I), None for the 8-bit modes; PixelFormatError for float pixels (mode F) or an
+    integer image whose depth its format does not tell."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return 16, mode.endswith("S")
+    if mode == "I":
+        if image.format == "TIFF":  # BitsPerSample (258), SampleFormat (339: 2 = signed)
+            bits = image.tag_v2.get(258, (32,))
+            sample_format = image.tag_v2.get(339, (1,))
+            bits = int(bits[0] if isinstance(bits, tuple) else bits)
+            sample_format = int(sample_format[0] if isinstance(sample_format, tuple)
+                                else sample_format)
+            return bits, sample_format == 2
+        if image.format in ("PNG", "PPM"):  # 16-bit grey (PGM: scaled to 16 bits by PIL)
+            return 16, False
+        raise PixelFormatError(f"its pixels are 32-bit integers (PIL mode I) of unknown depth "
+                               f"in a {image.format} file: save it with 8- or 16-bit pixels")
+    if mode == "F":
+        raise PixelFormatError("its pixels are 32-bit floats (PIL mode F), which have no "
+                               "defined 8-bit scale (0..1? 0..255?): save it with 8- or "
+                               "16-bit integer pixels")
+    return None
+
+
+def scaled_to_8_bits(pixels, bits, signed):
+    """Integer pixels of nominal depth `bits` -> uint8 by their top 8 bits (what PIL does
+    for 16-bit RGB; scikit-image's img_as_ubyte rule): 16-bit v -> v >> 8; signed pixels
+    keep their non-negative range (negative values become 0)."""
+    values = np.asarray(pixels).astype(np.int64)
+    if signed:
+        values = np.maximum(values, 0)
+        bits -= 1
+    else:
+        values %= 1 << 32  # an unsigned 32-bit TIFF read into PIL's signed int32
+    return np.minimum(values >> max(bits - 8, 0), 255).astype(np.uint8)
+
+
+def describe_depth(mode, bits, signed):
+    return f"{bits}-bit {'signed ' if signed else ''}integer pixels (PIL mode {mode})"
+
+
+def decode_rgb(path):
+    """(H x W x 3 uint8, depth) of an image file, decoded completely (a truncated file
+    fails here); `depth` describes the pixels when they were deeper than 8 bits and scaled
+    (16-bit PNG, 16- or 32-bit TIFF), else None. PIL's own convert("RGB") would clip those
+    at 255: a 16-bit PNG came out in 3 or 4 grey levels."""
     from PIL import Image
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        depth = integer_depth(image)
+        if depth is None:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8), None
+        pixels = np.asarray(image)
+        grey = scaled_to_8_bits(pixels, *depth)
+        if grey.min() == grey.max() and pixels.min() != pixels.max():
+            # e.g. 16-bit data saved as int32: the top 8 of 31 bits are all 0
+            raise PixelFormatError(
+                f"its {describe_depth(image.mode, *depth)} run from {pixels.min()} to "
+                f"{pixels.max()}, a sliver of their range: in 8 bits they would all be "
+                f"{grey.min()}; save it with pixels of the depth its values use (8 or 16 bit)")
+        return (np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2)),
+                describe_depth(image.mode, *depth))
+
+
+def load_rgb(path):
+    """Decode an image file completely into H x W x 3 uint8 (see decode_rgb)."""
+    return decode_rgb(path)[0]
 
 
 class ImageFiles:
@@ -369,6 +440,30 @@ READERS = {
 }
 
 
+def class_list_warnings(class_names, source):
+    """Lines for stderr about a class list that is legal but most likely a mistake: a name
+    given to two classes (reports could not tell them apart), or one class only."""
+    lines = []
+    first_label = {}
+    repeated = []
+    for label, class_name in enumerate(class_names):
+        if class_name in first_label:
+            repeated.append((class_name, first_label[class_name], label))
+        else:
+            first_label[class_name] = label
+    if repeated:
+        name, first, second = repeated[0]
+        more = f" (and {len(repeated) - 1} more repeated names)" if len(repeated) > 1 else ""
+        lines.append(f"warning: the class list of {source} names {name!r} twice (classes "
+                     f"{first} and {second}){more}: they stay separate classes, but the "
+                     f"reports cannot tell them apart by name")
+    if len(class_names) == 1:
+        lines.append(f"warning: {source} has one class only ({class_names[0]!r}): a "
+                     f"classifier has nothing to tell apart (an ImageFolder's data_dir holds "
+                     f"one folder per class)")
+    return lines
+
+
 def read_source(name, data_dir, split):
     """(dataset, class names) for one split of a source in SOURCES."""
     if name not in READERS:
@@ -405,32 +500,53 @@ def stratified_subset(labels, size, seed=0):
 
 
 def probe_image(path):
-    """((height, width), None) for a readable image, ((0, 0), reason) otherwise."""
+    """((height, width), None, depth) for a readable image (depth: decode_rgb's), ((0, 0),
+    reason, None) otherwise."""
     try:
-        image = load_rgb(path)
-        return image.shape[:2], None
+        image, depth = decode_rgb(path)
+        return image.shape[:2], None, depth
+    except PixelFormatError as error:
+        return (0, 0), str(error), None
     except Exception as error:  # any decoder failure means the file cannot be written
-        return (0, 0), one_line(error)
+        return (0, 0), one_line(error), None
+
+
+def depth_note(scaled, dataset):
+    """The one stderr line about images scaled down to 8 bits: [(index, depth)] -> text."""
+    by_depth = {}
+    for index, depth in scaled:
+        by_depth.setdefault(depth, []).append(index)
+    kinds = "; ".join(f"{len(indices)} with {depth}, e.g. {dataset.describe(indices[0])}"
+                      for depth, indices in by_depth.items())
+    negative = " (negative values as 0)" if any("signed" in d for d in by_depth) else ""
+    return (f"note: {len(scaled)} of {len(dataset)} images have more than 8 bits per "
+            f"pixel, scaled to 8 bits by their top 8 bits{negative}: {kinds}")
 
 
 def check_images(dataset, num_workers=1):
     """Decode every file of an ImageFiles dataset with PIL; record sizes in dataset.sizes.
+    Images deeper than 8 bits (scaled to 8 bits when written) are said once on stderr.
 
     Returns [(index, reason)] for the files that cannot be read."""
     sizes = np.zeros((len(dataset), 2), dtype=np.int64)
-    unreadable = []
+    unreadable, scaled = [], []
     with contextlib.ExitStack() as stack:
         progress = stack.enter_context(tqdm(total=len(dataset), desc="checking images",
                                             unit="img"))
         if num_workers > 1:
-            pool = stack.enter_context(multiprocessing.Pool(num_workers))
+            pool = stack.enter_context(multiprocessing.Pool(
+                num_workers, initializer=die_with_parent, initargs=(os.getpid(),)))
             results = pool.imap(probe_image, dataset.paths, chunksize=32)
         else:
             results = map(probe_image, dataset.paths)
-        for index, (size, reason) in enumerate(results):
+        for index, (size, reason, depth) in enumerate(results):
             sizes[index] = size
             if reason is not None:
                 unreadable.append((index, reason))
+            if depth is not None:
+                scaled.append((index, depth))
             progress.update()
     dataset.sizes = sizes
+    if scaled:
+        print(depth_note(scaled, dataset), file=sys.stderr)
     return unreadable

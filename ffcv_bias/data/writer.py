@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ffcv_bias.common.atomic import NO_ROOM_ERRNOS, atomic_path, write_json, write_text
+from ffcv_bias.common.atomic import (NO_ROOM_ERRNOS, atomic_path, remove_orphaned_temps,
+                                    write_json, write_text)
 from ffcv_bias.data.sidecar import classes_path, inspect_beton, skipped_path
 from ffcv_bias.data.sources import (DEFAULT_SMART_THRESHOLD, WRITE_MODES, DatasetError,
-                                    ImageFiles, check_images, check_label_range, one_line,
-                                    read_source, stratified_subset)
+                                    ImageFiles, check_images, check_label_range,
+                                    class_list_warnings, one_line, read_source,
+                                    stratified_subset)
 
 
 class WriterSource:
@@ -93,14 +95,27 @@ def read_failures(error_log):
     return [line.split("\t", 1) for line in error_log.read_text().splitlines() if line]
 
 
+def remove_orphaned_betons(write_path):
+    """Remove the temporary betons (and their error logs) that killed writers of
+    `write_path` left beside it (`.NAME.beton.pid<PID>@<host>.*.tmp`, the writer gone)."""
+    write_path = Path(write_path)
+    removed = remove_orphaned_temps(write_path.parent, write_path.name)
+    if removed:
+        files = "a temporary file" if len(removed) == 1 else f"{len(removed)} temporary files"
+        print(f"removed {files} left by a killed writer of {write_path}: {removed[0].name}"
+              f"{' ...' if len(removed) > 1 else ''}", file=sys.stderr)
+
+
 def write_beton(dataset, class_names, write_path, *, dataset_name, split, write_mode="raw",
                 max_resolution=None, jpeg_quality=90, compress_probability=0.5,
                 smart_threshold=DEFAULT_SMART_THRESHOLD, num_workers=1, chunk_size=100):
     """Write `dataset` to `write_path` (fields image, label) plus its classes.json sidecar.
 
     The beton is written under a temporary name and renamed at the end: a failure leaves
-    nothing at write_path. With num_workers=1 the same input gives the same bytes; with
-    more workers the samples are the same but ffcv's page order depends on timing.
+    nothing at write_path; a writer killed meanwhile leaves its temporary, which the next
+    write of the same path removes. With num_workers=1 the same input gives the same
+    bytes; with more workers the samples are the same but ffcv's page order depends on
+    timing.
     Returns the sidecar dict.
     """
     from ffcv.fields import IntField, RGBImageField
@@ -124,7 +139,8 @@ def write_beton(dataset, class_names, write_path, *, dataset_name, split, write_
     page_size = choose_page_size(dataset.largest_image_bytes(max_resolution))
     sidecar = {"dataset": dataset_name, "split": split, "num_samples": len(dataset),
                "num_classes": len(class_names), "classes": list(class_names)}
-    with atomic_path(write_path) as tmp_path:
+    remove_orphaned_betons(write_path)
+    with atomic_path(write_path, owned=True) as tmp_path:
         error_log = Path(f"{tmp_path}.errors")
         try:
             source = WriterSource(dataset, error_log, seed_per_sample=write_mode == "proportion")
@@ -177,6 +193,8 @@ def convert(dataset_name, split, data_dir, write_path, *, subset=-1, skip_corrup
     """
     started = time.time()
     dataset, class_names = read_source(dataset_name, data_dir, split)
+    for line in class_list_warnings(class_names, f"{dataset_name} {split} ({data_dir})"):
+        print(line, file=sys.stderr)
     if subset != -1:
         dataset = dataset.subset(stratified_subset(dataset.labels, subset))
     skipped_lines = []

@@ -14,3 +14,9 @@
 
 The contract of what a run writes: docs/DESIGN.md.
 """
+
+# fastargs' --help tables: plain ASCII when stdout is not a terminal (no escape codes in
+# `--help > file`); every fastargs parser (trainer, write_datasets.py) imports this package.
+from ffcv_bias.common import plain_tables as _plain_tables
+
+_plain_tables.install()

@@ -124,7 +124,8 @@ figures
   The full per-class analysis (Welch tests, tables, HTML report) is the analysis command:
     python -m ffcv_bias.analysis RUNS_DIR --vary data.sparsity --vary data.score --out OUT
 
-Exit status: 0 done, 1 a training run failed, 2 bad input (one line on stderr).
+Exit status: 0 done, 1 a training run failed, 2 bad input (one line on stderr), 130
+interrupted (Ctrl-C: one line; what finished is kept and a rerun goes on).
 """
 import argparse
 import sys
@@ -208,9 +209,11 @@ def build_parser():
     return parser
 
 
-@main_guard()
+@main_guard(interrupted="interrupted; trained runs, checkpoints and per-run scores are "
+                        "kept (no file is half-written): rerun the same command to go on")
 def main(argv=None):
-    """Exit 0, 1 (a score run's training failed: TrainingFailed) or 2 (bad input)."""
+    """Exit 0, 1 (a score run's training failed: TrainingFailed), 2 (bad input) or 130
+    (Ctrl-C)."""
     parser = build_parser()
     options, extra = parser.parse_known_args(argv)
     if options.command == "score":

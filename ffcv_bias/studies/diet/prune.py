@@ -283,7 +283,10 @@ def run_prune(options):
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".prune.", suffix=".tmp", dir=out))
+        # a prune killed (SIGKILL) in OUT left its staging folder: removed once it is gone
+        atomic.remove_orphaned_temps(out, "prune")
+        staging = Path(tempfile.mkdtemp(prefix=atomic.owned_temp_prefix("prune"),
+                                        suffix=atomic.TEMP_SUFFIX, dir=out))
     except OSError as error:
         raise DietError(f"cannot create {out}: {error.strerror}") from None
     published = False

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ffcv_bias.common.atomic import write_json
 from ffcv_bias.common.errors import EXIT_OK, main_guard
+from ffcv_bias.common.output_paths import creation_problem
 from ffcv_bias.common.tables import write_csv
 from ffcv_bias.data.loaders import BetonError, read_labels
 from ffcv_bias.studies.preservation.evaluation import evaluate_split
@@ -34,16 +35,17 @@ def check_settings(settings):
             raise StudyError(f"unknown transform {transform!r}; known: {', '.join(TRANSFORMS)}")
         if not values:
             raise StudyError(f"no strengths given for {transform}")
+        low, high = (0.01, 1.0) if transform == "crop" else (0.0, 1.0)
+        for value in values:  # the range first: `--crop 0,1.5` is out of range, twice
+            if not low <= value <= high:
+                raise StudyError(f"{transform} strength {value:g} outside [{low:g}, {high:g}]"
+                                 f" (--{transform} {','.join(f'{v:g}' for v in values)})")
         if len(set(values)) != len(values):
             raise StudyError(f"{transform} strengths repeat a value: {list(values)}")
         if IDENTITY[transform] not in values:
             raise StudyError(f"{transform} strengths must include the identity "
                              f"{IDENTITY[transform]:g} (the clean accuracy the loss is "
                              f"measured against)")
-        low, high = (0.01, 1.0) if transform == "crop" else (0.0, 1.0)
-        for value in values:
-            if not low <= value <= high:
-                raise StudyError(f"{transform} strength {value} outside [{low}, {high}]")
 
 
 def subset_indices(num_samples, max_images, seed):
@@ -154,9 +156,31 @@ def build_parser():
     return parser
 
 
+def check_request(args):
+    """Everything about the request that can be refused before the model is loaded and
+    the images evaluated: the transforms, their strengths, the counts, --out."""
+    transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise StudyError(f"unknown transform {unknown[0]!r}; known: {', '.join(TRANSFORMS)}")
+    if not transforms:
+        raise StudyError(f"--transforms names no transform; known: {', '.join(TRANSFORMS)}")
+    settings = {t: tuple(float(v) for v in getattr(args, t)) for t in transforms}
+    check_settings(settings)
+    if args.draws < 1:
+        raise StudyError(f"--draws must be >= 1, got {args.draws}")
+    if not 0 < args.loss_threshold <= 1:
+        raise StudyError(f"--loss-threshold must be in (0, 1], got {args.loss_threshold}")
+    problem = creation_problem(args.out)
+    if problem:
+        raise StudyError(f"--out: cannot create {args.out}: {problem}")
+    return settings
+
+
 @main_guard(BetonError)
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    settings = check_request(args)
     class_names = read_class_names(args.dataset)
     if args.train_dataset and read_class_names(args.train_dataset) != class_names:
         raise StudyError(f"{args.train_dataset} and {args.dataset} list different classes")
@@ -167,11 +191,6 @@ def main(argv=None):
     if info["num_classes"] != len(class_names):
         raise StudyError(f"the model has {info['num_classes']} classes, {args.dataset} "
                          f"has {len(class_names)}")
-    transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
-    unknown = [t for t in transforms if t not in TRANSFORMS]
-    if unknown:
-        raise StudyError(f"unknown transform {unknown[0]!r}; known: {', '.join(TRANSFORMS)}")
-    settings = {t: getattr(args, t) for t in transforms}
     resolution = args.resolution or info["resolution"] or 224
     label = info["run_id"] or Path(info["weights"]).name
     meta = {"weights": info["weights"], "run_dir": info["run_dir"],
