@@ -1,6 +1,7 @@
 # make setup : Debian packages (if apt is there), .venv with torch==2.13.0 first, the rest, the package
 # make demo  : set-up, then the main job on the embedded default (Fashion-MNIST)
 # make test  : set-up, then the test suite (make test-fast: without the end-to-end tests)
+# make device-bundle : cp312 wheels for the GPU box in device_bundle/ (bench/device_bundle.sh)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ DEBIAN_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev libjpeg62-turbo-de
                    dataset-fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast debian clean-venv
+.PHONY: setup demo test test-fast debian clean-venv device-bundle
 
 setup: debian $(STAMP)
 
@@ -54,3 +55,9 @@ test-fast: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The device bundle (issue 30): ffcv, fastargs, terminaltables, pyyaml and this project as
+# cp312 wheels with their shared libraries inside, for a GPU box without network
+# (bench/device_bundle.sh; its proof: bash bench/device_bundle_check.sh, as root).
+device-bundle: debian
+	bash bench/device_bundle.sh

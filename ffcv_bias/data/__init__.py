@@ -7,6 +7,7 @@
                  other data (config.json meta.betons)
 - `augment`      the seeded random-resized-crop / centre-crop decoders (numba)
 - `fast_decode`  the fused crop + DCT-scaled JPEG decode (`_fastjpeg.c`, libjpeg API)
+- `fastjpeg_file` where that extension's file is (also a device bundle's, on sys.path)
 - `loaders`      ffcv Loaders over a beton: the trainer's, the studies' and the analysis'
 - `ffcv_patches` the places ffcv 1.0.2 itself is changed (loader threads, the writer's
                  watchdog), in one module to audit

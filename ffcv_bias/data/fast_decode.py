@@ -29,6 +29,8 @@ from numba import njit
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
+from ffcv_bias.data.fastjpeg_file import fastjpeg_file
+
 DECODE_MODES = ("exact", "fast")
 # Index = the extension's return code (see _fastjpeg.c); 0 is success.
 FALLBACK_REASONS = ("none", "libjpeg error", "colour space", "libjpeg warning", "region")
@@ -36,7 +38,8 @@ FAST_DECODED = 0
 EXACT_DECODED = -1       # the path asked for was the exact one: not a fallback
 _SCALE_DENOMINATORS = (8, 4, 2)
 
-_library_state = {}      # "function" (ctypes function or None), "problem" (str), "warned"
+_library_state = {}      # "function" (ctypes function or None), "problem" (str), "warned",
+                         # "path" (the extension's file, once loaded)
 
 
 @njit(cache=False)
@@ -95,8 +98,9 @@ def _self_check(function):
 
 def _load_library():
     try:
-        import ffcv_bias.data._fastjpeg as module
-        function = _declare(ctypes.CDLL(module.__file__).fastjpeg_decode_region)
+        path = fastjpeg_file()
+        function = _declare(ctypes.CDLL(path).fastjpeg_decode_region)
+        _library_state["path"] = path
     except (ImportError, OSError, AttributeError) as error:
         return None, (f"the extension ffcv_bias.data._fastjpeg is not available "
                       f"({type(error).__name__}: {error}); build it with `pip install -e .` "
