@@ -35,6 +35,7 @@ MAX_RESOLUTION = 65_535       # JPEG's largest side
 MAX_WORKERS = 1_024           # loader threads per process
 MAX_WORLD_SIZE = 4_096        # processes (GPUs) of one run
 MAX_BN_RECOMPUTE_BATCHES = 100_000
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600  # seconds a collective may wait: a week
 COUNT_BOUNDS = {
     ("training", "epochs"): (1, MAX_EPOCHS),
     ("training", "batch_size"): (1, MAX_BATCH_SIZE),
@@ -49,6 +50,7 @@ COUNT_BOUNDS = {
     ("lr", "step_length"): (1, MAX_EPOCHS),
     ("data", "num_workers"): (0, MAX_WORKERS),
     ("dist", "world_size"): (1, MAX_WORLD_SIZE),
+    ("dist", "timeout"): (1, MAX_DIST_TIMEOUT_S),
 }
 
 

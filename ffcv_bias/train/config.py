@@ -88,6 +88,12 @@ WD_EXEMPT_DEFAULT = "norm_bias_embed"
 DECODE_MODES = ("exact", "fast")
 DECODE_DEFAULT = "exact"
 
+# dist.timeout's default, in seconds (train/distributed.py): longer than torch.compile's
+# first graphs of a ResNet-50 on 8 ranks at once (minutes, at the start and at each new
+# resolution of the ramp), short enough that a rank that died is noticed within the hour.
+# Outside the run_id, as the whole dist section but world_size is.
+DIST_TIMEOUT_DEFAULT_S = 30 * 60
+
 
 # The names of ffcv_bias.train.models.ARCHITECTURES, kept here because this module must not
 # import torch (tests check the two agree). Checked when the config is parsed, so the
@@ -204,7 +210,8 @@ def declare_sections():
         distributed=_flag("DistributedDataParallel (implied by dist.world_size > 1 "
                           "or a torchrun launch)", 0),
         amp_dtype=Param(OneOf("bf16", "fp16"), "autocast dtype on CUDA (fp16 adds a "
-                                               "GradScaler); CPU trains in fp32",
+                                               "GradScaler and the fused optimizer); CPU "
+                                               "trains in fp32",
                         default="bf16"),
         deterministic=_flag("deterministic CUDA kernels, cudnn.benchmark off (CPU runs "
                             "are always deterministic)", 0),
@@ -274,12 +281,16 @@ def declare_sections():
                         default=1),
         progress=_flag("a tqdm progress bar per epoch", 1),
     )
-    Section("dist", "distributed launch (without torchrun)").params(
+    Section("dist", "distributed launch (world_size, address, port: without torchrun)").params(
         world_size=Param(Integer(), "processes (GPUs) to train with; > 1 spawns them",
                          default=1),
         address=Param(Text(), "rendezvous address", default="localhost"),
         port=Param(Text(), "rendezvous port; auto: a free port picked by the launching "
                            "process (torchrun uses its own MASTER_PORT)", default="auto"),
+        timeout=Param(Integer(), "seconds a rank waits in a collective for the others before "
+                                 "the run fails (torchrun too; NCCL's own 600 s can expire "
+                                 "while 8 ranks compile with training.compile=1)",
+                      default=DIST_TIMEOUT_DEFAULT_S),
     )
 
 

@@ -11,7 +11,15 @@ Two ways to start N processes, both supported:
 
 NCCL on GPUs, gloo on CPU. Every helper also works in a single, non-distributed process,
 so the trainer has one code path.
+
+Collectives time out after `dist.timeout` seconds (default DEFAULT_TIMEOUT_S, 30 minutes):
+torch's NCCL default of 10 minutes can expire while eight ranks compile their graphs with
+inductor at the start and again at each new resolution of the ramp, the first rank done
+waiting in the next all-reduce for the slowest. Under NCCL a second, gloo group
+(`DistInfo.control_group`) carries the per-step stop vote (`stop_agreed`) on the host, so
+that agreeing on a stop asks nothing of the GPU.
 """
+import datetime
 import os
 import signal
 import socket
@@ -22,8 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
+from ffcv_bias.train.config import DIST_TIMEOUT_DEFAULT_S
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 AUTO_PORT = "auto"
+DEFAULT_TIMEOUT_S = DIST_TIMEOUT_DEFAULT_S  # dist.timeout's default (train/config.py)
 # Signals the spawning parent passes on to its workers: SIGTERM (preemption, scancel) and
 # SIGUSR2 (submitit's warning before the time limit), which would otherwise kill the
 # parent and leave the workers to be torn down mid-checkpoint.
@@ -55,6 +66,9 @@ class DistInfo:
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
     group_running: bool = False
+    # The group of the host-side stop vote: a gloo group beside NCCL; None = the default
+    # group (gloo already, on CPU).
+    control_group: object = None
 
     @property
     def is_main(self):
@@ -85,18 +99,24 @@ def pick_device(local_rank):
 
 
 def setup(rank, world_size, local_rank, local_world_size, *, start_group, address="localhost",
-          port=AUTO_PORT):
-    """Pick the device and, when `start_group`, join the process group."""
+          port=AUTO_PORT, timeout_s=DEFAULT_TIMEOUT_S):
+    """Pick the device and, when `start_group`, join the process group, whose collectives
+    give up after `timeout_s` seconds (dist.timeout)."""
     device = pick_device(local_rank)
+    control_group = None
     if start_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=float(timeout_s))
         if launched_by_torchrun():
-            dist.init_process_group(backend, init_method="env://")
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
         else:
             port = rendezvous_port(port, address)  # a single process may still say auto
             dist.init_process_group(backend, init_method=f"tcp://{address}:{port}",
-                                    rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, local_world_size, device, start_group)
+                                    rank=rank, world_size=world_size, timeout=timeout)
+        if backend != "gloo":
+            control_group = dist.new_group(backend="gloo", timeout=timeout)
+    return DistInfo(rank, world_size, local_rank, local_world_size, device, start_group,
+                    control_group)
 
 
 def cleanup(info):
@@ -114,6 +134,18 @@ def all_reduce(tensor, info, op=dist.ReduceOp.SUM):
     if info.group_running:
         dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def stop_agreed(requested, info):
+    """True on every rank when any rank was told to stop (`requested`: this rank's
+    StopRequest flag), the same answer on all of them: a MAX all-reduce of one CPU integer
+    on the host-side group (gloo), which waits for the other ranks' hosts but never for a
+    GPU. Alone: `requested` itself."""
+    if not info.group_running:
+        return bool(requested)
+    flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.control_group)
+    return bool(flag[0])
 
 
 def all_gather_objects(obj, info):

@@ -28,7 +28,7 @@ from ffcv_bias.data.fingerprint import current_fingerprints
 from ffcv_bias.data.sidecar import check_beton
 from ffcv_bias.data.sources import DatasetError
 from ffcv_bias.record import runs
-from ffcv_bias.train import distributed
+from ffcv_bias.train import distributed, torchrun
 from ffcv_bias.train.checks import checked_config, said_complete
 from ffcv_bias.train.config import is_distributed, run_config
 from ffcv_bias.train.fastargs_strict import ConfigError, flatten
@@ -116,7 +116,9 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
     with torch_settings_kept(), ExitStack() as stack, StopRequest() as stop:
         info = distributed.setup(rank, world_size, local_rank, local_world_size,
                                  start_group=is_distributed(nested),
-                                 address=nested["dist"]["address"], port=nested["dist"]["port"])
+                                 address=nested["dist"]["address"], port=nested["dist"]["port"],
+                                 timeout_s=nested["dist"].get(
+                                     "timeout", distributed.DEFAULT_TIMEOUT_S))
         stack.callback(distributed.cleanup, info)
         try:
             if take_run_dir(stack, run_dir, nested, info, owns_run_dir):
@@ -130,6 +132,7 @@ def train_worker(rank, nested, run_dir, command, owns_run_dir):
             print(f"stopped by {stop.signal_name}; resume from "
                   f"{run_dir / runs.CHECKPOINT_FILE}",
                   file=sys.stderr, flush=True)
+            torchrun.say_preempted()  # under torchrun, its exit code is not ours
             return EXIT_PREEMPTED
         except RunDirRefused:
             raise

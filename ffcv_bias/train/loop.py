@@ -35,14 +35,17 @@ from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.train.models import create_model, eval_logits, weight_decay_groups
 from ffcv_bias.train.optimizer import build_optimizer
 from ffcv_bias.train.schedules import LrSchedule, resolution_at_epoch
-from ffcv_bias.train.state import (CHECKPOINT_FORMAT, NonFiniteLossError, Preempted,
+from ffcv_bias.train.step_checks import StepChecks
+from ffcv_bias.train.state import (CHECKPOINT_FORMAT, Preempted,
                                    RunError, choose_loader_threads, choose_torch_threads,
                                    rank_seed, read_checkpoint, rng_state, set_determinism,
                                    set_rng_state, truncate_log)
 
-# How often (in steps) the GPU is asked whether the loss is finite and whether a rank was
-# told to stop. Each check waits for the GPU to catch up; on CPU it costs nothing.
+# How often (in steps) the GPU is asked whether the loss is finite (train/step_checks.py).
+# Each check waits for the GPU to catch up; on CPU it costs nothing. Whether a rank was told
+# to stop is agreed on after every step, on the host.
 CUDA_CHECK_EVERY_STEPS = 25
+CPU_CHECK_EVERY_STEPS = 1
 # The end-of-run BatchNorm check: training batches it evaluates, and the top-1 gap between
 # recomputed and running statistics above which it warns (a healthy run: a few points).
 BN_CHECK_BATCHES = 4
@@ -84,6 +87,7 @@ class Trainer:
         self.val_loader = self.create_val_loader()
         self.val_labels = read_labels(cfg.data.val_dataset)
         self.model, self.scaler = self.create_model_and_scaler()
+        self.nonfinite_streak = None  # fp16: non-finite losses in a row (StepChecks)
         self.optimizer, self.train_loss_fn = self.create_optimizer()
         self.lr_schedule = self.create_lr_schedule()
         self.start_epoch, self.train_seconds = self.resume_from_checkpoint()
@@ -153,7 +157,12 @@ class Trainer:
         groups = weight_decay_groups(self.model, weight_decay,
                                      bn_weight_decay=bn_weight_decay(nested),
                                      exempt=wd_exempt(nested))
-        return (build_optimizer(optimizer, groups, nested["training"]),
+        training = nested["training"]
+        if self.scaler is not None:
+            # fp16: only the fused kernel takes the GradScaler's inf check on the device;
+            # the for-each one makes scaler.step ask the host at every step (a GPU sync).
+            training = {**training, "fused_optimizer": 1}
+        return (build_optimizer(optimizer, groups, training),
                 torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing))
 
     def create_lr_schedule(self):
@@ -267,48 +276,38 @@ class Trainer:
         loader.set_resolution(self.resolution(epoch))
         steps = len(loader)
         first_iteration = epoch * steps
-        check_every = CUDA_CHECK_EVERY_STEPS if self.device.type == "cuda" else 1
-        step_losses = torch.zeros(steps, device=self.device)
+        checks = StepChecks(steps, device=self.device, info=self.info, stop=self.stop,
+                            check_every=(CUDA_CHECK_EVERY_STEPS if self.device.type == "cuda"
+                                         else CPU_CHECK_EVERY_STEPS),
+                            scaled=self.scaler is not None, streak=self.nonfinite_streak)
         bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not (progress and self.info.is_main), dynamic_ncols=True)
         started = time.perf_counter()
-        checked = 0
         for step, (images, labels) in enumerate(bar):
-            step_losses[step] = self.train_step(images, labels,
-                                                self.lr_schedule[first_iteration + step])
+            checks.record(step, self.train_step(images, labels,
+                                                self.lr_schedule[first_iteration + step]))
             crash_point("train-step")
-            if (step + 1) % check_every == 0 or step + 1 == steps:
-                self.check_steps(step_losses, checked, step + 1, epoch)
-                checked = step + 1
-                bar.set_postfix(loss=f"{float(step_losses[step]):.3f}", refresh=False)
+            checks.after_step(step, epoch)  # every rank stops (or fails) after the same step
+            if checks.is_check_step(step) and not bar.disable:
+                bar.set_postfix(loss=f"{float(checks.losses[step]):.3f}", refresh=False)
         bar.close()
-        mean_loss = distributed.all_reduce(step_losses.sum(), self.info) / (
-            steps * self.info.world_size)
+        self.nonfinite_streak = checks.streak
+        mean_loss, skipped = checks.mean_loss()
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
         images = steps * self.cfg.training.batch_size * self.info.world_size
         stats = {"lr": float(self.lr_schedule[first_iteration + steps - 1]),
-                 "train_loss": float(mean_loss), "epoch_seconds": seconds,
+                 "train_loss": mean_loss, "epoch_seconds": seconds,
                  "images_per_second": images / seconds, "resolution": loader.resolution}
+        if skipped is not None:
+            # fp16: steps the GradScaler skipped for a non-finite loss (not in train_loss).
+            stats["nonfinite_loss_steps"] = skipped
         if self.cfg.augment.decode == "fast":
             # Images so far that the fast decoder handed to the exact one, by reason (this
             # rank's loader); the log says whether 'fast' really decoded the fast way.
             stats["decode_fallbacks"] = loader.decode_fallbacks
             stats["fast_decode_active"] = loader.fast_decode_active
         return stats
-
-    def check_steps(self, step_losses, start, end, epoch):
-        """Stop every rank together on a non-finite loss or a SIGTERM (one collective)."""
-        finite = torch.isfinite(step_losses[start:end])
-        first_bad = start + int(torch.argmin(finite.int())) if not finite.all() else end
-        # [first bad step (steps if none), -1 if this rank was asked to stop]: one MIN
-        flags = torch.tensor([first_bad if first_bad < end else 2 ** 31,
-                              -1 if self.stop.requested else 0], device=self.device)
-        distributed.all_reduce(flags, self.info, op=torch.distributed.ReduceOp.MIN)
-        if int(flags[0]) < 2 ** 31:
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {int(flags[0])}")
-        if int(flags[1]) < 0:
-            raise Preempted()
 
     def stop_requested(self):
         flag = torch.tensor([1 if self.stop.requested else 0], device=self.device)
@@ -365,15 +364,20 @@ class Trainer:
 
     def recompute_batchnorm(self):
         """training.bn_recompute_batches > 0: exact BatchNorm statistics of the final
-        weights, on the batches of one more (seeded) epoch; every rank on its own shard
-        (validation then uses rank 0's, as always)."""
+        weights, on the batches of one more (seeded) epoch: every rank recomputes on its
+        own shard, then the statistics are all-reduced (batchnorm.recompute_bn_statistics),
+        so every rank holds those of all the ranks' batches, which validation (after
+        broadcasting rank 0's) and weights.pt use."""
         bn_recompute_batches = self.cfg.training.bn_recompute_batches
         epochs = self.cfg.training.epochs
         if bn_recompute_batches <= 0:
             return
         batches = self.training_inputs(epochs, bn_recompute_batches)
+        reduce = ((lambda tensor: distributed.all_reduce(tensor, self.info))
+                  if self.info.group_running else None)
         with self.forked_rng(), self.autocast():
-            recompute_bn_statistics(self.model, (inputs for inputs, _ in batches))
+            recompute_bn_statistics(self.model, (inputs for inputs, _ in batches),
+                                    all_reduce=reduce)
 
     def check_batchnorm(self):
         """Top-1 on a few training batches with the running BatchNorm statistics and with

@@ -14,7 +14,10 @@ def build_optimizer(name, groups, training):
 
     training.fused_optimizer=1 asks torch for its fused kernel (one launch for all
     parameters instead of a loop of small ones: the GPU lever); the default 0 keeps
-    the for-each implementation the finished runs used (fused rounds differently)."""
+    the for-each implementation the finished runs used (fused rounds differently). With
+    training.amp_dtype=fp16 on CUDA the trainer asks for the fused kernel whatever this key
+    says: GradScaler skips a step inside it, where the for-each one would make scaler.step
+    read the inf check on the host at every step."""
     fused = {"fused": True} if training.get("fused_optimizer", 0) else {}
     try:
         if name == "sgd":

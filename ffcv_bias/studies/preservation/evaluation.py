@@ -8,12 +8,11 @@ from ffcv_bias.data import ffcv_patches
 
 ffcv_patches.apply()  # before any ffcv import: ffcv would pin torch to one thread
 
-from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
-from ffcv.transforms import Squeeze, ToTensor, ToTorchImage  # noqa: E402
 
 from ffcv_bias.data.augment import SeededRandomResizedCropDecoder  # noqa: E402
-from ffcv_bias.data.loaders import SeededLoader, read_labels  # noqa: E402
+from ffcv_bias.data.loaders import (SeededLoader, _image_tail, _label_pipeline,  # noqa: E402
+                                    read_labels)
 from ffcv_bias.studies.preservation.transforms import (  # noqa: E402
     _CUTOUT_DRAWS, _JITTER_DRAWS, IDENTITY, color_jitter, cutout, normalize_float,
     per_image_uniforms)
@@ -32,18 +31,26 @@ class CropLoader:
     time (data/augment.py); with the decoder's own max_scale at or below every alpha, the range
     of each sample is [alpha, alpha]. Writing alpha into that array (in place) between
     passes changes the crop; `set_draw(d)` sets the epoch of the (seed, epoch, index) hash.
+
+    `device`: a CUDA device makes the pipelines copy each batch to the GPU themselves, on
+    the batch slot's stream (ToDevice after ToTensor, as the trainer's loaders do: see
+    data/loaders.py). A copy made later, non-blocking on the compute stream, would read
+    ffcv's reused pinned buffer while the loader thread decodes a later batch into it.
     """
 
     def __init__(self, path, *, resolution, batch_size, seed, smallest_alpha, num_workers,
-                 indices=None):
+                 indices=None, device=None):
         num_samples = len(read_labels(path))
         self.bounds = np.ones(num_samples, dtype=np.float64)
         self.decoder = SeededRandomResizedCropDecoder(
             (resolution, resolution), seed=seed, min_scale=smallest_alpha,
             max_scale=smallest_alpha, flip=False, sample_min_scale=self.bounds)
         self.bounds = self.decoder.sample_min_scale   # the array the compiled code reads
-        pipelines = {"image": [self.decoder, ToTensor(), ToTorchImage(channels_last=True)],
-                     "label": [IntDecoder(), ToTensor(), Squeeze(1)]}
+        if device is not None and torch.device(device).type == "cuda" and \
+                torch.device(device).index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # --device cuda
+        pipelines = {"image": [self.decoder] + _image_tail(device),
+                     "label": _label_pipeline(device)}
         loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                         order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=False,
                         indices=None if indices is None else np.asarray(indices),
@@ -61,7 +68,8 @@ class CropLoader:
         return len(self.loader)
 
     def __iter__(self):
-        """(uint8 images, labels, dataset indices) per batch; images are reused buffers."""
+        """(uint8 images, labels, dataset indices) per batch, on the loader's device; images
+        are reused buffers."""
         start = 0
         for images, labels in self.loader:
             stop = start + len(labels)
@@ -106,8 +114,9 @@ def whole_image_pass(model, loader, tally, autocast, settings, draws, seed, devi
     jitters = [s for s in settings.get("jitter", ()) if s != IDENTITY["jitter"]]
     with torch.inference_mode(), autocast():
         for images, labels, indices in loader:
-            labels = labels.to(device, non_blocking=True)
-            raw = images.to(device, non_blocking=True).float()
+            # Already on `device` (the pipeline copied them): no copy here.
+            labels = labels.to(device)
+            raw = images.to(device).float()
             clean = normalize_float(raw)
             tally.count(labels)
             tally.add(("identity", None, 0), model(clean), labels)
@@ -136,8 +145,8 @@ def crop_passes(model, loader, tally, autocast, alphas, draws, device, progress)
             loader.set_draw(draw)
             with torch.inference_mode(), autocast():
                 for images, labels, _ in loader:
-                    labels = labels.to(device, non_blocking=True)
-                    inputs = normalize_float(images.to(device, non_blocking=True).float())
+                    labels = labels.to(device)
+                    inputs = normalize_float(images.to(device).float())
                     tally.add(("crop", alpha, draw), model(inputs), labels)
                     progress.update(1)
 
@@ -148,7 +157,8 @@ def evaluate_split(model, path, *, split, settings, draws, seed, resolution, bat
     alphas = settings.get("crop", ())
     smallest = min([a for a in alphas] + [1.0])
     loader = CropLoader(path, resolution=resolution, batch_size=batch_size, seed=seed,
-                        smallest_alpha=smallest, num_workers=num_workers, indices=indices)
+                        smallest_alpha=smallest, num_workers=num_workers, indices=indices,
+                        device=device)
     tally = Tally(num_classes, device)
     crop_count = sum(1 for a in alphas if a != IDENTITY["crop"])
     total = len(loader) * (1 + crop_count * draws)
