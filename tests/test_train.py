@@ -317,3 +317,69 @@ def test_a_failing_loader_thread_fails_the_run_in_one_line(tiny_fashion_betons, 
     error_text = (run_dir / runs.ERROR_FILE).read_text()
     assert error_text.splitlines()[0] == message and "decode_error" in error_text
     assert not runs.is_complete(run_dir)
+
+
+def copy_betons(betons, folder):
+    """Copies of (train, val) with their sidecars in `folder`, for tests that change them."""
+    import shutil
+    copies = []
+    for beton in betons:
+        copy = Path(folder) / Path(beton).name
+        shutil.copy(beton, copy)
+        shutil.copy(f"{beton}.classes.json", f"{copy}.classes.json")
+        copies.append(copy)
+    return tuple(copies)
+
+
+@pytest.mark.timeout(300)
+def test_a_beton_replaced_during_the_run_fails_it_in_one_line(tiny_fashion_betons, tmp_path,
+                                                             monkeypatch, capsys):
+    """Issue 31 item 2: train.beton renamed over (as write_datasets rewrites it) after epoch
+    0 of a data.in_memory=0 run, whose loader reopens the file by name each epoch: exit 1,
+    one line naming the beton, error.txt, no summary.json, epoch 1 never checkpointed."""
+    from ffcv_bias.common.errors import EXIT_FAILURE
+    from ffcv_bias.train import loop
+    train, val = copy_betons(tiny_fashion_betons, tmp_path)
+
+    def rewrite_after_epoch_0(name, cut_file=None):
+        if name == "epoch-logged" and not rewrite_after_epoch_0.done:
+            rewrite_after_epoch_0.done = True
+            os.link(val, f"{train}.new")   # other images, same classes: a new inode
+            os.replace(f"{train}.new", train)
+    rewrite_after_epoch_0.done = False
+    monkeypatch.setattr(loop, "crash_point", rewrite_after_epoch_0)
+    args = train_args((train, val), tmp_path / "runs", "--data.in_memory=0")
+    assert train_in_process(args) == EXIT_FAILURE
+    run_dir = run_dir_of(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: data.train_dataset {train} changed while run {run_dir.name} read it "
+        f"(replaced by another file (inode "), err
+    assert "now: 200 samples" in err[0] and "the run's: 600 samples" in err[0]
+    assert err[0].endswith("the run is not recorded complete; restore the beton (then rerun "
+                           "to resume from the last checkpoint) or train into another "
+                           "folder (logging.folder)")
+    assert (run_dir / runs.ERROR_FILE).read_text().splitlines()[0] == err[0][len("error: "):]
+    assert not (run_dir / runs.SUMMARY_FILE).exists() and not runs.is_complete(run_dir)
+    assert len(read_log(run_dir)) == 1   # epoch 0 only: epoch 1 read the new file
+
+
+def test_beton_watch_sees_in_place_rewrites_touches_and_removal(tiny_fashion_betons,
+                                                                 tmp_path):
+    from ffcv_bias.train.beton_watch import BetonWatch
+    train, val = copy_betons(tiny_fashion_betons, tmp_path)
+    paths = {"train_dataset": train, "val_dataset": val}
+    assert BetonWatch(paths, "r").change() is None
+    watch = BetonWatch(paths, "r")
+    data = bytearray(val.read_bytes())
+    data[-1] ^= 1                          # the allocation table's last byte, in place
+    val.write_bytes(bytes(data))
+    change = watch.change()
+    assert change.startswith(f"data.val_dataset {val} changed while run r read it "
+                             "(rewritten in place (") and "now: 200 samples" in change
+    watch = BetonWatch(paths, "r")
+    os.utime(train, ns=(1, 1))             # same bytes, another mtime: cannot be vouched for
+    assert "same header and tables, images unchecked" in watch.change()
+    watch = BetonWatch(paths, "r")
+    train.unlink()
+    assert "(it is gone: No such file or directory)" in watch.change()

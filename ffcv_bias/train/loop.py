@@ -24,11 +24,13 @@ from ffcv_bias import evaluate, record
 from ffcv_bias.common import atomic
 from ffcv_bias.data.loaders import (create_train_loader, create_val_loader, normalize,
                                     read_labels)
+from ffcv_bias.data.fingerprint import recorded_fingerprints
 from ffcv_bias.record import metrics, runs
 from ffcv_bias.record.faults import crash_point
 from ffcv_bias.record.protocols import parse_protocols
 from ffcv_bias.train import distributed
 from ffcv_bias.train.batchnorm import batchnorm_layers, bn_mismatch, recompute_bn_statistics
+from ffcv_bias.train.beton_watch import REMEDY, BetonChangedError, BetonWatch
 from ffcv_bias.train.config import (bn_weight_decay, config_dict, read_class_min_scale,
                                     read_keep_indices, read_sidecar, wd_exempt)
 from ffcv_bias.train.fastargs_strict import ConfigError
@@ -80,6 +82,11 @@ class Trainer:
         self.cfg, self.run_dir, self.info, self.stop = cfg, Path(run_dir), info, stop
         self.device = info.device
         self.run_id = runs.run_id(config_dict(cfg))
+        # Before anything reads the betons: a change from now on fails the run (check_betons).
+        self.beton_watch = BetonWatch(
+            {"train_dataset": cfg.data.train_dataset, "val_dataset": cfg.data.val_dataset},
+            self.run_id,
+            recorded_fingerprints(runs.read_json_object(self.run_dir / runs.CONFIG_FILE)))
         self.sidecar = read_sidecar(cfg.data.train_dataset, "data.train_dataset")
         self.num_classes = int(self.sidecar["num_classes"])
         self.setup_process()
@@ -203,7 +210,21 @@ class Trainer:
     # -- training --------------------------------------------------------------------
 
     def fit(self):
-        """Train the remaining epochs, then write the record. Returns the summary."""
+        """Train the remaining epochs, then write the record. Returns the summary.
+
+        A failure while a beton changed under the run (a loader reading the old tables
+        from a new file can fail in any way) is reported as that change."""
+        try:
+            return self.train_and_record()
+        except (BetonChangedError, Preempted):
+            raise
+        except Exception as error:
+            message = self.beton_watch.change()
+            if message:
+                raise BetonChangedError(message) from error
+            raise
+
+    def train_and_record(self):
         epochs = self.cfg.training.epochs
         checkpoint_every = self.cfg.training.checkpoint_every
         log_level = self.cfg.logging.log_level
@@ -214,6 +235,7 @@ class Trainer:
             if last_epoch:
                 self.recompute_batchnorm()
             logits = self.validate() if (log_level > 0 or last_epoch) else None
+            self.check_betons()  # before the epoch is logged or checkpointed
             self.log(epoch, train_stats, logits)
             # Before the checkpoint: a run resumed after epoch k has its weights_epoch<k>.pt.
             self.keep_epoch_weights(epoch + 1)
@@ -308,6 +330,16 @@ class Trainer:
             stats["decode_fallbacks"] = loader.decode_fallbacks
             stats["fast_decode_active"] = loader.fast_decode_active
         return stats
+
+    def check_betons(self):
+        """Fail the run, on every rank alike, if a beton changed since it started
+        (train/beton_watch.py): an epoch read from a changed file is never checkpointed."""
+        message = self.beton_watch.change()
+        if distributed.stop_agreed(message is not None, self.info) and message is None:
+            message = (f"a beton changed while run {self.run_id} read it (seen by another "
+                       f"rank): {REMEDY}")
+        if message:
+            raise BetonChangedError(message)
 
     def stop_requested(self):
         flag = torch.tensor([1 if self.stop.requested else 0], device=self.device)
@@ -518,6 +550,8 @@ class Trainer:
         val_dataset = self.cfg.data.val_dataset
         if not self.info.is_main:
             return None
+        # Everything the record holds is read by now (the extras too): the last look.
+        self.beton_watch.check()
         final = record.write_final(self.run_dir, self.model.state_dict(), logits,
                                    self.val_labels, self.num_classes)
         summary = {"run_id": self.run_id, "top1": final.accuracy["top1"],
