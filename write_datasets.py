@@ -25,7 +25,8 @@ from ffcv_bias.train.fastargs_strict import (ConfigError, FloatInRange, OneOf, S
                                              config_to_dict, parse_config)
 from ffcv_bias.common.output_paths import creation_problem
 from ffcv_bias.data.sources import (DEFAULT_SMART_THRESHOLD, FASHION_MNIST_DIR, SOURCES,
-                                    WRITE_MODES, DatasetError)
+                                    WRITE_MODES, DatasetError, read_source,
+                                    stratified_subset)
 from ffcv_bias.data.writer import convert
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
@@ -98,8 +99,37 @@ def check_ranges(cfg):
             raise ConfigError(f"bad value for 'cfg.{key}': {cfg[key]!r} is not {expected}")
 
 
+def user_path(cfg, key):
+    """cfg.<key> as a path, as users type it: `--cfg.write_path=~/x.beton` is the home
+    directory (the shell leaves a `~` after `=` alone; a folder named `~` is never meant),
+    and a path that begins or ends with a space is refused (the error would show the
+    space invisibly)."""
+    text = cfg[key]
+    if text != text.strip():
+        raise ConfigError(f"--cfg.{key}={text!r} begins or ends with a space: remove it")
+    return os.path.expanduser(text)
+
+
+def check_write_path(write_path):
+    """A write path must name a beton file: not a folder (a trailing '/') and not a
+    beton's own sidecar, which the write would replace with a beton (and then write a
+    sidecar of the sidecar)."""
+    if write_path.endswith(("/", os.sep)):
+        raise ConfigError(f"--cfg.write_path={write_path} ends with '/': name the beton file "
+                          f"itself, e.g. {write_path.rstrip('/')}/NAME.beton")
+    for suffix in (".classes.json", ".skipped.txt"):
+        if write_path.endswith(suffix):
+            raise ConfigError(f"--cfg.write_path={write_path} names a beton's {suffix} "
+                              f"file, not a beton: name the beton itself "
+                              f"({write_path[:-len(suffix)]})")
+
+
 def plan_jobs(cfg):
     """[(split, data_dir, write_path)] for the splits to write."""
+    cfg = {**cfg, "data_dir": user_path(cfg, "data_dir"),
+           "write_path": user_path(cfg, "write_path")}
+    if cfg["write_path"]:
+        check_write_path(cfg["write_path"])
     dataset = cfg["dataset"]
     splits = ["train", "val"] if cfg["split"] == "both" else [cfg["split"]]
     if len(splits) == 2 and cfg["write_path"]:
@@ -119,6 +149,19 @@ def plan_jobs(cfg):
             for split in splits]
 
 
+def check_later_splits(cfg, jobs):
+    """With cfg.split=both, the val split is read (and its subset drawn) before the train
+    beton is written: a missing val file or a subset larger than the val split used to
+    fail only after train.beton had replaced the one at its path."""
+    for split, data_dir, _ in jobs[1:]:
+        dataset, _ = read_source(cfg["dataset"], data_dir, split)
+        if cfg["subset"] != -1:
+            try:
+                stratified_subset(dataset.labels, cfg["subset"])
+            except DatasetError as error:
+                raise DatasetError(f"{split} split: {error}; nothing was written") from None
+
+
 def check_write_folders(jobs):
     """Each beton's folder can be written, asked before minutes of reading images; the
     error names the write path (the atomic writer's temporary name means nothing to a user)."""
@@ -134,6 +177,7 @@ def main(argv=None):
         check_ranges(cfg)
         jobs = plan_jobs(cfg)
         check_write_folders(jobs)
+        check_later_splits(cfg, jobs)
         for split, data_dir, write_path in jobs:
             convert(cfg["dataset"], split, data_dir, write_path,
                     subset=cfg["subset"], skip_corrupt=cfg["skip_corrupt"],

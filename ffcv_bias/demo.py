@@ -17,7 +17,6 @@
    that lose most, Table 1.
 Each step is the same command a user would type; the demo only chains them.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -26,7 +25,9 @@ from pathlib import Path
 import pandas as pd
 from ffcv_bias.analysis import calibration, verdicts
 from ffcv_bias.common import env
-from ffcv_bias.common.errors import EXIT_INTERRUPTED, EXIT_OK, UserError, main_guard
+from ffcv_bias.common.errors import (EXIT_INTERRUPTED, EXIT_OK, OneLineArgumentParser,
+                                     UserError, main_guard)
+from ffcv_bias.common.output_paths import creation_problem, path_arg
 
 DATA_DIR = Path("data")
 # The demo's own subsets, class-stratified: (split, images, path). Half the test set
@@ -70,6 +71,15 @@ def check_sweeps(*sweeps):
         if not Path(sweep).is_file():
             raise UserError(f"sweep file not found: {sweep}")
         load_sweep(sweep)
+
+
+def check_reports(*reports):
+    """Each report folder can be created, asked before the betons and the sweeps' hours of
+    training (the analyses that write them come last)."""
+    for flag, report in zip(("--report", "--decay-report"), reports):
+        problem = creation_problem(report)
+        if problem:
+            raise UserError(f"{flag}: cannot create {report}: {problem}")
 
 
 def ensure_betons():
@@ -172,13 +182,15 @@ def analyse(sweep, report, experiment):
                         "same command to go on")
 def main(argv=None):
     """Exit 0, 2 (a sweep file missing or bad), a failed step's exit code, 130 (Ctrl-C)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP)
-    parser.add_argument("--decay-sweep", type=Path, default=DEFAULT_DECAY_SWEEP)
-    parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
-    parser.add_argument("--decay-report", type=Path, default=DEFAULT_DECAY_REPORT)
+    parser = OneLineArgumentParser(prog="python -m ffcv_bias.demo",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=path_arg, default=DEFAULT_SWEEP)
+    parser.add_argument("--decay-sweep", type=path_arg, default=DEFAULT_DECAY_SWEEP)
+    parser.add_argument("--report", type=path_arg, default=DEFAULT_REPORT)
+    parser.add_argument("--decay-report", type=path_arg, default=DEFAULT_DECAY_REPORT)
     args = parser.parse_args(argv)
     check_sweeps(args.sweep, args.decay_sweep)
+    check_reports(args.report, args.decay_report)
 
     step("1/4 betons (reused when present)")
     ensure_betons()

@@ -19,7 +19,6 @@ summary.json and val_labels.npy are needed.
 The trainer calls `evaluate_protocols` on its final model, so a run with
 `validation.protocols` set gets the same files and entry when it finishes.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,9 @@ from ffcv_bias.common import atomic
 from ffcv_bias.record import metrics
 from ffcv_bias.record import runs
 from ffcv_bias.common import env
-from ffcv_bias.common.errors import EXIT_FAILURE, EXIT_OK, UserError, main_guard
+from ffcv_bias.common.errors import (EXIT_FAILURE, EXIT_OK, OneLineArgumentParser, UserError,
+                                     main_guard)
+from ffcv_bias.common.output_paths import path_arg, path_text
 from ffcv_bias.data.loaders import BetonError, create_val_loader, normalize, read_labels
 from ffcv_bias.train.models import create_model, eval_logits
 from ffcv_bias.record.protocols import (ProtocolError, logits_file, parse_protocols,
@@ -137,7 +138,15 @@ def run_val_labels(run_dir, val_dataset):
 
 def read_finished_run(run_dir):
     """(config, summary) of a complete run, or EvaluateError saying why not."""
+    if not run_dir.exists():
+        raise EvaluateError(f"run directory not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise EvaluateError(f"{run_dir} is a file, not a run directory")
     if not (run_dir / runs.CONFIG_FILE).is_file():
+        held = sum(1 for child in run_dir.iterdir() if (child / runs.CONFIG_FILE).is_file())
+        if held:
+            raise EvaluateError(f"{run_dir} is not a run directory but holds {held}: name "
+                                f"them (e.g. {run_dir}/*)")
         raise EvaluateError(f"{run_dir} is not a run directory (no {runs.CONFIG_FILE})")
     if not runs.is_complete(run_dir):
         raise EvaluateError(f"{run_dir} is not finished (no {runs.SUMMARY_FILE}): train it "
@@ -162,6 +171,8 @@ def evaluate_run(run_dir, protocols, *, val_dataset=None, force=False, batch_siz
     device = device or env.default_device()
     validation = config.get("validation", {})
     val_dataset = val_dataset or config["data"]["val_dataset"]
+    batch_size = batch_size or int(validation.get("batch_size", 512))
+    check_protocol_memory(todo, batch_size)
     with runs.run_lock(run_dir):
         names = [logits_file(p.name) for p in todo] + [preds_file(p.name) for p in todo]
         atomic.remove_stale_temp_files(run_dir, names + [runs.SUMMARY_FILE])
@@ -175,7 +186,7 @@ def evaluate_run(run_dir, protocols, *, val_dataset=None, force=False, batch_siz
         entries = evaluate_protocols(
             model, run_dir, todo, val_dataset=val_dataset, labels=labels,
             num_classes=int(summary["num_classes"]),
-            batch_size=batch_size or int(validation.get("batch_size", 512)),
+            batch_size=batch_size,
             lr_tta=bool(validation.get("lr_tta", 1)), device=device, amp_dtype=amp_dtype,
             decode=config.get("augment", {}).get("decode", "exact"))
         # Read again under the lock: another evaluation may have added entries meanwhile.
@@ -185,16 +196,31 @@ def evaluate_run(run_dir, protocols, *, val_dataset=None, force=False, batch_siz
     return [p.name for p in todo]
 
 
+def check_protocol_memory(protocols, batch_size):
+    """A protocol's image side times the batch must fit this machine's memory (the
+    trainer's own bound, train/checks.py): `100000@1.0` would ask torch for terabytes and
+    end in its allocator's traceback."""
+    from ffcv_bias.train.checks import batch_memory_bytes, physical_memory_bytes
+    available = physical_memory_bytes()
+    for protocol in protocols:
+        needed = batch_memory_bytes(batch_size, protocol.resolution)
+        if available and needed > available:
+            raise UserError(f"--protocols {protocol.name} with batch size {batch_size}: the "
+                            f"loader's batches need about {needed / 1e9:,.0f} GB of memory, "
+                            f"this machine has {available / 1e9:,.0f} GB; lower the "
+                            f"resolution or --batch-size")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m ffcv_bias.evaluate",
         description="Evaluate finished runs' weights.pt under extra test protocols "
                     "(no retraining); adds val_logits.<P>.npy, val_preds.<P>.npy and "
                     "summary.json's protocols entry.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("run_dirs", nargs="+", type=path_arg, metavar="RUN_DIR")
     parser.add_argument("--protocols", required=True,
                         help="comma-separated RESOLUTION@CROP_RATIO, e.g. 40@1.0,32@0.875")
-    parser.add_argument("--val-dataset", default=None,
+    parser.add_argument("--val-dataset", default=None, type=path_text,
                         help="the validation beton, if it is no longer at the config's path")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="default: the run's validation.batch_size")
@@ -216,6 +242,10 @@ def main(argv=None):
         raise UserError(f"--protocols: {error}") from None
     if not protocols:
         raise UserError("--protocols: no protocol given")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, not {args.batch_size}")
+    if args.val_dataset is not None and Path(args.val_dataset).is_dir():
+        raise UserError(f"--val-dataset {args.val_dataset} is a directory, not a beton file")
     for run_dir in args.run_dirs:
         evaluate_run(run_dir, protocols, val_dataset=args.val_dataset, force=args.force,
                      batch_size=args.batch_size)

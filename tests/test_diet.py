@@ -784,3 +784,39 @@ def test_a_refused_prune_into_a_new_folder_leaves_no_folder(pruned, tmp_path, ca
                       "--sparsity", "0.3,0.999", "--out", str(fresh), "--seeds", "1"]) == 2
     assert "fewer than one global batch" in capsys.readouterr().err
     assert not fresh.exists()
+
+
+def test_a_prune_into_a_full_disk_is_one_line_and_leaves_no_half_prune(
+        tiny_fashion_betons, tmp_path, monkeypatch, capsys):
+    """Issue 31 item 6: a full disk at any staged file (here keep_ratio.png, then the
+    sweep.yaml naming the final paths): exit 1, one line naming OUT, no traceback; an
+    earlier prune in OUT is left byte-identical, a new OUT is not created."""
+    import errno
+    from ffcv_bias.common import atomic
+    scores_dir = tmp_path / "init"
+    argv = score_argv(tiny_fashion_betons, scores_dir, "--grand-params", "last")
+    argv[argv.index("--epochs") + 1] = "0"   # freshly initialised networks: no training
+    assert diet.main(argv) == 0
+    out, fresh = tmp_path / "p", tmp_path / "fresh"
+
+    def prune(folder, sparsity):
+        return diet.main(["prune", "--scores", str(scores_dir), "--score", "el2n",
+                          "--sparsity", sparsity, "--out", str(folder), "--seeds", "1"])
+    assert prune(out, "0.5") == 0
+    before = folder_bytes(out)
+    capsys.readouterr()
+    fsync = atomic._fsync_file
+    for folder, full_at, kept in ((out, "keep_ratio.png", "nothing written there (its "
+                                   "earlier files are kept)"),
+                                  (fresh, "sweep.yaml", "nothing written (the folder is not "
+                                   "created)")):
+        def full_disk(path, name=full_at):
+            if Path(path).name.startswith(f".{name}."):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            fsync(path)
+        monkeypatch.setattr(atomic, "_fsync_file", full_disk)
+        assert prune(folder, "0.25,0.5") == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: no space left on device while writing the pruned sets into "
+                       f"{folder}: {kept}; free space and rerun the prune"]
+    assert folder_bytes(out) == before and not fresh.exists()

@@ -1,5 +1,4 @@
 """python -m ffcv_bias.analysis RUNS_DIR [RUNS_DIR ...] --vary KEY [--vary KEY2] --out OUT_DIR"""
-import argparse
 import sys
 from pathlib import Path
 
@@ -8,8 +7,9 @@ from ffcv_bias.analysis.analyze import run_analysis
 from ffcv_bias.analysis.records import AnalysisError
 from ffcv_bias.analysis.report import summary_text
 from ffcv_bias.common.atomic import no_room_error
-from ffcv_bias.common.errors import EXIT_FAILURE
-from ffcv_bias.common.output_paths import OutputPathError, require_creatable_dir
+from ffcv_bias.common.errors import EXIT_FAILURE, OneLineArgumentParser
+from ffcv_bias.common.output_paths import (OutputPathError, path_arg, path_text,
+                                           require_creatable_dir)
 from ffcv_bias.common.report_folder import NotAReportError, staged_folder
 from ffcv_bias.record.metrics import RecordFileError
 
@@ -17,11 +17,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by 
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m ffcv_bias.analysis",
         description="Per-class analysis of training runs: which classes a regularizer hurts. "
                     "Runs that differ only in training.seed are replicates.")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUNS_DIR",
+    parser.add_argument("run_dirs", nargs="+", metavar="RUNS_DIR", type=path_text,
                         help="folder(s) searched recursively for run directories (config.json)")
     parser.add_argument("--vary", action="append", required=True, metavar="KEY",
                         help="dotted config key whose values are compared, e.g. "
@@ -31,7 +31,7 @@ def build_parser():
                         help="value of the first key the others are tested against (default: "
                              "1.0 for min_scale, 0 for weight_decay/dropout/sparsity when "
                              "present, else the smallest value)")
-    parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR",
+    parser.add_argument("--out", required=True, type=path_arg, metavar="OUT_DIR",
                         help="where to write CSV tables, figures and index.html")
     parser.add_argument("--ignore-key", action="append", default=[], metavar="KEY",
                         help="config key allowed to differ between pooled runs (use only when "
@@ -58,6 +58,11 @@ def check_args(args):
     """The checks argparse cannot make; AnalysisError before anything is read or written."""
     if args.top_k < 1:
         raise AnalysisError(f"--top-k must be >= 1, not {args.top_k}")
+    for flag, keys in (("--vary", args.vary), ("--ignore-key", args.ignore_key)):
+        for key in keys:
+            if not key.strip():
+                raise AnalysisError(f"{flag} {key!r} names no config key: give a dotted key "
+                                    f"such as augment.min_scale")
     try:
         require_creatable_dir(args.out)
     except OutputPathError as error:

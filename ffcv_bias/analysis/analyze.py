@@ -91,6 +91,11 @@ def _check_vary_keys(run_set, vary_keys):
                 f"config key {key} is absent from {len(missing)} of {len(run_set.runs)} "
                 f"run(s), e.g. {missing[0].run_dir}" + (f" ({where}: {known})" if known else
                 f" (it has no {section_name} section)" if section_name else ""))
+        sections = [r for r in run_set.runs if isinstance(dotted_get(r.config, key, None), dict)]
+        if sections:
+            inside = ", ".join(sorted(dotted_get(sections[0].config, key)))
+            raise AnalysisError(f"--vary {key} names a config section, not a key: give one "
+                                f"of its keys, {key}.KEY (in {sections[0].run_dir}: {inside})")
 
 
 def _absent(config, key):

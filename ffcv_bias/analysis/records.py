@@ -76,6 +76,9 @@ def find_run_dirs(roots):
     found = set()
     for root in roots:
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise AnalysisError(f"runs directory {root} is a file: give the folder that holds "
+                                f"the run directories")
         if not root.is_dir():
             raise AnalysisError(f"runs directory not found: {root}")
         for directory, subdirs, files in os.walk(root):

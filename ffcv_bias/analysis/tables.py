@@ -71,7 +71,7 @@ def parse_reference(text, values):
                 pass
         elif format_setting(value) == text or (value is None and text.lower() in ("none", "null")):
             return value
-    raise AnalysisError(f"--reference {text} is not a value of the varied key; values: "
+    raise AnalysisError(f"--reference {text!r} is not a value of the varied key; values: "
                         + ", ".join(format_setting(v) for v in sort_settings(values)))
 
 

@@ -21,7 +21,7 @@ def parse_condition(text):
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key or not value.strip():
-        raise AnalysisError(f"--where {text}: expected KEY=VALUE, e.g. "
+        raise AnalysisError(f"--where {text!r}: expected KEY=VALUE, e.g. "
                             f"training.weight_decay=0.0005")
     try:
         parsed = yaml.safe_load(value)
@@ -53,6 +53,12 @@ def select_where(run_set, conditions):
         skipped.append(SkippedRun(run.run_dir, run.run_id, OUTSIDE_STATE, has, run.config))
     if not keep:
         wanted = ", ".join(f"{key}={value}" for key, value in conditions)
+        for key, _ in conditions:
+            if run_set.runs and all(dotted_get(run.config, key, _ABSENT) is _ABSENT
+                                    for run in run_set.runs):
+                raise AnalysisError(f"--where {wanted}: no run's config has the key {key} "
+                                    f"(a typo? the keys are dotted, e.g. "
+                                    f"training.weight_decay)")
         raise AnalysisError(f"--where {wanted}: none of the {len(run_set.runs)} complete "
                             f"runs matches")
     rows = np.asarray(keep, dtype=np.int64)

@@ -5,6 +5,7 @@ a refused run directory), told in one line that names it. Every command reports 
 same way, `error: <message>` on stderr and no traceback, and exits with the error's
 `exit_code`. Anything else is a bug and keeps its traceback.
 """
+import argparse
 import functools
 import sys
 
@@ -49,3 +50,13 @@ def main_guard(*usage_errors, failures=(), interrupted="interrupted"):
                 return report(interrupted, EXIT_INTERRUPTED)
         return guarded
     return decorate
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line like every other bad input: argparse prints its
+    whole usage block before `PROG: error: MESSAGE`; this prints `error: MESSAGE (PROG
+    --help lists the options)` alone and exits EXIT_USAGE (SystemExit, as argparse does).
+    Subcommands made with add_subparsers inherit the class."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} ({self.prog} --help lists the options)\n")

@@ -7,6 +7,7 @@ directory in the nearest existing ancestor and removes it at once: it asks the f
 system itself (os.access is wrong for root, for read-only mounts and for ACLs) and
 leaves nothing behind.
 """
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +43,23 @@ def require_creatable_dir(path):
     problem = creation_problem(path)
     if problem:
         raise OutputPathError(f"cannot create {path}: {problem}")
+
+
+def path_text(text):
+    """An argparse `type` for a path flag, as users type it: an empty value (`--out ''`, an
+    unset shell variable) is refused instead of being read as the current directory, and a
+    leading `~` is the home directory also where the shell left it (`--out=~/reports`):
+    a folder named `~` in the working directory is never what was meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"empty path {text!r} (an unset shell variable?): give a file or folder name")
+    if text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"path {text!r} begins or ends with a space: remove it (quote a name that has one "
+            f"inside)")
+    return os.path.expanduser(text)
+
+
+def path_arg(text):
+    """`path_text` as a Path."""
+    return Path(path_text(text))

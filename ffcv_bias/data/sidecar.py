@@ -22,6 +22,13 @@ def skipped_path(beton_path):
 
 def read_classes(beton_path):
     """The sidecar of a beton: {"dataset", "split", "num_samples", "num_classes", "classes"}."""
+    named = str(beton_path)
+    if named.endswith("/"):  # `X.beton/`: Path() drops the slash, the sidecar name keeps it
+        raise DatasetError(f"{named} ends with '/': a beton is a file; name it without the "
+                           f"slash ({named.rstrip('/')})")
+    if named.endswith(".classes.json"):
+        raise DatasetError(f"{named} is a beton's class list; name the beton itself "
+                           f"({named[:-len('.classes.json')]})")
     path = classes_path(beton_path)
     if not path.is_file():
         raise DatasetError(f"class list not found: {path} (write_datasets.py writes it "

@@ -197,6 +197,12 @@ def convert(dataset_name, split, data_dir, write_path, *, subset=-1, skip_corrup
         print(line, file=sys.stderr)
     if subset != -1:
         dataset = dataset.subset(stratified_subset(dataset.labels, subset))
+        present = len(set(int(label) for label in dataset.labels))
+        if present < len(class_names):
+            print(f"warning: the subset of {subset} images has no image of "
+                  f"{len(class_names) - present} of the {len(class_names)} classes (a "
+                  f"class-stratified subset needs at least one image per class): their "
+                  f"accuracy cannot be measured on this beton", file=sys.stderr)
     skipped_lines = []
     if isinstance(dataset, ImageFiles):
         unreadable = check_images(dataset, num_workers)

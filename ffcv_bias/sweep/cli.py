@@ -1,5 +1,7 @@
 """`python -m ffcv_bias.sweep plan|launch|status SWEEP.yaml [options]`."""
 import argparse
+import os
+import re
 import signal
 import sys
 import time
@@ -8,8 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ffcv_bias.common.env import usable_cpu_count
-from ffcv_bias.common.errors import main_guard
-from ffcv_bias.common.output_paths import creation_problem
+from ffcv_bias.common.errors import OneLineArgumentParser, main_guard
+from ffcv_bias.common.output_paths import creation_problem, path_text
 from ffcv_bias.sweep import slurm as slurm_backend
 from ffcv_bias.sweep.runner import (TrainerPool, default_train_script,
                                     detect_gpus, requested_gpus)
@@ -21,10 +23,16 @@ from ffcv_bias.sweep.status import (TODO_STATES, beton_change_message, count_sta
 BACKENDS = ("local", "slurm", "submitit-local")
 SLURM_FLAGS = ("partition", "account", "qos", "constraint", "time", "gpus_per_node",
                "cpus_per_task", "mem", "mode", "runs_per_node")
+SLURM_TEXT_FLAGS = ("partition", "account", "qos", "constraint", "mem", "mode")
+# Flags whose value may begin with '-' (`--mem -5G`, `--gpus -1`): argparse would take
+# it for an option and answer "expected one argument"; they are joined as `--mem=-5G`
+# so that the value itself is checked and named.
+VALUE_FLAGS = ("--folder", "--max-parallel", "--gpus", "--train-script",
+               *("--" + flag.replace("_", "-") for flag in SLURM_FLAGS))
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m ffcv_bias.sweep",
         description="Plan, launch (locally or on SLURM) and follow a sweep of training runs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,9 +40,11 @@ def build_parser():
                        ("launch", "train every run that is not complete (resumes started runs)"),
                        ("status", "counts of complete/running/failed/started/missing runs")):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("sweep_file", help="sweep YAML (see ffcv_bias/sweep/__init__.py)")
-        sub.add_argument("--folder", help="run folder (logging.folder), overriding the sweep "
-                                          "file's 'folder:'; relative to the current directory")
+        sub.add_argument("sweep_file", type=path_text,
+                         help="sweep YAML (see ffcv_bias/sweep/__init__.py)")
+        sub.add_argument("--folder", type=path_text,
+                         help="run folder (logging.folder), overriding the sweep "
+                              "file's 'folder:'; relative to the current directory")
         if name == "launch":
             _add_launch_flags(sub)
     return parser
@@ -46,19 +56,58 @@ def _add_launch_flags(sub):
                           "submitit-local: the SLURM job code run by submitit on this machine")
     sub.add_argument("--max-parallel", type=int,
                      help="runs at once (local) or array tasks at once (slurm)")
-    sub.add_argument("--gpus", help="local GPUs to use: 'none', a count or a list '0,2' "
-                                    "(default: CUDA_VISIBLE_DEVICES, else nvidia-smi)")
+    sub.add_argument("--gpus", type=non_empty("GPUs: 'none', a count or a list like 0,2"),
+                     help="local GPUs to use: 'none', a count or a list '0,2' "
+                          "(default: CUDA_VISIBLE_DEVICES, else nvidia-smi)")
     sub.add_argument("--dry-run", action="store_true",
                      help="print what would be launched, launch nothing")
     sub.add_argument("--wait", action="store_true",
                      help="slurm: stay and show progress until the submitted jobs end")
-    sub.add_argument("--train-script", help="trainer to run (default: train_imagenet.py of "
-                                            "this repository)")
+    sub.add_argument("--train-script", type=path_text,
+                     help="trainer to run (default: train_imagenet.py of this repository)")
     for flag in SLURM_FLAGS:
-        kind = str if flag in ("partition", "account", "qos", "constraint", "mem", "mode") else int
+        kind = (minutes if flag == "time" else
+                non_empty(f"slurm.{flag} (leave the flag out for the sweep file's or SLURM's "
+                          f"default)") if flag in SLURM_TEXT_FLAGS else int)
         sub.add_argument("--" + flag.replace("_", "-"), type=kind, dest=f"slurm_{flag}",
                          help=f"slurm.{flag}, overriding the sweep file"
                               + (" (minutes)" if flag == "time" else ""))
+
+
+def non_empty(what):
+    """An argparse type: the text, refused when empty (`--partition ''`, an unset shell
+    variable), which would otherwise be passed on or silently read as 'not given'."""
+    def parse(text):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"empty value {text!r}: give {what}")
+        return text
+    parse.__name__ = "text"
+    return parse
+
+
+def minutes(text):
+    """--time: a whole number of minutes (SLURM's HH:MM:SS is not read: 10:00 would be
+    ten minutes to sbatch and ten hours to a reader)."""
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of minutes (e.g. 600 for 10 hours)")
+    return int(text)
+
+
+def join_dash_values(argv):
+    """`--mem -5G` -> `--mem=-5G` for VALUE_FLAGS (see there)."""
+    joined, index = [], 0
+    while index < len(argv):
+        word = argv[index]
+        follows = argv[index + 1] if index + 1 < len(argv) else None
+        if (word in VALUE_FLAGS and follows is not None and follows.startswith("-")
+                and not follows.startswith("--") and follows != "-h"):
+            joined.append(f"{word}={follows}")
+            index += 2
+            continue
+        joined.append(word)
+        index += 1
+    return joined
 
 
 # ----------------------------------------------------------------------------------------
@@ -69,9 +118,25 @@ def load_and_plan(args):
     sweep = load_sweep(args.sweep_file)
     planned = plan(sweep, folder=args.folder)
     folder = runs_folder(planned)
+    if folder is not None:
+        problem = folder_problem(folder)
+        if problem:
+            raise SweepError(f"cannot create {folder}: {problem}")
     queued = slurm_backend.queued_run_ids(folder) if folder else set()
     states = [run_state(run, queued) for run in planned]
     return sweep, planned, states, folder
+
+
+def folder_problem(folder):
+    """Why `folder` (or a folder above it) cannot hold runs because it is a file, or None.
+    Asked by plan and status too: they would list every run as missing in it."""
+    path = Path(folder)
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    if os.path.lexists(path) and not path.is_dir():
+        return ("it is a file, not a directory" if path == Path(folder) else
+                f"{path} is a file, not a directory")
+    return None
 
 
 def runs_folder(planned):
@@ -93,11 +158,23 @@ def cmd_plan(args):
     print(f"runs in {folder or planned_folder(sweep, args)}\n")
     print(plan_table(planned, states))
     print("\n" + counts_line(count_states(states)))
-    return 1 if "invalid" in states else 0
+    invalid = [run for run, state in zip(planned, states) if state == "invalid"]
+    if invalid:
+        # The table says it per run on stdout; stderr names the problem in one line, as
+        # `launch` does before it refuses the sweep.
+        print(f"error: {len(invalid)} of {len(planned)} runs have a bad config, e.g. "
+              f"{describe(invalid[0])}: {invalid[0].config_error}; launch refuses the sweep",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_status(args):
     sweep, planned, states, folder = load_and_plan(args)
+    if folder is not None and not Path(folder).exists():
+        print(f"note: the run folder {folder} does not exist: no run of this sweep has "
+              f"started there (is --folder or the sweep file's 'folder:' the one launched?)",
+              file=sys.stderr)
     print(f"sweep {sweep.name}: runs in {folder}\n")
     print(status_report(planned, states))
     submissions = slurm_backend.read_jobs(folder)["submissions"] if folder else []
@@ -132,6 +209,8 @@ def cmd_launch(args):
     if not todo:
         return 0
     train_script = Path(args.train_script or default_train_script()).resolve()
+    if train_script.is_dir():
+        raise SweepError(f"--train-script {train_script} is a directory, not a Python script")
     if not train_script.is_file():
         raise SweepError(f"train script not found: {train_script}")
     if args.backend == "local":
@@ -264,6 +343,7 @@ def wait_for_jobs(submitted, name, poll_s=5.0):
 @main_guard()
 def main(argv=None):
     """Exit 0, 1 (a run failed or is not complete) or 2 (SweepError: bad input)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_dash_values(
+        list(sys.argv[1:] if argv is None else argv)))
     commands = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status}
     return commands[args.command](args)

@@ -8,6 +8,7 @@ trainer always agree on where a run lives.
 """
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,12 @@ SLURM_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_no
               "cpus_per_task", "mem", "time", "mode", "runs_per_node", "max_timeouts",
               "signal_delay_s")
 SLURM_MODES = ("pack", "ddp")
+# sbatch --mem: a whole number with an optional unit (megabytes without one); 0 is SLURM's
+# "all the node's memory".
+SLURM_MEM = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
+# Sections that a bare `grid:` line (nothing indented under it) would leave null: YAML
+# reads that as "no section", so a grid whose lines were lost would run the base alone.
+SECTION_KEYS = ("overrides", "grid", "points", "slurm")
 
 
 class SweepError(UserError, ValueError):
@@ -89,6 +96,11 @@ def load_sweep(path):
                          f"(known: {', '.join(SWEEP_KEYS)})")
     if "base" not in content:
         raise SweepError(f"sweep file {path} names no base config ('base: FILE.yaml')")
+    for key in SECTION_KEYS:
+        if key in content and content[key] is None:
+            raise SweepError(f"'{key}' in {path} is empty: put its entries under it, "
+                             f"indented ('{key}:' then '  section.key: ...' lines), or "
+                             f"remove the line")
     overrides = _dotted_mapping(content.get("overrides") or {}, "overrides", path)
     grid = _dotted_mapping(content.get("grid") or {}, "grid", path)
     for key, values in grid.items():
@@ -168,6 +180,10 @@ def resolve_base(base, sweep_path):
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
+    for candidate in candidates:
+        if candidate.is_dir():
+            raise SweepError(f"base config '{base}' of {sweep_path} is a directory "
+                             f"({os.path.normpath(candidate)}), not a config YAML file")
     tried = " or ".join(os.path.normpath(c) for c in candidates)
     raise SweepError(f"base config '{base}' of {sweep_path} not found (looked for {tried})")
 
@@ -260,6 +276,12 @@ def slurm_settings(settings, changes, source):
     for key in ("partition", "account", "qos", "constraint", "mem"):
         if values[key] is not None:
             values[key] = str(values[key])
+            if not values[key].strip():
+                raise SweepError(f"'slurm.{key}' in {source} is empty: give a value, or leave "
+                                 f"it out for SLURM's default")
+    if values["mem"] is not None and not SLURM_MEM.fullmatch(values["mem"].strip()):
+        raise SweepError(f"'slurm.mem' in {source} must be a memory size like 480G (a whole "
+                         f"number with an optional K, M, G or T), not {values['mem']!r}")
     for key, minimum in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1),
                          ("time", 1), ("runs_per_node", 1), ("max_timeouts", 0),
                          ("signal_delay_s", 1)):
@@ -274,6 +296,15 @@ def slurm_settings(settings, changes, source):
                          "(use max_parallel to run many nodes at once)")
     if values["mode"] == "ddp" and values["gpus_per_node"] < 1:
         raise SweepError(f"'slurm.mode: ddp' in {source} needs gpus_per_node >= 1")
+    if (values["mode"] == "pack" and values["runs_per_node"] is not None
+            and values["gpus_per_node"] >= 1
+            and values["runs_per_node"] > values["gpus_per_node"]):
+        # pack pins each run to one GPU of the node: more runs than GPUs would stack
+        # several trainers on one GPU, each sized for a whole one.
+        raise SweepError(f"slurm.runs_per_node={values['runs_per_node']} is more than "
+                         f"slurm.gpus_per_node={values['gpus_per_node']} (in {source}): mode "
+                         f"pack trains one run per GPU of a node; give at most "
+                         f"{values['gpus_per_node']}, or more GPUs per node")
     return SlurmSettings(**values)
 
 
@@ -309,6 +340,8 @@ def expand(sweep, folder=None):
     the sweep file's `folder`; a relative folder is relative to the current directory.
     """
     folder = folder or sweep.folder
+    if folder:
+        folder = os.path.expanduser(folder)  # `folder: ~/runs` as a shell would read it
     planned = []
     for seed in sweep.seeds:
         for point in sweep_points(sweep):

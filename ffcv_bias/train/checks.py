@@ -164,6 +164,8 @@ def _check_datasets(nested):
     sidecars = {}
     for key in ("train_dataset", "val_dataset"):
         path = nested["data"][key]
+        _require(str(path).strip() != "", f"data.{key} is empty: name the beton file (an "
+                                          f"unset shell variable?)")
         _require(not Path(path).is_dir(), f"data.{key}: {path} is a directory, not a beton "
                                           f"file")
         _require(Path(path).is_file(), f"data.{key}: no such file {path}")

@@ -124,13 +124,14 @@ figures
   The full per-class analysis (Welch tests, tables, HTML report) is the analysis command:
     python -m ffcv_bias.analysis RUNS_DIR --vary data.sparsity --vary data.score --out OUT
 
-Exit status: 0 done, 1 a training run failed, 2 bad input (one line on stderr), 130
-interrupted (Ctrl-C: one line; what finished is kept and a rerun goes on).
+Exit status: 0 done, 1 a training run failed or the disk is full, 2 bad input (one line
+on stderr), 130 interrupted (Ctrl-C: one line; what finished is kept and a rerun goes on).
 """
-import argparse
 import sys
 
-from ffcv_bias.common.errors import EXIT_OK, main_guard
+from ffcv_bias.common.atomic import NoRoomError
+from ffcv_bias.common.errors import EXIT_OK, OneLineArgumentParser, main_guard
+from ffcv_bias.common.output_paths import path_text
 from ffcv_bias.studies.diet.common import GRAND_PARAMS, PRUNE_CHOICES, DietError
 from ffcv_bias.studies.diet.common import parse_overrides
 from ffcv_bias.studies.diet.figures import run_figures
@@ -139,7 +140,7 @@ from ffcv_bias.studies.diet.score_runs import run_scores
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m ffcv_bias.studies.diet",
         description="Data diet: EL2N/GraNd scores, pruned training sets, class-wise bias.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,7 +148,7 @@ def build_parser():
     score = commands.add_parser("score", help="train K short runs and score every training "
                                               "image (EL2N, GraNd); other --section.key=value "
                                               "arguments go to the trainer")
-    score.add_argument("--config-file", "-C", action="append", default=[],
+    score.add_argument("--config-file", "-C", action="append", default=[], type=path_text,
                        help="the trainer's YAML config (repeatable, later files win)")
     score.add_argument("--epochs", type=int, required=True,
                        help="the scoring epoch k: each run trains on the config's own "
@@ -164,7 +165,7 @@ def build_parser():
                        help="for class-quota pruning: hold out this fraction of each class "
                             "of the TRAINING set, train one run on the rest, save its "
                             "per-class recall on the held-out images (default 0: none)")
-    score.add_argument("--out", required=True, help="the score directory")
+    score.add_argument("--out", required=True, type=path_text, help="the score directory")
     score.add_argument("--grand-params", choices=GRAND_PARAMS, default="all",
                        help="GraNd over all parameters (default) or the last layer only")
     score.add_argument("--batch-size", type=int, default=256, help="images per loader batch")
@@ -178,7 +179,7 @@ def build_parser():
                        help="only score: every run must already have the weights scored")
 
     prune = commands.add_parser("prune", help="pruned index files, keep ratio, the sweep")
-    prune.add_argument("--scores", required=True, help="a score directory")
+    prune.add_argument("--scores", required=True, type=path_text, help="a score directory")
     prune.add_argument("--score", required=True, choices=PRUNE_CHOICES,
                        help="score-top: keep the highest el2n, grand, input_norm, el2n_init "
                             "or grand_init; random: random pruning; class-quota: per-class "
@@ -186,34 +187,48 @@ def build_parser():
                             "class-quota-laplace: the same, error rates (e + 1) / (n + 2)")
     prune.add_argument("--sparsity", required=True,
                        help="fractions pruned away, e.g. 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
-    prune.add_argument("--out", required=True, help="where the index files and the sweep go")
+    prune.add_argument("--out", required=True, type=path_text,
+                       help="where the index files and the sweep go")
     prune.add_argument("--seeds", default="3", help="training seeds per sparsity (count or "
                                                     "list; default 3)")
-    prune.add_argument("--base-config", default=None,
+    prune.add_argument("--base-config", default=None, type=path_text,
                        help="the pruned runs' config (default: the scores' config and "
                             "overrides)")
     prune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="an override for every pruned run (repeatable)")
-    prune.add_argument("--folder", default=None, help="run folder (default: OUT/runs)")
+    prune.add_argument("--folder", default=None, type=path_text,
+                       help="run folder (default: OUT/runs)")
     prune.add_argument("--max-parallel", type=int, default=None,
                        help="max_parallel of the sweep")
     prune.add_argument("--name", default=None, help="sweep name (default diet_SCORE)")
 
     figures = commands.add_parser("figures", help="Figs. 4-6 of Pote et al. from pruned runs")
-    figures.add_argument("--runs", required=True, help="folder of the pruned runs")
-    figures.add_argument("--out", required=True, help="where the figures go")
-    figures.add_argument("--scores", default=None,
+    figures.add_argument("--runs", required=True, type=path_text,
+                         help="folder of the pruned runs")
+    figures.add_argument("--out", required=True, type=path_text, help="where the figures go")
+    figures.add_argument("--scores", default=None, type=path_text,
                          help="score directory: also draw the keep ratio (Fig. 6)")
     figures.add_argument("--top-k", type=int, default=10,
                          help="best and worst classes of the dense model drawn (default 10)")
     return parser
 
 
-@main_guard(interrupted="interrupted; trained runs, checkpoints and per-run scores are "
+def check_prune_options(options):
+    """What `prune` used to read as 'not given' (a 0 or an empty text), said before any
+    work."""
+    if options.max_parallel is not None and options.max_parallel < 1:
+        raise DietError(f"--max-parallel must be >= 1, not {options.max_parallel}")
+    if options.name is not None and not options.name.strip():
+        raise DietError(f"--name {options.name!r} is empty: give the sweep a name, or leave "
+                        f"--name out for diet_{options.score}")
+
+
+@main_guard(failures=(NoRoomError,),  # a full disk: one line naming the file (exit 1)
+            interrupted="interrupted; trained runs, checkpoints and per-run scores are "
                         "kept (no file is half-written): rerun the same command to go on")
 def main(argv=None):
-    """Exit 0, 1 (a score run's training failed: TrainingFailed), 2 (bad input) or 130
-    (Ctrl-C)."""
+    """Exit 0, 1 (a score run's training failed: TrainingFailed; a full disk), 2 (bad
+    input) or 130 (Ctrl-C)."""
     parser = build_parser()
     options, extra = parser.parse_known_args(argv)
     if options.command == "score":
@@ -221,6 +236,7 @@ def main(argv=None):
     elif extra:
         raise DietError(f"unexpected argument '{extra[0]}'")
     elif options.command == "prune":
+        check_prune_options(options)
         run_prune(options)
     else:
         run_figures(options)

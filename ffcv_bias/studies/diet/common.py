@@ -89,6 +89,9 @@ def _save_npz(path, **arrays):
 def load_scores(scores_dir):
     """(arrays of scores.npz as a dict, scores.json) of a score directory."""
     scores_dir = Path(scores_dir)
+    if scores_dir.is_file():
+        raise DietError(f"--scores {scores_dir} is a file: give the score directory "
+                        f"(e.g. {scores_dir.parent})")
     meta_path, npz_path = scores_dir / "scores.json", scores_dir / "scores.npz"
     if not meta_path.is_file() or not npz_path.is_file():
         raise DietError(f"{scores_dir} holds no scores (scores.json and scores.npz): run "

@@ -10,6 +10,7 @@ import pandas as pd
 import yaml
 
 from ffcv_bias.common import atomic, yaml_files
+from ffcv_bias.common.errors import EXIT_FAILURE
 from ffcv_bias.common.tables import write_csv
 from ffcv_bias.train.fastargs_strict import ConfigError
 from ffcv_bias.studies.diet import quota
@@ -19,6 +20,23 @@ from ffcv_bias.studies.diet.common import (CLASS_QUOTA_LAPLACE, QUOTA_POLICIES, 
                                            trainer_args)
 
 PRUNE_META_FILE = "prune.json"
+
+
+class NoRoomForPrune(DietError):
+    """The disk (or quota) filled up while the prune was written (exit status 1)."""
+    exit_code = EXIT_FAILURE
+
+
+def no_room_message(no_room, out, created, publishing):
+    """One line for a full disk: what OUT holds now (the staging folder is gone)."""
+    if created:
+        kept = "nothing written (the folder is not created)"
+    elif not publishing:
+        kept = "nothing written there (its earlier files are kept)"
+    else:  # a rename can need a directory block: some files are the new ones
+        kept = "some of its files are the new ones, some the earlier ones"
+    return (f"{no_room.strerror} while writing the pruned sets into {out}: {kept}; free "
+            f"space and rerun the prune")
 
 
 def parse_sparsities(text):
@@ -274,6 +292,8 @@ def run_prune(options):
     arrays, meta = load_scores(options.scores)
     out = Path(options.out)
     base, overrides = _prune_base(options, meta)
+    if base is not None and base.is_dir():
+        raise DietError(f"--base-config {base} is a directory, not a config YAML file")
     if base is not None and not base.is_file():
         raise DietError(f"base config not found: {base}")
     check_same_training_set([base] if base else [], overrides, arrays)
@@ -289,7 +309,7 @@ def run_prune(options):
                                         suffix=atomic.TEMP_SUFFIX, dir=out))
     except OSError as error:
         raise DietError(f"cannot create {out}: {error.strerror}") from None
-    published = False
+    published = publishing = False
     try:
         def staged_sweep(directory, keep_files, base_file):
             points = sweep_points(options.score, sparsities, keep_files)
@@ -303,8 +323,14 @@ def run_prune(options):
         # The same sweep naming the final paths (same bytes in the keep files: same runs).
         final_keep = {s: out / path.name for s, path in keep_files.items()}
         points, _ = staged_sweep(staging, final_keep, base or out / staged_base.name)
+        publishing = True
         publish(staging, out)
         published = True
+    except Exception as error:  # a full disk, wherever in the writers it surfaced
+        no_room = atomic.no_room_error(error, out)
+        if no_room is None:
+            raise
+        raise NoRoomForPrune(no_room_message(no_room, out, created, publishing)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not published:

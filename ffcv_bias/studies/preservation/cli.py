@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ffcv_bias.common.atomic import write_json
-from ffcv_bias.common.errors import EXIT_OK, main_guard
-from ffcv_bias.common.output_paths import creation_problem
+from ffcv_bias.common.errors import EXIT_OK, OneLineArgumentParser, main_guard
+from ffcv_bias.common.output_paths import creation_problem, path_arg
 from ffcv_bias.common.tables import write_csv
 from ffcv_bias.data.loaders import BetonError, read_labels
 from ffcv_bias.studies.preservation.evaluation import evaluate_split
@@ -117,14 +117,15 @@ def float_list(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m ffcv_bias.studies.preservation",
         description="Per-class accuracy of a trained model on cropped, cut-out and "
                     "colour-jittered images: where each class loses its label.")
-    parser.add_argument("--weights", required=True, type=Path,
+    parser.add_argument("--weights", required=True, type=path_arg,
                         help="a run directory (config.json + weights.pt) or a state_dict file")
-    parser.add_argument("--dataset", required=True, type=Path, help="test/val beton")
-    parser.add_argument("--train-dataset", type=Path, help="also evaluate on this train beton")
+    parser.add_argument("--dataset", required=True, type=path_arg, help="test/val beton")
+    parser.add_argument("--train-dataset", type=path_arg,
+                        help="also evaluate on this train beton")
     parser.add_argument("--max-train-images", type=int, default=0,
                         help="evaluate a seeded random subset of the train beton (0 = all)")
     parser.add_argument("--arch", help="architecture of a bare state_dict "
@@ -152,7 +153,7 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-figures", action="store_true")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=path_arg)
     return parser
 
 
@@ -171,6 +172,11 @@ def check_request(args):
         raise StudyError(f"--draws must be >= 1, got {args.draws}")
     if not 0 < args.loss_threshold <= 1:
         raise StudyError(f"--loss-threshold must be in (0, 1], got {args.loss_threshold}")
+    for flag, value, minimum in (("--batch-size", args.batch_size, 1),
+                                 ("--workers", args.workers, 1),
+                                 ("--max-train-images", args.max_train_images, 0)):
+        if value < minimum:
+            raise StudyError(f"{flag} must be >= {minimum}, got {value}")
     problem = creation_problem(args.out)
     if problem:
         raise StudyError(f"--out: cannot create {args.out}: {problem}")
