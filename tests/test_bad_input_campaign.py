@@ -459,3 +459,15 @@ def test_an_empty_beton_path_is_named_empty_not_a_directory():
     nested = {"data": {"train_dataset": "", "val_dataset": "b.beton"}}
     with pytest.raises(ConfigError, match="data.train_dataset is empty: name the beton file"):
         checks._check_datasets(nested)
+
+
+def test_a_tilde_in_the_trainers_paths_is_the_home_directory():
+    """`--logging.folder=~/runs_x` (no shell expands ~ after `=`) trained into ./~/runs_x."""
+    import os
+    from ffcv_bias.train.config import resolve_config
+    nested = resolve_config(["--logging.folder=~/runs_x", "--data.train_dataset=~/a.beton",
+                             "--data.val_dataset=b.beton"])
+    home = os.path.expanduser("~")
+    assert nested["logging"]["folder"] == os.path.join(home, "runs_x")
+    assert nested["data"]["train_dataset"] == os.path.join(home, "a.beton")
+    assert nested["data"]["val_dataset"] == "b.beton"

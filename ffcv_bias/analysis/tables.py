@@ -71,7 +71,8 @@ def parse_reference(text, values):
                 pass
         elif format_setting(value) == text or (value is None and text.lower() in ("none", "null")):
             return value
-    raise AnalysisError(f"--reference {text!r} is not a value of the varied key; values: "
+    shown = text if text and text == text.strip() else repr(text)   # '' and spaces visible
+    raise AnalysisError(f"--reference {shown} is not a value of the varied key; values: "
                         + ", ".join(format_setting(v) for v in sort_settings(values)))
 
 

@@ -316,7 +316,23 @@ def resolve_config(argv=None):
                           ignored_file_keys=FFCV_IMAGENET_UNUSED_KEYS)
     nested = config_to_dict(config)
     adopt_torchrun_world_size(nested)
+    expand_home(nested)
     return nested
+
+
+# Path keys in which a leading ~ is the home directory, as the other commands read it: a
+# value typed as --logging.folder=~/runs reaches the program unexpanded (no shell expands
+# ~ after `=`), and a folder literally named ~ in the working directory is never meant.
+HOME_PATH_KEYS = (("logging", "folder"), ("data", "train_dataset"), ("data", "val_dataset"))
+
+
+def expand_home(nested):
+    """Expand a leading ~ of the HOME_PATH_KEYS in place (run_ids name betons by file
+    name and leave logging.* out, so no run_id changes)."""
+    for section, key in HOME_PATH_KEYS:
+        value = nested.get(section, {}).get(key)
+        if isinstance(value, str) and value.startswith("~"):
+            nested[section][key] = os.path.expanduser(value)
 
 
 # ---------------------------------------------------------------------------------------
