@@ -62,18 +62,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
-if [ -z "$python312" ]; then
-    # The first that runs as 3.12 (a pyenv shim on PATH may not: no version selected).
-    for candidate in "$(command -v python3.12 || true)" \
-                     $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 \
-                       2>/dev/null | sort -rV); do
-        if [ -n "$candidate" ] && [ "$(python_version "$candidate")" = 3.12 ]; then
-            python312="$candidate"; break
-        fi
-    done
-    [ -n "$python312" ] || fail "no Python 3.12 found: pass --python or set PYTHON312"
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/python312.sh"
+[ -n "$python312" ] || python312="$(find_python312)" || exit 2
 version="$(python_version "$python312")" || fail "--python $python312 does not run"
 [ "$version" = "3.12" ] || fail "$python312 is Python $version; the box's is 3.12"
 for module in opencv4 libturbojpeg libjpeg; do

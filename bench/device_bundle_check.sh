@@ -163,17 +163,8 @@ bundle="$(cd "$bundle" 2>/dev/null && pwd)" && [ -f "$bundle/manifest.json" ] \
 [ "$(id -u)" = 0 ] || fail "needs root (unshare --mount, mount)"
 command -v unshare >/dev/null 2>&1 || fail "needs unshare (util-linux)"
 
-python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
-if [ -z "$python312" ]; then
-    for candidate in "$(command -v python3.12 || true)" \
-                     $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 \
-                       2>/dev/null | sort -rV); do
-        if [ -n "$candidate" ] && [ "$(python_version "$candidate")" = 3.12 ]; then
-            python312="$candidate"; break
-        fi
-    done
-    [ -n "$python312" ] || fail "no Python 3.12 found: pass --python or set PYTHON312"
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/python312.sh"
+[ -n "$python312" ] || python312="$(find_python312)" || exit 2
 [ "$(python_version "$python312")" = 3.12 ] || fail "$python312 is not a Python 3.12"
 
 started=$(date +%s)
