@@ -348,7 +348,7 @@ def _left_out_text(data, eligible):
     left_out = [format_setting(data.settings[i]) for i in np.flatnonzero(~eligible)]
     if not left_out or len(left_out) == len(data.settings):
         return ""
-    return (f"left out of the cross-fit (too few seeds to have runs in every fold): setting(s) "
+    return ("left out of the cross-fit (too few seeds to have runs in every fold): setting(s) "
             + ", ".join(left_out))
 
 
